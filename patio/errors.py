@@ -1,0 +1,74 @@
+"""One exception hierarchy for patio.
+
+Every error patio raises derives from :class:`PatioError`. Where code written
+for the original patio expected a builtin (a timeout, a connection error, a
+missing key), the patio error also derives from that builtin so ``except``
+clauses written for the original keep working.
+"""
+
+from __future__ import annotations
+
+
+class PatioError(Exception):
+    """Base class of every error raised by patio itself."""
+
+
+class RegistryLockedError(PatioError, RuntimeError):
+    """The registry was locked by a broker and can no longer be changed."""
+
+
+class TaskNotFoundError(PatioError, KeyError):
+    """No function is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a sentence
+        return str(self.args[0]) if self.args else "task not found"
+
+
+class ExecutionRefusedError(PatioError, RuntimeError):
+    """The executor will not run anything (``NullExecutor``) or is shut down."""
+
+
+class RemoteError(PatioError):
+    """An exception raised on the executing side that could not be rebuilt here.
+
+    It carries the remote type name, message and formatted traceback so the
+    caller can still see what happened.
+    """
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+
+class NoRouteError(PatioError, TimeoutError):
+    """No connected peer serves the requested task name.
+
+    It is a ``TimeoutError`` because the original patio reported this case as a
+    timeout; code that caught that keeps working.
+    """
+
+
+class CallTimeoutError(PatioError, TimeoutError):
+    """The call's deadline passed before a result arrived."""
+
+
+class PeerConnectionError(PatioError, ConnectionError):
+    """The connection carrying a call was lost, or no connection could be made."""
+
+
+class ProtocolError(PatioError):
+    """A peer sent bytes that break the wire protocol (malformed or oversized)."""
+
+
+class HandshakeError(ProtocolError):
+    """The hello exchange failed: wrong version, timeout or malformed hello."""
+
+
+class AuthenticationError(HandshakeError):
+    """The peer could not prove it holds the shared key (or we could not)."""
+
+
+class SerializationError(PatioError, ValueError):
+    """A value could not be serialized or deserialized."""
