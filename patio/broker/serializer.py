@@ -1,0 +1,529 @@
+"""Serializers for call arguments, results and errors, and exception transport.
+
+- :class:`MsgpackSerializer` (default): data only, cannot run code.
+- :class:`RestrictedPickleSerializer`: pickle with an allow-list of globals.
+- :class:`PickleSerializer`: full pickle; opt-in, runs code chosen by the peer.
+
+Every failure to pack or unpack raises :class:`~patio.errors.SerializationError`.
+
+Exceptions cross the wire as plain dicts (:func:`exception_to_payload`,
+:func:`exception_from_payload`), never as pickles: the receiving side only
+rebuilds exception classes it has already imported.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import decimal
+import io
+import pickle
+import sys
+import traceback
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import msgpack
+
+from patio.errors import RemoteError, SerializationError
+
+__all__ = [
+    "AbstractSerializer",
+    "MsgpackSerializer",
+    "PickleSerializer",
+    "RestrictedPickleSerializer",
+    "exception_from_payload",
+    "exception_to_payload",
+]
+
+
+class AbstractSerializer(ABC):
+    """Turns Python values into bytes and back."""
+
+    @abstractmethod
+    def pack(self, value: Any) -> bytes:
+        """Serialize ``value``; SerializationError if it cannot be."""
+
+    @abstractmethod
+    def unpack(self, data: bytes) -> Any:
+        """Deserialize ``data``; SerializationError if it is malformed or refused."""
+
+
+# ---------------------------------------------------------------------------
+# msgpack
+
+#: Upper bound on one unpacked message. The wire protocol limits frames
+#: further; this only stops a single value from claiming more memory.
+DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024 * 1024
+
+# Extension type codes (0..127 are for applications; -1 is msgpack's timestamp).
+EXT_TUPLE: Final = 1
+EXT_SET: Final = 2
+EXT_FROZENSET: Final = 3
+EXT_DATETIME: Final = 4
+EXT_DATE: Final = 5
+EXT_TIME: Final = 6
+EXT_TIMEDELTA: Final = 7
+EXT_COMPLEX: Final = 8
+EXT_DECIMAL: Final = 9
+EXT_UUID: Final = 10
+EXT_BIGINT: Final = 11
+
+
+class MsgpackSerializer(AbstractSerializer):
+    """msgpack with extension types, the default serializer.
+
+    Round-trips, with their types: ``None``, ``bool``, ``int`` (any size),
+    ``float``, ``str``, ``bytes``, ``list``, ``dict`` (any
+    hashable supported key), ``tuple``, ``set``, ``frozenset``,
+    ``datetime.datetime``/``date``/``time``/``timedelta``, ``complex``,
+    ``decimal.Decimal`` and ``uuid.UUID``, nested freely.
+
+    ``bytearray`` comes back as ``bytes``. Subclasses of ``int``, ``float``,
+    ``str``, ``bytes``, ``list`` and
+    ``dict`` (enums, ``OrderedDict``, ``defaultdict``...) are packed as their
+    base type. A timezone comes back as a fixed UTC offset (an aware datetime
+    compares equal, but a ``ZoneInfo`` becomes a ``timezone``). Anything else
+    raises :class:`~patio.errors.SerializationError` naming the type.
+
+    One ``msgpack.Packer`` is reused for every top-level value, so an instance
+    is not thread-safe: use one per event loop.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self._packer = self._new_packer()
+        self._spare_packers: list[Any] = []
+        self._depth = 0
+        self._unpack_options: dict[str, Any] = {
+            "raw": False,
+            "strict_map_key": False,
+            "ext_hook": self._ext_hook,
+            "max_str_len": max_message_size,
+            "max_bin_len": max_message_size,
+            "max_array_len": max_message_size,
+            "max_map_len": max_message_size // 2,
+            "max_ext_len": max_message_size,
+        }
+
+    def _new_packer(self) -> Any:
+        # strict_types: tuples and subclasses reach _default instead of being
+        # silently packed as lists/base types.
+        return msgpack.Packer(
+            default=self._default,
+            use_bin_type=True,
+            strict_types=True,
+            autoreset=True,
+        )
+
+    def pack(self, value: Any) -> bytes:
+        try:
+            data: bytes = self._packer.pack(value)
+        except SerializationError:
+            self._packer.reset()
+            self._depth = 0
+            raise
+        except (TypeError, ValueError, OverflowError, RecursionError, MemoryError) as e:
+            self._packer.reset()
+            self._depth = 0
+            raise SerializationError(f"cannot serialize value with msgpack: {e}") from e
+        return data
+
+    def _pack_nested(self, value: Any) -> bytes:
+        # The shared packer is mid-pack when _default runs, so an extension's
+        # payload is packed by another one: one spare packer per nesting depth,
+        # created once (creating a Packer per tuple would cost more than the
+        # packing itself).
+        depth = self._depth
+        spares = self._spare_packers
+        if depth == len(spares):
+            spares.append(self._new_packer())
+        packer = spares[depth]
+        self._depth = depth + 1
+        try:
+            data: bytes = packer.pack(value)
+        except BaseException:
+            packer.reset()
+            raise
+        finally:
+            self._depth = depth
+        return data
+
+    def _default(self, obj: Any) -> Any:
+        cls = type(obj)
+        if cls is tuple:
+            return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
+        if cls is set:
+            return msgpack.ExtType(EXT_SET, self._pack_nested(list(obj)))
+        if cls is frozenset:
+            return msgpack.ExtType(EXT_FROZENSET, self._pack_nested(list(obj)))
+        if cls is datetime.datetime:
+            return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
+        if cls is datetime.date:
+            return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
+        if cls is datetime.time:
+            return msgpack.ExtType(EXT_TIME, obj.isoformat().encode())
+        if cls is datetime.timedelta:
+            return msgpack.ExtType(
+                EXT_TIMEDELTA,
+                self._pack_nested([obj.days, obj.seconds, obj.microseconds]),
+            )
+        if cls is complex:
+            return msgpack.ExtType(EXT_COMPLEX, self._pack_nested([obj.real, obj.imag]))
+        if cls is decimal.Decimal:
+            return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
+        if cls is uuid.UUID:
+            return msgpack.ExtType(EXT_UUID, obj.bytes)
+        if cls is int:  # outside msgpack's 64-bit range
+            return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+        # Subclasses of the native types travel as their base type.
+        if isinstance(obj, bool):
+            return bool(obj)
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, bytes):
+            return bytes(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        raise SerializationError(
+            f"cannot serialize object of type {cls.__module__}.{cls.__qualname__} with "
+            f"msgpack (supported: None, bool, int, float, str, bytes, list, "
+            f"dict, tuple, set, frozenset, datetime/date/time/timedelta, complex, "
+            f"Decimal, UUID)",
+        )
+
+    def _unpack_nested(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, **self._unpack_options)
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_TUPLE:
+            return tuple(self._unpack_nested(data))
+        if code == EXT_SET:
+            return set(self._unpack_nested(data))
+        if code == EXT_FROZENSET:
+            return frozenset(self._unpack_nested(data))
+        if code == EXT_DATETIME:
+            return datetime.datetime.fromisoformat(data.decode())
+        if code == EXT_DATE:
+            return datetime.date.fromisoformat(data.decode())
+        if code == EXT_TIME:
+            return datetime.time.fromisoformat(data.decode())
+        if code == EXT_TIMEDELTA:
+            days, seconds, microseconds = self._unpack_nested(data)
+            return datetime.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+        if code == EXT_COMPLEX:
+            real, imag = self._unpack_nested(data)
+            return complex(real, imag)
+        if code == EXT_DECIMAL:
+            return decimal.Decimal(data.decode())
+        if code == EXT_UUID:
+            return uuid.UUID(bytes=data)
+        if code == EXT_BIGINT:
+            text = data.decode()
+            if len(text) > 4300:  # same bound as sys.int_info.default_max_str_digits
+                raise ValueError("integer too large")
+            return int(text)
+        raise ValueError(f"unknown msgpack extension type {code}")
+
+    def unpack(self, data: bytes) -> Any:
+        if len(data) > self.max_message_size:
+            raise SerializationError(
+                f"msgpack message of {len(data)} bytes exceeds the "
+                f"{self.max_message_size} byte limit",
+            )
+        try:
+            return msgpack.unpackb(data, **self._unpack_options)
+        except SerializationError:
+            raise
+        except Exception as e:  # msgpack raises many types on malformed input
+            raise SerializationError(f"cannot deserialize msgpack data: {e!r}") from e
+
+
+# ---------------------------------------------------------------------------
+# pickle
+
+
+class PickleSerializer(AbstractSerializer):
+    """Full pickle, for trusted meshes that need arbitrary Python objects.
+
+    .. warning:: Unpickling runs code chosen by whoever produced the bytes:
+       any authenticated peer can execute anything in this process. Prefer
+       :class:`MsgpackSerializer` or :class:`RestrictedPickleSerializer`.
+    """
+
+    def __init__(self, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:
+        self.protocol = protocol
+
+    def pack(self, value: Any) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=self.protocol)
+        except Exception as e:  # PicklingError, TypeError, AttributeError, RecursionError...
+            raise SerializationError(
+                f"cannot pickle value of type {type(value).__qualname__}: {e}",
+            ) from e
+
+    def unpack(self, data: bytes) -> Any:
+        try:
+            return pickle.loads(data)
+        except Exception as e:
+            raise SerializationError(f"cannot unpickle data: {e!r}") from e
+
+
+#: Builtins that are plain data types: calling them with any arguments only
+#: builds a value. (``type``, ``getattr``, ``eval``... are deliberately absent.)
+SAFE_BUILTINS: Final = frozenset(
+    {
+        "int",
+        "float",
+        "complex",
+        "str",
+        "bytes",
+        "bytearray",
+        "list",
+        "tuple",
+        "dict",
+        "set",
+        "frozenset",
+        "bool",
+        "slice",
+        "range",
+    },
+)
+
+#: Globals outside builtins that are safe data types.
+SAFE_GLOBALS: Final = frozenset(
+    {
+        "datetime.datetime",
+        "datetime.date",
+        "datetime.time",
+        "datetime.timedelta",
+        "datetime.timezone",
+        "decimal.Decimal",
+        "fractions.Fraction",
+        "uuid.UUID",
+        "uuid.SafeUUID",
+        "collections.OrderedDict",
+        "collections.deque",
+        "collections.defaultdict",
+        "collections.Counter",
+    },
+)
+
+
+def _is_builtin_exception(name: str) -> bool:
+    obj = vars(builtins).get(name)
+    return isinstance(obj, type) and issubclass(obj, BaseException)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, allowed: frozenset[str]) -> None:
+        # fix_imports=False: Python 2 names are refused rather than remapped.
+        super().__init__(file, fix_imports=False)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if (
+            module == "builtins" and (name in SAFE_BUILTINS or _is_builtin_exception(name))
+        ) or full in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if full in self._allowed:
+            return super().find_class(module, name)
+        raise SerializationError(
+            f"refusing to unpickle global {full!r}: not in the allow-list of "
+            f"RestrictedPickleSerializer",
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise SerializationError("refusing to unpickle a persistent id")
+
+
+class RestrictedPickleSerializer(PickleSerializer):
+    """Pickle that only rebuilds allow-listed classes.
+
+    Allowed without asking: the builtin data types (``int``, ``float``,
+    ``complex``, ``str``, ``bytes``, ``bytearray``, ``list``, ``tuple``,
+    ``dict``, ``set``, ``frozenset``, ``bool``, ``None``, ``slice``,
+    ``range``), the builtin exception classes, ``datetime`` types, ``Decimal``,
+    ``Fraction``, ``UUID`` and ``collections.OrderedDict``/``deque``/
+    ``defaultdict``/``Counter``. Add your own classes with ``allowed``, as
+    ``"module.QualName"`` strings or as the classes themselves.
+
+    Any other global (``os.system``, ``subprocess.Popen``, ``builtins.eval``,
+    ``builtins.getattr``...) raises :class:`~patio.errors.SerializationError`
+    naming it, before anything is called. Only allow classes whose
+    constructor and ``__setstate__`` are harmless with arbitrary arguments.
+    """
+
+    def __init__(
+        self,
+        allowed: Iterable[str | type] = (),
+        protocol: int = pickle.HIGHEST_PROTOCOL,
+    ) -> None:
+        super().__init__(protocol)
+        names: set[str] = set()
+        for item in allowed:
+            if isinstance(item, str):
+                names.add(item)
+            elif isinstance(item, type):
+                names.add(f"{item.__module__}.{item.__qualname__}")
+            else:
+                raise TypeError(
+                    f"allowed entries are 'module.QualName' strings or classes: {item!r}"
+                )
+        self.allowed: frozenset[str] = frozenset(names)
+
+    def unpack(self, data: bytes) -> Any:
+        try:
+            return _RestrictedUnpickler(io.BytesIO(data), self.allowed).load()
+        except SerializationError:
+            raise
+        except Exception as e:
+            raise SerializationError(f"cannot unpickle data: {e!r}") from e
+
+
+# ---------------------------------------------------------------------------
+# exceptions over the wire
+
+#: Longest traceback text sent with an error: enough for any real stack,
+#: bounded so a deep recursion cannot produce a huge frame. The end of the
+#: traceback (where it failed) is kept.
+MAX_TRACEBACK_CHARS: Final = 64 * 1024
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _safe_str(obj: object) -> str:
+    try:
+        return str(obj)
+    except Exception:
+        try:
+            return f"<unprintable {_type_name(type(obj))}>"
+        except Exception:
+            return "<unprintable>"
+
+
+def _format_traceback(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:
+        return ""
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+    return text
+
+
+def exception_to_payload(exc: BaseException, serializer: AbstractSerializer) -> dict[str, Any]:
+    """Describe ``exc`` as a dict the ``serializer`` can pack. Never raises.
+
+    ``{"type": "module.QualName", "args": [...], "message": str(exc),
+    "traceback": "..."}``. ``args`` are the exception's own arguments when the
+    serializer can pack them, else their ``str()``, else empty.
+    """
+    try:
+        type_name = _type_name(type(exc))
+    except Exception:
+        type_name = "builtins.Exception"
+    message = _safe_str(exc)
+    args: list[Any] = []
+    try:
+        raw_args = list(exc.args)
+    except Exception:
+        raw_args = []
+    try:
+        serializer.pack(raw_args)
+        args = raw_args
+    except Exception:
+        try:
+            as_text = [_safe_str(arg) for arg in raw_args]
+            serializer.pack(as_text)
+            args = as_text
+        except Exception:
+            args = []
+    return {
+        "type": type_name,
+        "args": args,
+        "message": message,
+        "traceback": _format_traceback(exc),
+    }
+
+
+def _lookup_loaded_class(type_name: str) -> type | None:
+    """The class named ``type_name`` if its module is already imported, else None.
+
+    Never imports anything and never triggers a module's ``__getattr__``:
+    a peer must not be able to make us load code.
+    """
+    parts = type_name.split(".")
+    # Module names and qualnames both contain dots: try the longest loaded module.
+    for split in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is None:
+            continue
+        obj: Any = module
+        for attr in parts[split:]:
+            namespace = getattr(obj, "__dict__", None)
+            if not isinstance(namespace, Mapping):
+                obj = None
+                break
+            obj = namespace.get(attr)
+            if obj is None:
+                break
+        if isinstance(obj, type):
+            return obj
+        return None
+    return None
+
+
+def _remote_error(type_name: str, message: str, tb: str) -> RemoteError:
+    error = RemoteError(type_name, message, tb)
+    if tb:
+        error.add_note(f"Remote traceback:\n{tb}")
+    return error
+
+
+def exception_from_payload(payload: Any) -> BaseException:
+    """Rebuild the exception described by ``payload``. Never raises.
+
+    Exception classes from ``builtins``, and classes whose module this process
+    has already imported, are rebuilt with their arguments; anything else
+    (unknown or unloaded type, constructor failing, malformed payload) becomes
+    :class:`~patio.errors.RemoteError`. Exceptions that are not ``Exception``
+    subclasses (``SystemExit``, ``KeyboardInterrupt``, ``CancelledError``...)
+    also become ``RemoteError``: a peer must not make this process exit or
+    look cancelled. The remote traceback is attached as a note.
+    """
+    if not isinstance(payload, Mapping):
+        return RemoteError("<malformed>", f"malformed error payload: {_safe_str(payload)[:200]}")
+    type_name = payload.get("type")
+    message = payload.get("message")
+    tb = payload.get("traceback")
+    args = payload.get("args")
+    type_name = type_name if isinstance(type_name, str) else "<unknown>"
+    message = message if isinstance(message, str) else ""
+    tb = tb if isinstance(tb, str) else ""
+    if not isinstance(args, list | tuple):
+        return _remote_error(type_name, message, tb)
+
+    try:
+        cls = _lookup_loaded_class(type_name)
+        if cls is None or not issubclass(cls, Exception):
+            return _remote_error(type_name, message, tb)
+        exc: object = cls(*args)  # a __new__ may return anything
+        if not isinstance(exc, BaseException):
+            return _remote_error(type_name, message, tb)
+        if tb:
+            exc.add_note(f"Remote traceback:\n{tb}")
+    except Exception:
+        return _remote_error(type_name, message, tb)
+    return exc
