@@ -1,0 +1,142 @@
+"""``patio call``: one call into a running mesh from the command line.
+
+The caller joins as a member that serves nothing (``NullExecutor``), dials the
+given peer, makes the call and prints the result as JSON. Arguments are
+parsed as JSON so ``patio call mul 6 7`` sends integers; anything that is not
+valid JSON is sent as the string it is (``patio call greet world``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from patio.errors import PeerConnectionError
+from patio.executor import NullExecutor
+from patio.registry import Registry
+from patio.worker.config import ConfigError, parse_peer_address
+from patio.worker.runtime import read_key_file
+
+log = logging.getLogger("patio.worker.client")
+
+DEFAULT_CALL_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    peer: tuple[str, int]
+    key: bytes
+    task: str
+    args: tuple[Any, ...]
+    timeout: float
+    retryable: bool
+
+
+def parse_argument(text: str) -> Any:
+    """JSON if it parses, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def to_json(value: Any) -> str:
+    """Results can hold what JSON lacks (bytes, sets); show them rather than fail."""
+
+    def fallback(obj: Any) -> Any:
+        if isinstance(obj, bytes | bytearray):
+            try:
+                return bytes(obj).decode("utf-8")
+            except UnicodeDecodeError:
+                return {"base64": base64.b64encode(bytes(obj)).decode("ascii")}
+        if isinstance(obj, set | frozenset):
+            return sorted(obj, key=repr)
+        return repr(obj)
+
+    return json.dumps(value, default=fallback, ensure_ascii=False)
+
+
+def make_request(
+    *,
+    peer: str,
+    task: str,
+    args: list[str],
+    key: str | None,
+    key_file: str | None,
+    timeout: float,
+    retryable: bool,
+) -> CallRequest:
+    if key is not None and key_file is not None:
+        raise ConfigError("--key and --key-file are exclusive: give one of them")
+    key_bytes = read_key_file(key_file) if key_file is not None else (key or "").encode()
+    if timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, not {timeout:g}")
+    return CallRequest(
+        peer=parse_peer_address(peer, default_port=15383, what="--peer"),
+        key=key_bytes,
+        task=task,
+        args=tuple(parse_argument(a) for a in args),
+        timeout=timeout,
+        retryable=retryable,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and not text.startswith(f"{name}:") else text or name
+
+
+async def call_once(request: CallRequest) -> Any:
+    """Join the mesh as a caller, make the call, leave. Raises what the call raised."""
+    from patio.broker import TCPMeshBroker  # noqa: PLC0415 - the broker lands separately
+
+    host, port = request.peer
+    async with NullExecutor(Registry()) as executor:
+        broker = TCPMeshBroker(executor, key=request.key, allow_empty_key=True)
+        async with broker:
+            broker.add_peer(host, port)
+            await _wait_connected(broker, min(CONNECT_TIMEOUT, request.timeout))
+            return await broker.call(
+                request.task, *request.args, timeout=request.timeout, retryable=request.retryable
+            )
+
+
+async def _wait_connected(broker: Any, limit: float) -> None:
+    """Wait for a serving peer, so the call does not fail as "no route" while dialling."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while loop.time() < deadline:
+        if any(getattr(p, "connected", False) for p in broker.peers()):
+            return
+        await asyncio.sleep(0.01)
+    stats = broker.stats
+    reasons = ", ".join(f"{r} x{n}" for r, n in stats.handshake_failures.items())
+    raise PeerConnectionError(
+        "no connection within "
+        f"{limit:g}s" + (f" (handshake failures: {reasons})" if reasons else "")
+    )
+
+
+def run_call(request: CallRequest, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    try:
+        result = asyncio.run(call_once(request))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        host, port = request.peer
+        print(
+            f"patio call {request.task} via {host}:{port} failed: {describe_error(exc)}", file=err
+        )
+        remote_tb = getattr(exc, "remote_traceback", "")
+        if remote_tb:
+            print(remote_tb.rstrip(), file=err)
+        return 1
+    print(to_json(result), file=out)
+    return 0

@@ -1,0 +1,407 @@
+"""The worker's configuration: flags and ``PATIO_*`` variables -> a frozen dataclass.
+
+This module is pure: :func:`load_config` takes argv and an environment mapping
+and either returns a :class:`WorkerConfig` or raises :class:`ConfigError` with
+one line naming the problem. Nothing here reads files or opens sockets; the
+runtime checks what only the filesystem and the network can tell (key files,
+TLS files, ports) and reports those as :class:`ConfigError` too, so every bad
+configuration ends the same way: exit code 2 and one line on stderr.
+
+docs/worker-contract.md is the specification; the table in :data:`OPTIONS`
+mirrors it one row per option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+DEFAULT_PORT = 15383
+DEFAULT_METRICS_PORT = 9383
+DEFAULT_READY_PEER_RATIO = 0.5
+DEFAULT_DRAIN_TIMEOUT = 30.0
+EXECUTOR_KINDS = ("async", "thread", "process", "null")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("plain", "json")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+PeerAddress = tuple[str, int]
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message is one line that names the problem."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting.
+
+    argparse's own error path prints a multi-line usage block; the contract
+    asks for one line naming the problem, so we turn it into a ConfigError.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything ``patio worker`` needs, resolved and validated."""
+
+    registry: str
+    listen: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    node_id: str = ""
+    peers: tuple[PeerAddress, ...] = ()
+    peers_file: str | None = None
+    peers_dns: PeerAddress | None = None
+    key_file: str | None = None
+    key: str | None = None
+    next_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    executor: str = "async"
+    max_workers: int | None = None
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_address: str = "127.0.0.1"
+    ready_peer_ratio: float = DEFAULT_READY_PEER_RATIO
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    log_level: str = "info"
+    log_format: str = "plain"
+    allow_empty_key: bool = False
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port != 0
+
+
+# (flag, variable, help). Flags default to None so "not given" is visible and
+# the variable can fill in; the real defaults are applied in load_config.
+OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--registry", "PATIO_REGISTRY", "the patio.Registry to serve, as MODULE:ATTRIBUTE"),
+    ("--listen", "PATIO_LISTEN", "address of the mesh listener (default $POD_IP, else 127.0.0.1)"),
+    ("--port", "PATIO_PORT", f"mesh port (default {DEFAULT_PORT})"),
+    (
+        "--node-id",
+        "PATIO_NODE_ID",
+        "stable identity in the mesh (default $POD_NAME, else host-pid)",
+    ),
+    ("--peers", "PATIO_PEERS", "static peers, HOST:PORT[,HOST:PORT...]"),
+    ("--peers-file", "PATIO_PEERS_FILE", "watched file with one HOST:PORT a line"),
+    ("--peers-dns", "PATIO_PEERS_DNS", "NAME[:PORT] whose A/AAAA records are the peers"),
+    ("--key-file", "PATIO_KEY_FILE", "file holding the shared key (re-read when it changes)"),
+    ("--key", "PATIO_KEY", "the shared key inline (development only)"),
+    ("--next-key-file", "PATIO_NEXT_KEY_FILE", "file holding an extra accepted key (rotation)"),
+    ("--tls-cert", "PATIO_TLS_CERT", "PEM certificate for mesh links"),
+    ("--tls-key", "PATIO_TLS_KEY", "PEM private key of --tls-cert"),
+    ("--tls-ca", "PATIO_TLS_CA", "PEM CA bundle; peers must present a certificate it signed"),
+    ("--executor", "PATIO_EXECUTOR", "executor kind: async|thread|process|null (default async)"),
+    ("--max-workers", "PATIO_MAX_WORKERS", "executor capacity (default: the executor's)"),
+    (
+        "--metrics-port",
+        "PATIO_METRICS_PORT",
+        f"HTTP port of /metrics /livez /readyz (default {DEFAULT_METRICS_PORT}, 0 disables)",
+    ),
+    (
+        "--metrics-address",
+        "PATIO_METRICS_ADDRESS",
+        "address of the HTTP server (default: --listen)",
+    ),
+    (
+        "--ready-peer-ratio",
+        "PATIO_READY_PEER_RATIO",
+        "share of known peers that must be connected "
+        f"for /readyz (default {DEFAULT_READY_PEER_RATIO})",
+    ),
+    (
+        "--drain-timeout",
+        "PATIO_DRAIN_TIMEOUT",
+        f"seconds to finish work after SIGTERM (default {DEFAULT_DRAIN_TIMEOUT:g})",
+    ),
+    ("--log-level", "PATIO_LOG_LEVEL", "debug|info|warning|error (default info)"),
+    ("--log-format", "PATIO_LOG_FORMAT", "plain|json (default plain)"),
+)
+BOOLEAN_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--allow-empty-key", "PATIO_ALLOW_EMPTY_KEY", "permit an empty key on a non-loopback address"),
+)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every worker option on ``parser`` (used by the CLI's subcommand)."""
+    parser.add_argument(
+        "registry_positional",
+        nargs="?",
+        metavar="MODULE:ATTRIBUTE",
+        help="the registry to serve (same as --registry)",
+    )
+    for flag, variable, text in OPTIONS:
+        parser.add_argument(flag, default=None, help=f"{text} [${variable}]")
+    for flag, variable, text in BOOLEAN_OPTIONS:
+        parser.add_argument(flag, action="store_true", default=None, help=f"{text} [${variable}]")
+
+
+def make_parser(prog: str = "patio worker") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Serve a patio registry as a member of the mesh.")
+    add_worker_arguments(parser)
+    return parser
+
+
+def load_config(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    *,
+    hostname: str | None = None,
+    pid: int | None = None,
+) -> WorkerConfig:
+    """Parse ``argv`` (the arguments after ``worker``) with ``environ`` as fallback."""
+    namespace = make_parser().parse_args(list(argv))
+    return config_from_namespace(namespace, environ, hostname=hostname, pid=pid)
+
+
+def config_from_namespace(
+    namespace: argparse.Namespace,
+    environ: Mapping[str, str],
+    *,
+    hostname: str | None = None,
+    pid: int | None = None,
+) -> WorkerConfig:
+    """Resolve flag > variable > default for every option and validate the result."""
+    flags = vars(namespace)
+
+    def given(flag: str) -> str | None:
+        value = flags.get(flag.lstrip("-").replace("-", "_"))
+        return None if value is None else str(value)
+
+    def pick(flag: str, variable: str) -> str | None:
+        value = given(flag)
+        if value is not None:
+            return value
+        env = environ.get(variable)
+        return env if env else None  # an empty variable means "not set" (as in pod specs)
+
+    positional = flags.get("registry_positional")
+    flag_registry = given("--registry")
+    if positional and flag_registry and positional != flag_registry:
+        raise ConfigError(f"registry given twice: {positional!r} and --registry {flag_registry!r}")
+    registry = positional or flag_registry or environ.get("PATIO_REGISTRY") or ""
+    if not registry:
+        raise ConfigError("no registry given: pass MODULE:ATTRIBUTE or set PATIO_REGISTRY")
+    check_registry_spec(registry)
+
+    listen = pick("--listen", "PATIO_LISTEN") or environ.get("POD_IP") or "127.0.0.1"
+    port = _port("--port", pick("--port", "PATIO_PORT"), DEFAULT_PORT)
+    node_id = (
+        pick("--node-id", "PATIO_NODE_ID")
+        or environ.get("POD_NAME")
+        or f"{hostname if hostname is not None else socket.gethostname()}-"
+        f"{pid if pid is not None else os.getpid()}"
+    )
+
+    peers_text = pick("--peers", "PATIO_PEERS")
+    peers = parse_peer_list(peers_text, default_port=port) if peers_text else ()
+    peers_dns_text = pick("--peers-dns", "PATIO_PEERS_DNS")
+    peers_dns = (
+        parse_peer_address(peers_dns_text, default_port=port, what="--peers-dns")
+        if peers_dns_text
+        else None
+    )
+
+    # The two key sources are exclusive. A flag for either one overrides both
+    # variables: `--key-file` on the command line must not be silently combined
+    # with a PATIO_KEY inherited from the environment.
+    flag_key_file, flag_key = given("--key-file"), given("--key")
+    if flag_key_file is not None and flag_key is not None:
+        raise ConfigError("--key and --key-file are exclusive: give one of them")
+    if flag_key_file is not None or flag_key is not None:
+        key_file, key = flag_key_file, flag_key
+    else:
+        key_file = environ.get("PATIO_KEY_FILE") or None
+        key = environ.get("PATIO_KEY") or None
+        if key_file is not None and key is not None:
+            raise ConfigError("PATIO_KEY and PATIO_KEY_FILE are both set: set one of them")
+
+    tls_cert = pick("--tls-cert", "PATIO_TLS_CERT")
+    tls_key = pick("--tls-key", "PATIO_TLS_KEY")
+    tls_ca = pick("--tls-ca", "PATIO_TLS_CA")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    if tls_ca is not None and tls_cert is None:
+        raise ConfigError("--tls-ca needs --tls-cert and --tls-key (mutual TLS)")
+
+    executor = (pick("--executor", "PATIO_EXECUTOR") or "async").lower()
+    if executor not in EXECUTOR_KINDS:
+        raise ConfigError(
+            f"--executor must be one of {', '.join(EXECUTOR_KINDS)}, not {executor!r}"
+        )
+    max_workers_text = pick("--max-workers", "PATIO_MAX_WORKERS")
+    max_workers = None
+    if max_workers_text is not None:
+        max_workers = _int("--max-workers", max_workers_text)
+        if max_workers < 1:
+            raise ConfigError(f"--max-workers must be at least 1, not {max_workers}")
+
+    metrics_port = _port(
+        "--metrics-port", pick("--metrics-port", "PATIO_METRICS_PORT"), DEFAULT_METRICS_PORT
+    )
+    metrics_address = pick("--metrics-address", "PATIO_METRICS_ADDRESS") or listen
+
+    ratio = _float(
+        "--ready-peer-ratio",
+        pick("--ready-peer-ratio", "PATIO_READY_PEER_RATIO"),
+        DEFAULT_READY_PEER_RATIO,
+    )
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"--ready-peer-ratio must be between 0 and 1, not {ratio:g}")
+    drain_timeout = _float(
+        "--drain-timeout", pick("--drain-timeout", "PATIO_DRAIN_TIMEOUT"), DEFAULT_DRAIN_TIMEOUT
+    )
+    if drain_timeout < 0:
+        raise ConfigError(f"--drain-timeout must not be negative, not {drain_timeout:g}")
+
+    log_level = (pick("--log-level", "PATIO_LOG_LEVEL") or "info").lower()
+    if log_level == "warn":
+        log_level = "warning"
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+    log_format = (pick("--log-format", "PATIO_LOG_FORMAT") or "plain").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format must be plain or json, not {log_format!r}")
+
+    if flags.get("allow_empty_key"):
+        allow_empty_key = True
+    else:
+        allow_empty_key = _bool("PATIO_ALLOW_EMPTY_KEY", environ.get("PATIO_ALLOW_EMPTY_KEY", ""))
+
+    if key_file is None and not key and not allow_empty_key and not is_loopback(listen):
+        raise ConfigError(
+            f"no key for a worker listening on {listen} (not loopback): give --key-file "
+            "(or --allow-empty-key to accept anyone who can reach the port)"
+        )
+
+    return WorkerConfig(
+        registry=registry,
+        listen=listen,
+        port=port,
+        node_id=node_id,
+        peers=peers,
+        peers_file=pick("--peers-file", "PATIO_PEERS_FILE"),
+        peers_dns=peers_dns,
+        key_file=key_file,
+        key=key,
+        next_key_file=pick("--next-key-file", "PATIO_NEXT_KEY_FILE"),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        executor=executor,
+        max_workers=max_workers,
+        metrics_port=metrics_port,
+        metrics_address=metrics_address,
+        ready_peer_ratio=ratio,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+        log_format=log_format,
+        allow_empty_key=allow_empty_key,
+    )
+
+
+def check_registry_spec(spec: str) -> None:
+    module, sep, attribute = spec.partition(":")
+    if not sep or not module or not attribute:
+        raise ConfigError(f"registry must be MODULE:ATTRIBUTE (e.g. myapp.tasks:rpc), not {spec!r}")
+
+
+def parse_peer_address(text: str, *, default_port: int, what: str = "peer") -> PeerAddress:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"empty {what} address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not host:
+            raise ConfigError(f"malformed {what} address {text!r}: missing ']'")
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"malformed {what} address {text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        try:  # a bare IPv6 address, no port
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ConfigError(
+                f"malformed {what} address {text!r}: write IPv6 addresses as [ADDR]:PORT"
+            ) from None
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+        if not host:
+            raise ConfigError(f"malformed {what} address {text!r}: missing host")
+    if not port_text:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"malformed {what} address {text!r}: port is not a number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"malformed {what} address {text!r}: port out of range")
+    return host, port
+
+
+def parse_peer_list(text: str, *, default_port: int) -> tuple[PeerAddress, ...]:
+    """Comma- or whitespace-separated addresses, order kept, duplicates dropped."""
+    seen: dict[PeerAddress, None] = {}
+    for item in text.replace(",", " ").split():
+        seen[parse_peer_address(item, default_port=default_port)] = None
+    return tuple(seen)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _int(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be an integer, not {text!r}") from None
+
+
+def _port(flag: str, text: str | None, default: int) -> int:
+    if text is None:
+        return default
+    value = _int(flag, text)
+    if not 0 <= value < 65536:
+        raise ConfigError(f"{flag} must be between 0 and 65535, not {value}")
+    return value
+
+
+def _float(flag: str, text: str | None, default: float) -> float:
+    if text is None:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be a number, not {text!r}") from None
+
+
+def _bool(variable: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{variable} must be true or false, not {text!r}")

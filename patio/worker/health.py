@@ -1,0 +1,185 @@
+"""The worker's HTTP endpoints: ``/livez``, ``/readyz`` and ``/metrics``.
+
+A deliberately tiny HTTP/1.1 server on the worker's own event loop: one
+request per connection, GET/HEAD only, bounded header size and read deadline.
+Serving from the loop means ``/metrics`` reads the broker's counters without
+locks (they are only ever touched on the loop) and a blocked loop shows up as
+a probe timeout, which is exactly what a liveness probe should see.
+
+- ``/livez``: the loop is responsive. A heartbeat task stamps the time every
+  :data:`HEARTBEAT_INTERVAL`; if the last stamp is older than ``stale_after``
+  (the loop was blocked, or the heartbeat task died) the answer is 503.
+- ``/readyz``: listening, not draining, and connected to at least
+  ``ready_peer_ratio`` of the known peers; 503 with the reason otherwise.
+- ``/metrics``: Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("patio.worker.health")
+
+HEARTBEAT_INTERVAL = 0.5
+DEFAULT_STALE_AFTER = 5.0
+REQUEST_DEADLINE = 5.0  # a slow or idle client must not hold a connection open
+MAX_REQUEST_HEAD = 8192  # enough for any probe or scraper; stops slowloris-style growth
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class Heartbeat:
+    """A task that stamps ``monotonic()`` every ``interval`` seconds."""
+
+    def __init__(self, interval: float = HEARTBEAT_INTERVAL) -> None:
+        self.interval = interval
+        self.last = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.last = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="patio-heartbeat")
+
+    async def _run(self) -> None:
+        while True:
+            self.last = time.monotonic()
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def check(self, stale_after: float) -> tuple[bool, str]:
+        if self._task is None or self._task.done():
+            return False, "heartbeat task is not running"
+        age = time.monotonic() - self.last
+        if age > stale_after:
+            return False, f"event loop heartbeat is {age:.1f}s old (limit {stale_after:g}s)"
+        return True, f"ok (heartbeat {age:.2f}s ago)"
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str
+
+
+def readiness(
+    *, listening: bool, draining: bool, known: int, connected: int, ratio: float
+) -> Readiness:
+    """The /readyz rule, as a pure function."""
+    if draining:
+        return Readiness(False, "draining")
+    if not listening:
+        return Readiness(False, "not listening yet")
+    needed = math.ceil(known * ratio - 1e-9)
+    if connected < needed:
+        return Readiness(False, f"connected to {connected} of {known} known peers (need {needed})")
+    return Readiness(True, f"ok (connected to {connected} of {known} known peers)")
+
+
+class HealthServer:
+    """Serves the three endpoints from callables the runtime provides."""
+
+    def __init__(
+        self,
+        *,
+        live: Callable[[], tuple[bool, str]],
+        ready: Callable[[], Readiness],
+        metrics: Callable[[], bytes],
+    ) -> None:
+        self._live = live
+        self._ready = ready
+        self._metrics = metrics
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            async with asyncio.timeout(REQUEST_DEADLINE):
+                head = await reader.readuntil(b"\r\n\r\n")
+                if len(head) > MAX_REQUEST_HEAD:
+                    return
+                status, content_type, body, head_only = self._respond(head)
+                writer.write(_response(status, content_type, body, head_only))
+                await writer.drain()
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+            asyncio.CancelledError,
+        ):
+            pass
+        except Exception:
+            log.exception("health endpoint failed")
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _respond(self, head: bytes) -> tuple[int, str, bytes, bool]:
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        if len(parts) < 2:
+            return 405, "text/plain", b"bad request\n", False
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"only GET and HEAD\n", False
+        head_only = method == "HEAD"
+        path = target.split("?", 1)[0]
+        if path == "/livez":
+            ok, reason = self._live()
+            return (200 if ok else 503), "text/plain", f"{reason}\n".encode(), head_only
+        if path == "/readyz":
+            state = self._ready()
+            return (
+                (200 if state.ready else 503),
+                "text/plain",
+                f"{state.reason}\n".encode(),
+                head_only,
+            )
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics(), head_only
+        if path == "/":
+            return 200, "text/plain", b"patio worker: /livez /readyz /metrics\n", head_only
+        return 404, "text/plain", b"not found: try /livez /readyz /metrics\n", head_only
+
+
+def _response(status: int, content_type: str, body: bytes, head_only: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    return head if head_only else head + body
