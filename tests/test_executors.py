@@ -497,3 +497,39 @@ async def test_null_executor_refuses_everything() -> None:
         with pytest.raises(ExecutionRefusedError):
             await executor.execute("not-even-registered")
         assert executor.busy == 0
+
+
+async def test_call_handed_a_slot_just_before_shutdown_is_refused_not_run() -> None:
+    ran: list[int] = []
+
+    async def record(i: int) -> None:
+        ran.append(i)
+
+    rpc = Registry()
+    rpc.register(record, "record")
+    executor = AsyncExecutor(rpc, max_workers=1)
+    await executor._acquire()  # hold the only slot, as a running call would
+    waiting = asyncio.ensure_future(executor.execute("record", 1))
+    await wait_until(lambda: executor.queued == 1)
+    executor._release()  # the slot goes to `waiting`, which has not resumed yet
+    await executor.shutdown()  # closes before `waiting` gets to run
+    with pytest.raises(ExecutionRefusedError, match="shut down"):
+        await waiting
+    assert ran == []
+    assert executor.busy == 0 and executor.queued == 0
+
+
+def die() -> None:
+    os._exit(13)
+
+
+async def test_process_pool_recovers_from_a_dead_worker() -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    rpc = make_registry()
+    rpc.register(die, "die")
+    async with ProcessPoolExecutor(rpc, max_workers=1) as executor:
+        with pytest.raises(BrokenProcessPool):
+            await executor.execute("die")
+        assert await executor.execute("mul", 3, 3) == 9
+        assert executor.busy == 0

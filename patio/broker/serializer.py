@@ -125,7 +125,7 @@ class MsgpackSerializer(AbstractSerializer):
             self._packer.reset()
             self._depth = 0
             raise
-        except (TypeError, ValueError, OverflowError, RecursionError, MemoryError) as e:
+        except Exception as e:  # TypeError, OverflowError, RecursionError, ValueError...
             self._packer.reset()
             self._depth = 0
             raise SerializationError(f"cannot serialize value with msgpack: {e}") from e

@@ -129,6 +129,11 @@ class AbstractExecutor(ABC):
             self._queued -= 1
             if not self._busy and not self._queued:
                 self._notify_idle()
+        if self._closed:
+            # The slot was handed over just before shutdown began: the call has
+            # not started, so refuse it rather than run it behind shutdown's back.
+            self._release()
+            raise self._refused()
 
     def _release(self) -> None:
         """Give the slot to the oldest live waiter, or free it."""

@@ -124,7 +124,13 @@ class PoolExecutor(AbstractExecutor):
     async def _run_in_pool(self, target: Callable[..., Any], call_args: tuple[Any, ...]) -> Any:
         await self._acquire()
         try:
-            cfuture = self._get_pool().submit(target, *call_args)
+            try:
+                cfuture = self._get_pool().submit(target, *call_args)
+            except concurrent.futures.BrokenExecutor:
+                # A worker died (a process killed, say): the pool refuses all
+                # work from now on. Replace it once instead of failing forever.
+                self._replace_broken_pool()
+                cfuture = self._get_pool().submit(target, *call_args)
         except BaseException:
             self._release()
             raise
@@ -145,6 +151,12 @@ class PoolExecutor(AbstractExecutor):
                 # slot until it finishes so the pool never holds more than
                 # max_workers calls.
                 cfuture.add_done_callback(lambda _: self._release_threadsafe(loop))
+
+    def _replace_broken_pool(self) -> None:
+        broken, self._pool = self._pool, None
+        if broken is not None:
+            # Its workers are gone or going; do not block the loop on them.
+            broken.shutdown(wait=False, cancel_futures=True)
 
     def _release_threadsafe(self, loop: asyncio.AbstractEventLoop) -> None:
         # A closed loop raises RuntimeError: nobody is left to count slots then.
