@@ -1,0 +1,146 @@
+"""`python -m patio_operator` / `patio operator`: flags, settings, run kopf."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+import kopf
+
+from patio_operator import desired, handlers, kube, metrics, names
+from patio_operator.reconciler import Config, Reconciler
+from patio_operator.rotation import MODES
+
+DEFAULT_IMAGE = "ghcr.io/patio/patio:1.0.0a1"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="patio operator",
+        description="Reconcile PatioCluster resources into meshes of patio workers.",
+    )
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="namespace to watch (repeatable; env PATIO_OPERATOR_NAMESPACES, comma-separated); "
+        "default: all namespaces",
+    )
+    p.add_argument(
+        "--worker-image",
+        default=os.environ.get("PATIO_WORKER_IMAGE", DEFAULT_IMAGE),
+        help="image for workers whose spec.image is empty (env PATIO_WORKER_IMAGE)",
+    )
+    p.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE", "patio-system"),
+        help="namespace the operator runs in; NetworkPolicies admit it to the metrics port",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("PATIO_OPERATOR_METRICS_PORT", 8000),
+        help="port of the operator's /metrics (0 disables)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=_env_int("PATIO_OPERATOR_HEALTH_PORT", 8080),
+        help="port of kopf's liveness endpoint /healthz (0 disables)",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="full level-based reconcile interval per cluster",
+    )
+    p.add_argument(
+        "--rotation-check",
+        choices=MODES,
+        default=os.environ.get("PATIO_OPERATOR_ROTATION_CHECK", "metrics"),
+        help="how a key-rotation step is confirmed before the next (see docs/kubernetes.md)",
+    )
+    p.add_argument(
+        "--rotation-settle-seconds",
+        type=float,
+        default=float(os.environ.get("PATIO_OPERATOR_ROTATION_SETTLE_SECONDS", "90")),
+        help="per-step wait in settle mode; floor when no baseline report exists",
+    )
+    p.add_argument(
+        "--rotation-tick-seconds",
+        type=float,
+        default=5.0,
+        help="how often a rotation in progress is re-evaluated",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("PATIO_OPERATOR_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the operator until SIGINT/SIGTERM; returns the exit code."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    namespaces = list(args.namespace or [])
+    if not namespaces and os.environ.get("PATIO_OPERATOR_NAMESPACES"):
+        namespaces = [
+            n.strip() for n in os.environ["PATIO_OPERATOR_NAMESPACES"].split(",") if n.strip()
+        ]
+
+    kube.load_config()
+    config = Config(
+        settings=desired.Settings(
+            default_image=args.worker_image, operator_namespace=args.operator_namespace
+        ),
+        rotation_mode=args.rotation_check,
+        settle_seconds=args.rotation_settle_seconds,
+        resync_seconds=args.resync_seconds,
+        rotation_tick_seconds=args.rotation_tick_seconds,
+    )
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(kube.Kube(), config, handlers._emit)
+    handlers.register(registry, reconciler)
+
+    settings = kopf.OperatorSettings()
+    # Least privilege: no cluster-wide CRD/namespace scanning, so a
+    # namespace-scoped install needs no ClusterRole at all.
+    settings.scanning.disabled = True
+    settings.persistence.finalizer = f"{names.GROUP}/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # only warnings become k8s Events from logs
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 8
+
+    metrics.serve(args.metrics_port)
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            settings=settings,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=liveness,
+        )
+    )
+    return 0

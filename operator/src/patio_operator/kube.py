@@ -1,0 +1,135 @@
+"""A thin, dict-in dict-out client for the few API calls the operator makes.
+
+It wraps the official client's low-level `call_api`, so objects stay plain
+dicts end to end (the pure functions build dicts; no model classes), and one
+`apply` serves every kind through server-side apply. Errors surface as
+`kubernetes.client.ApiException`; 404 on reads becomes None.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client import ApiException
+
+from patio_operator import names
+
+Obj = dict[str, Any]
+
+#: kind -> plural. Every kind the operator touches is namespaced.
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "Secret": "secrets",
+    "Service": "services",
+    "Pod": "pods",
+    "Event": "events",
+    "StatefulSet": "statefulsets",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "NetworkPolicy": "networkpolicies",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "ServiceMonitor": "servicemonitors",
+    names.KIND: names.PLURAL,
+}
+
+
+def load_config() -> None:
+    """In-cluster service account first, else the kubeconfig (KUBECONFIG)."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    out = f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
+    return f"{out}/{name}" if name else out
+
+
+class Kube:
+    """The operator's API access. One instance per process; thread-safe as the client is."""
+
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or client.ApiClient()
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        method_, url_, headers, body_, post = self.api.param_serialize(
+            method=method,
+            resource_path=url,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(
+            method_, url_, header_params=headers, body=body_, post_params=post, _request_timeout=30
+        )
+        resp.read()  # type: ignore[no-untyped-call]
+        raw = resp.data or b""
+        if not 200 <= resp.status <= 299:
+            raise ApiException.from_response(
+                http_resp=resp, body=raw.decode("utf-8", "replace"), data=None
+            )
+        return json.loads(raw) if raw else {}
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        try:
+            return self._call("GET", path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[Obj]:
+        out = self._call(
+            "GET", path(api_version, kind, namespace), query=[("labelSelector", selector)]
+        )
+        return list(out.get("items") or [])
+
+    def apply(self, obj: Obj) -> Obj:
+        """Server-side apply with force: the operator owns the fields it sets."""
+        meta = obj["metadata"]
+        return self._call(
+            "PATCH",
+            path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
+            body=json.dumps(obj),
+            query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def create(self, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        return self._call("POST", path(obj["apiVersion"], obj["kind"], meta["namespace"]), body=obj)
+
+    def replace(self, obj: Obj) -> Obj:
+        """PUT with the resourceVersion inside obj: fails with 409 if someone wrote in between."""
+        meta = obj["metadata"]
+        return self._call(
+            "PUT", path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]), body=obj
+        )
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete; False when it was not there (or the kind is not installed)."""
+        try:
+            self._call("DELETE", path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def patch_status(self, namespace: str, name: str, status: Obj) -> Obj:
+        """Merge-patch the PatioCluster's status subresource."""
+        url = path(names.API_VERSION, names.KIND, namespace, name) + "/status"
+        return self._call(
+            "PATCH", url, body={"status": status}, content_type="application/merge-patch+json"
+        )

@@ -1,0 +1,379 @@
+"""Level-based reconciliation: read the cluster's objects, apply what the pure
+functions want, write status.
+
+Every pass starts from what the API server says, so it does not matter
+whether the previous pass finished, ran in another operator process, or was
+undone by hand: a deleted Service is re-created, an edited StatefulSet field
+is reset (server-side apply with force), a killed pod is replaced by the
+StatefulSet and its address re-published. The only state is in the cluster
+(the auth Secret's annotations and the PatioCluster's status).
+
+Decision on a deleted *generated* auth Secret: the old key is gone (the
+operator never copies it elsewhere), so the operator generates a new key,
+increments keyGeneration and records a Warning Event. Running workers keep
+the old key until the kubelet refreshes their mounted Secret; for that
+window (about a minute) new connections between a refreshed and a stale
+worker are refused, established ones keep working. A Secret edited to lose
+its `key` is treated the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client import ApiException
+
+from patio_operator import desired, metrics, names, peers, rotation, status
+from patio_operator.keyprobe import fetch_report
+from patio_operator.kube import Kube
+
+Obj = dict[str, Any]
+#: (involved object body, "Normal"/"Warning", reason, message)
+EmitFn = Callable[[Mapping[str, Any], str, str, str], None]
+
+log = logging.getLogger("patio_operator")
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: desired.Settings
+    rotation_mode: str = "metrics"
+    #: Per-step wait in settle mode, and the floor when there is no baseline.
+    settle_seconds: float = 90.0
+    resync_seconds: float = 30.0
+    rotation_tick_seconds: float = 5.0
+
+
+def new_key() -> str:
+    """A fresh mesh key: 32 random bytes, URL-safe text (no newline, no padding issues)."""
+    return secrets.token_urlsafe(32)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _decode(data: Mapping[str, str] | None) -> dict[str, str]:
+    out = {}
+    for k, v in (data or {}).items():
+        try:
+            out[k] = base64.b64decode(v).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return out
+
+
+def _encode(data: Mapping[str, str]) -> dict[str, str]:
+    return {k: base64.b64encode(v.encode("utf-8")).decode("ascii") for k, v in data.items()}
+
+
+class Reconciler:
+    """Applies desired state for one PatioCluster at a time (per-cluster lock)."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        config: Config,
+        emit: EmitFn,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        make_key: Callable[[], str] = new_key,
+        probe: Callable[[str, int], str | None] = fetch_report,
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.emit = emit
+        self.clock = clock
+        self.make_key = make_key
+        self.probe = probe
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        # kopf runs the timer, the cluster's event handler and pod events
+        # concurrently in its thread pool; one pass at a time per cluster keeps
+        # two passes from generating two different "next" keys.
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+        metrics.forget_cluster(namespace, name)
+
+    # -- reading -----------------------------------------------------------
+
+    def list_pods(self, cluster: Obj) -> list[peers.PodView]:
+        meta = cluster["metadata"]
+        items = self.kube.list("v1", "Pod", meta["namespace"], names.selector_string(meta["name"]))
+        return [peers.pod_view(p) for p in items]
+
+    # -- the full pass -------------------------------------------------------
+
+    def reconcile(self, cluster: Obj, pods: Iterable[peers.PodView] | None = None) -> Obj:
+        """One full, idempotent pass; returns the status written."""
+        meta = cluster["metadata"]
+        started = time.monotonic()
+        result = "error"
+        try:
+            with self._lock(meta["namespace"], meta["name"]):
+                out = self._reconcile(cluster, pods)
+            result = "ok"
+            return out
+        finally:
+            metrics.observe_reconcile(result, time.monotonic() - started)
+
+    def _reconcile(self, cluster: Obj, pods_in: Iterable[peers.PodView] | None) -> Obj:
+        meta = cluster["metadata"]
+        ns, cname = meta["namespace"], meta["name"]
+        spec = desired.spec_of(cluster)
+        problems: list[str] = []
+        want = desired.desired_objects(cluster, self.config.settings)
+        for warning in want.warnings:
+            self.emit(cluster, "Warning", "SpecIgnored", warning)
+
+        pod_list = list(pods_in) if pods_in is not None else self.list_pods(cluster)
+        key_state = self._sync_secret(cluster, pod_list, problems)
+        if (
+            spec.get("tls")
+            and self.kube.get("v1", "Secret", ns, spec["tls"]["existingSecret"]) is None
+        ):
+            problems.append(f"spec.tls.existingSecret {spec['tls']['existingSecret']!r} not found")
+        published = self._sync_peers(cluster, pod_list)
+
+        for obj in want.objects:
+            try:
+                self.kube.apply(obj)
+            except ApiException as exc:
+                if exc.status == 404 and obj["kind"] == "ServiceMonitor":
+                    problems.append(
+                        "spec.metrics.serviceMonitor is true but "
+                        "monitoring.coreos.com/v1 is not installed"
+                    )
+                    continue
+                if exc.status in (400, 403, 422):
+                    problems.append(f"{obj['kind']} {obj['metadata']['name']}: {_api_reason(exc)}")
+                    continue
+                raise
+        for api_version, kind, name in want.absent:
+            try:
+                if self.kube.delete(api_version, kind, ns, name):
+                    log.info("deleted %s %s/%s no longer in the spec", kind, ns, name)
+            except ApiException as exc:
+                if exc.status not in (403, 404, 405):
+                    raise
+
+        sts = self.kube.get("apps/v1", "StatefulSet", ns, names.statefulset_name(cname))
+        return self._write_status(
+            cluster, sts, pods=pod_list, published=published, key_state=key_state, problems=problems
+        )
+
+    # -- lighter pass for pod events ----------------------------------------
+
+    def pods_changed(self, cluster: Obj, pods: Iterable[peers.PodView]) -> Obj:
+        """Re-publish peers and refresh status; no other object is touched.
+
+        Pod events are frequent (every probe flip), so this path costs three
+        or four requests instead of a full apply of every child object.
+        """
+        meta = cluster["metadata"]
+        with self._lock(meta["namespace"], meta["name"]):
+            pod_list = list(pods)
+            published = self._sync_peers(cluster, pod_list)
+            sts = self.kube.get(
+                "apps/v1", "StatefulSet", meta["namespace"], names.statefulset_name(meta["name"])
+            )
+            previous = cluster.get("status") or {}
+            rot = previous.get("rotation") or {}
+            problems = [
+                c.get("message", "")
+                for c in previous.get("conditions") or []
+                if c.get("type") == "Degraded" and c.get("reason") == "ReconcileError"
+            ]
+            return self._write_status(
+                cluster,
+                sts,
+                pods=pod_list,
+                published=published,
+                key_state=None,
+                problems=problems,
+                rotation_fallback=(
+                    str(rot.get("phase") or "Idle"),
+                    str(rot.get("token") or ""),
+                    str(rot.get("since") or ""),
+                    int(previous.get("keyGeneration") or 0),
+                ),
+            )
+
+    # -- pieces ----------------------------------------------------------------
+
+    def _sync_peers(self, cluster: Obj, pods: list[peers.PodView]) -> list[str]:
+        meta = cluster["metadata"]
+        port = int(desired.spec_of(cluster)["port"])
+        expected = peers.peer_addresses(pods, port)
+        text = peers.render(expected)
+        cm = self.kube.get(
+            "v1", "ConfigMap", meta["namespace"], names.peers_configmap_name(meta["name"])
+        )
+        if (
+            cm is None
+            or (cm.get("data") or {}).get(names.PEERS_ITEM) != text
+            or not _owned(cm, cluster)
+        ):
+            self.kube.apply(desired.peers_configmap(cluster, text))
+            metrics.PEERS_UPDATES.inc()
+            log.info("published %d peers for %s/%s", len(expected), meta["namespace"], meta["name"])
+        return expected
+
+    def _sync_secret(
+        self, cluster: Obj, pods: list[peers.PodView], problems: list[str]
+    ) -> rotation.KeyState | None:
+        """Ensure the auth Secret exists and advance a rotation in progress."""
+        meta = cluster["metadata"]
+        ns = meta["namespace"]
+        spec = desired.spec_of(cluster)
+        auth = spec.get("auth") or {}
+        if auth.get("existingSecret"):
+            if self.kube.get("v1", "Secret", ns, auth["existingSecret"]) is None:
+                problems.append(f"spec.auth.existingSecret {auth['existingSecret']!r} not found")
+            return None
+
+        name = names.auth_secret_name(meta["name"])
+        secret = self.kube.get("v1", "Secret", ns, name)
+        state = None
+        if secret is not None:
+            state = rotation.from_secret(
+                _decode(secret.get("data")), (secret.get("metadata") or {}).get("annotations") or {}
+            )
+        now = self.clock()
+        requested = str(auth.get("rotation") or "")
+        if state is None:
+            previous_gen = int((cluster.get("status") or {}).get("keyGeneration") or 0)
+            state = rotation.fresh(self.make_key(), requested, previous_gen + 1, now)
+            obj = desired.auth_secret(cluster, _encode(state.data()), state.annotations())
+            if secret is None:
+                self.kube.create(obj)
+            else:
+                obj["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]
+                self.kube.replace(obj)
+            if previous_gen > 0:
+                self.emit(
+                    cluster,
+                    "Warning",
+                    "AuthKeyRegenerated",
+                    f"auth Secret {name} was deleted or lost its key; generated key generation "
+                    f"{state.generation}. Workers switch as the kubelet refreshes their volume.",
+                )
+            else:
+                self.emit(
+                    cluster, "Normal", "AuthKeyCreated", f"generated the mesh key in Secret {name}"
+                )
+            return state
+
+        wants_rotation = requested and requested != state.token
+        if state.phase == rotation.IDLE and not wants_rotation:
+            return state
+        metrics_port = int(spec["metrics"]["port"])
+        reports = {
+            p.name: self.probe(p.ip, metrics_port)
+            for p in pods
+            if p.ready and not p.terminating and p.ip
+        }
+        step = rotation.advance(
+            state,
+            requested_token=requested,
+            reports=reports,
+            now=now,
+            mode=self.config.rotation_mode,
+            settle_seconds=self.config.settle_seconds,
+            new_key=self.make_key,
+        )
+        if step.state is None:
+            log.info("rotation of %s/%s waits: %s", ns, meta["name"], step.reason)
+            return state
+        obj = desired.auth_secret(cluster, _encode(step.state.data()), step.state.annotations())
+        obj["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]  # type: ignore[index]
+        # PUT with resourceVersion: a concurrent writer makes this fail (409)
+        # instead of two keys being generated; the next pass re-reads.
+        self.kube.replace(obj)
+        metrics.ROTATION_STEPS.labels(step=step.state.phase).inc()
+        self.emit(cluster, "Normal", step.event, step.reason)
+        return step.state
+
+    def _write_status(
+        self,
+        cluster: Obj,
+        sts: Obj | None,
+        *,
+        pods: list[peers.PodView],
+        published: list[str],
+        key_state: rotation.KeyState | None,
+        problems: list[str],
+        rotation_fallback: tuple[str, str, str, int] | None = None,
+    ) -> Obj:
+        meta = cluster["metadata"]
+        previous = cluster.get("status") or {}
+        if key_state is not None:
+            phase, token, since, gen = (
+                key_state.phase,
+                key_state.token,
+                key_state.since,
+                key_state.generation,
+            )
+        elif rotation_fallback is not None:
+            phase, token, since, gen = rotation_fallback
+        else:  # existingSecret: the user rotates; the operator does not count
+            phase, token, since, gen = "Idle", "", "", int(previous.get("keyGeneration") or 0)
+        observed = status.Observed(
+            statefulset=sts,
+            pods=pods,
+            published_peers=published,
+            expected_peers=peers.peer_addresses(pods, int(desired.spec_of(cluster)["port"])),
+            rotation_phase=phase,
+            rotation_token=token,
+            rotation_since=since,
+            key_generation=gen,
+            problems=problems,
+        )
+        new = status.compute_status(cluster, observed, previous, rotation.iso(self.clock()))
+        if _status_differs(previous, new):
+            self.kube.patch_status(meta["namespace"], meta["name"], new)
+            for ctype, cstatus, reason, message in status.transitions(previous, new):
+                if ctype in ("Ready", "Degraded", "MeshReady"):
+                    bad = (ctype == "Degraded") == (cstatus == "True")
+                    self.emit(
+                        cluster,
+                        "Warning" if bad else "Normal",
+                        reason,
+                        f"{ctype}={cstatus}: {message}",
+                    )
+        ready = (status.condition(new, "Ready") or {}).get("status") == "True"
+        metrics.set_cluster_ready(meta["namespace"], meta["name"], ready)
+        return new
+
+
+def _status_differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(old.get(k) != v for k, v in new.items())
+
+
+def _owned(obj: Mapping[str, Any], cluster: Mapping[str, Any]) -> bool:
+    uid = cluster["metadata"].get("uid")
+    return any(
+        ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+    )
+
+
+def _api_reason(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
