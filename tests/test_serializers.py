@@ -437,3 +437,11 @@ def test_huge_traceback_is_truncated_keeping_the_end() -> None:
     assert len(payload["traceback"]) <= MAX_TRACEBACK_CHARS + 10
     assert payload["traceback"].startswith("...")
     assert payload["traceback"].rstrip().endswith("the end")
+
+
+def test_exception_args_the_restricted_pickle_would_refuse_are_stringified() -> None:
+    serializer = RestrictedPickleSerializer()
+    payload = exception_to_payload(ValueError(Point(1, 2)), serializer)
+    assert payload["args"] == [str(Point(1, 2))]
+    restored = exception_from_payload(serializer.unpack(serializer.pack(payload)))
+    assert type(restored) is ValueError

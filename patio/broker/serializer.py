@@ -428,7 +428,7 @@ def exception_to_payload(exc: BaseException, serializer: AbstractSerializer) -> 
 
     ``{"type": "module.QualName", "args": [...], "message": str(exc),
     "traceback": "..."}``. ``args`` are the exception's own arguments when the
-    serializer can pack them, else their ``str()``, else empty.
+    serializer can pack and unpack them, else their ``str()``, else empty.
     """
     try:
         type_name = _type_name(type(exc))
@@ -441,7 +441,9 @@ def exception_to_payload(exc: BaseException, serializer: AbstractSerializer) -> 
     except Exception:
         raw_args = []
     try:
-        serializer.pack(raw_args)
+        # A full round trip, not just pack: a restricted pickle packs objects
+        # that it would then refuse to unpack on the other side.
+        serializer.unpack(serializer.pack(raw_args))
         args = raw_args
     except Exception:
         try:
