@@ -1,0 +1,83 @@
+"""What every broker shares: lifecycle, registry locking, naming a call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from patio.broker.serializer import AbstractSerializer, MsgpackSerializer
+from patio.executor import AbstractExecutor
+from patio.stats import BrokerStats
+
+log = logging.getLogger("patio.broker")
+
+
+class AbstractBroker(ABC):
+    """Carries calls to an executor, local or remote.
+
+    The first broker set up with a registry locks it: the set of task names a
+    broker advertises must not change under its peers' feet.
+    """
+
+    def __init__(
+        self,
+        executor: AbstractExecutor,
+        *,
+        serializer: AbstractSerializer | None = None,
+    ) -> None:
+        self.executor = executor
+        self.registry = executor.registry
+        self.serializer = serializer if serializer is not None else MsgpackSerializer()
+        self.stats = BrokerStats()
+        self._closing = False
+        self._closed_event: asyncio.Event | None = None
+
+    def _closed(self) -> asyncio.Event:
+        if self._closed_event is None:
+            self._closed_event = asyncio.Event()
+        return self._closed_event
+
+    def task_name(self, func: str | Callable[..., Any]) -> str:
+        """The name a call travels under: a string as is, a function by its registration."""
+        if isinstance(func, str):
+            return func
+        return self.registry.get_name(func)
+
+    async def setup(self) -> None:
+        self._closed()
+        if not self.registry.is_locked:
+            self.registry.lock(by=self)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._closed().set()
+
+    async def join(self) -> None:
+        """Wait until the broker is closed (by :meth:`close` or a signal handler)."""
+        await self._closed().wait()
+
+    @abstractmethod
+    async def call(
+        self,
+        func: str | Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``func(*args, **kwargs)`` somewhere and return its result."""
+
+    async def __aenter__(self) -> Self:
+        await self.setup()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

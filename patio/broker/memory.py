@@ -1,0 +1,58 @@
+"""The in-process broker: calls go straight to the executor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from patio.broker.base import AbstractBroker
+from patio.errors import CallTimeoutError, NoRouteError, PatioError
+from patio.stats import (
+    OUTCOME_ERROR,
+    OUTCOME_NO_ROUTE,
+    OUTCOME_OK,
+    OUTCOME_TIMEOUT,
+    SIDE_CALLER,
+)
+
+
+class MemoryBroker(AbstractBroker):
+    """Distributes calls within one process.
+
+    Values are passed as they are (no serialization), so switching to a TCP
+    broker later is the point where arguments must become serializable.
+    """
+
+    async def call(
+        self,
+        func: str | Callable[..., Any],
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        name = self.task_name(func)
+        stats = self.stats
+        stats.calls_started[(name, SIDE_CALLER)] += 1
+        if self.executor.accepts_calls and name not in self.registry:
+            stats.calls_finished[(name, SIDE_CALLER, OUTCOME_NO_ROUTE)] += 1
+            raise NoRouteError(f"no task named {name!r} in the registry of this MemoryBroker")
+        outcome = OUTCOME_ERROR
+        try:
+            if timeout is None:
+                result = await self.executor.execute(name, *args, **kwargs)
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        result = await self.executor.execute(name, *args, **kwargs)
+                except TimeoutError as exc:
+                    if isinstance(exc, PatioError):
+                        raise
+                    outcome = OUTCOME_TIMEOUT
+                    raise CallTimeoutError(
+                        f"call to {name!r} did not finish within {timeout} s"
+                    ) from None
+            outcome = OUTCOME_OK
+            return result
+        finally:
+            stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1

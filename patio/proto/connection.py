@@ -1,0 +1,333 @@
+"""The connection state machine: framing, handshake, message validation.
+
+States and the only transitions between them::
+
+    AWAIT_HELLO --HELLO ok--> AWAIT_AUTH --AUTH ok--> OPEN --close()--> CLOSED
+         \\________________________\\___any violation____/--> CLOSED (ProtocolError)
+
+Both sides send HELLO as soon as the connection starts (no side waits for the
+other), so the handshake costs one round trip plus one flight:
+
+1. HELLO carries the protocol version, the sender's node id, a per-process
+   instance id and a fresh random nonce.
+2. On the peer's HELLO each side sends AUTH: an HMAC-SHA256 with its primary
+   key over both nonces, both identities and its role (dialer or acceptor).
+   Both nonces make a proof useless on any other connection (no replay); the
+   role makes a proof useless when reflected back at its sender.
+3. A side that verifies the peer's AUTH against any key it accepts (constant
+   time compare) is OPEN. Until then only HELLO and AUTH frames of at most
+   ``HANDSHAKE_MAX_FRAME_SIZE`` bytes are accepted, and nothing is handed to
+   a serializer.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from patio.errors import AuthenticationError, HandshakeError, ProtocolError
+from patio.proto.messages import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HANDSHAKE_MAX_FRAME_SIZE,
+    HEADER,
+    MAGIC,
+    MAX_NODE_ID_LENGTH,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    MessageType,
+    shape_error,
+)
+
+_AUTH_CONTEXT: Final = b"patio-auth-v1"
+
+
+class Role(enum.Enum):
+    DIALER = b"D"
+    ACCEPTOR = b"A"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    AWAIT_AUTH = "await-auth"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """The key a side proves itself with, and every key it accepts from peers.
+
+    Holding two keys at once (the current one and the next) is what lets a
+    cluster rotate its key without a moment in which two members disagree.
+    """
+
+    primary: bytes
+    accepted: tuple[bytes, ...] = ()
+
+    def all_accepted(self) -> tuple[bytes, ...]:
+        return (self.primary, *(k for k in self.accepted if k != self.primary))
+
+    @property
+    def fingerprint(self) -> str:
+        """A short digest naming the primary key without revealing it."""
+        return hashlib.sha256(b"patio-key-fingerprint:" + self.primary).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthenticated:
+    """The event that ends the handshake: the peer holds one of our keys."""
+
+    node_id: str
+    instance: str
+    version: int
+
+
+def _proof(
+    key: bytes,
+    role: Role,
+    own_nonce: bytes,
+    peer_nonce: bytes,
+    own_identity: tuple[str, str],
+    peer_identity: tuple[str, str],
+) -> bytes:
+    packed = msgpack.packb(
+        [role.value, own_nonce, peer_nonce, list(own_identity), list(peer_identity)]
+    )
+    return hmac.new(key, _AUTH_CONTEXT + packed, hashlib.sha256).digest()
+
+
+class Connection:
+    """One side of one connection. Feed it bytes, read events and bytes back."""
+
+    def __init__(
+        self,
+        role: Role,
+        node_id: str,
+        instance: str,
+        keys: KeySet,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        nonce: bytes | None = None,
+    ) -> None:
+        if len(node_id) > MAX_NODE_ID_LENGTH:
+            raise ValueError(f"node id longer than {MAX_NODE_ID_LENGTH} characters")
+        self.role = role
+        self.node_id = node_id
+        self.instance = instance
+        self.keys = keys
+        self.max_frame_size = max_frame_size
+        self.state = State.AWAIT_HELLO
+        self.peer: PeerAuthenticated | None = None
+        self._nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
+        self._peer_nonce = b""
+        self._peer_identity = ("", "")
+        self._in = bytearray()
+        self._out = bytearray()
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._queue([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, node_id, instance, self._nonce])
+
+    # -- output -------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call, as one chunk."""
+        if not self._out:
+            return b""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._out)
+
+    def _queue(self, message: list[Any]) -> None:
+        body = self._packer.pack(message)
+        self._out += HEADER.pack(len(body))
+        self._out += body
+
+    def _require_open(self) -> None:
+        if self.state is not State.OPEN:
+            raise ProtocolError(f"cannot send in state {self.state.value}")
+
+    def send_announce(
+        self, names: list[str], routable: list[str], capacity: int, window: int, draining: bool
+    ) -> None:
+        self._require_open()
+        self._queue([MessageType.ANNOUNCE, names, routable, capacity, window, draining])
+
+    def send_call(
+        self, call_id: int, name: str, payload: bytes, timeout: float | None, route: bool
+    ) -> None:
+        # Hot path: no state check beyond the one that matters.
+        if self.state is not State.OPEN:
+            self._require_open()
+        body = self._packer.pack([3, call_id, name, payload, timeout, route])
+        self._out += HEADER.pack(len(body))
+        self._out += body
+
+    def send_result(self, call_id: int, payload: bytes) -> None:
+        if self.state is not State.OPEN:
+            self._require_open()
+        body = self._packer.pack([4, call_id, payload])
+        self._out += HEADER.pack(len(body))
+        self._out += body
+
+    def send_error(self, call_id: int, kind: int, payload: bytes) -> None:
+        self._require_open()
+        self._queue([MessageType.ERROR, call_id, int(kind), payload])
+
+    def send_cancel(self, call_id: int) -> None:
+        self._require_open()
+        self._queue([MessageType.CANCEL, call_id])
+
+    def send_ping(self) -> None:
+        self._require_open()
+        self._queue([MessageType.PING])
+
+    def send_goodbye(self, reason: str) -> None:
+        self._require_open()
+        self._queue([MessageType.GOODBYE, reason])
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+
+    # -- input --------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        """Consume bytes; return the events they complete.
+
+        Events are :class:`PeerAuthenticated` once, then validated message
+        arrays (``[type, ...]``) as documented in :mod:`patio.proto.messages`.
+        PING is answered here and never returned. Raises :class:`ProtocolError`
+        (or a subclass) on any violation; the connection is CLOSED then.
+        """
+        if self.state is State.CLOSED:
+            return []
+        buf = self._in
+        buf += data
+        events: list[Any] = []
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= 4:
+                (size,) = HEADER.unpack_from(buf, pos)
+                limit = (
+                    self.max_frame_size if self.state is State.OPEN else HANDSHAKE_MAX_FRAME_SIZE
+                )
+                if size > limit:
+                    raise ProtocolError(
+                        f"frame of {size} bytes exceeds the limit of {limit} bytes"
+                        + ("" if self.state is State.OPEN else " before authentication")
+                    )
+                if end - pos - 4 < size:
+                    break
+                start = pos + 4
+                pos = start + size
+                try:
+                    message = msgpack.unpackb(
+                        buf[start:pos], raw=False, strict_map_key=False, use_list=True
+                    )
+                except Exception as exc:
+                    raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
+                if self.state is State.OPEN:
+                    kind = message[0] if type(message) is list and message else None
+                    if (kind == 3 and len(message) == 6) or (kind == 4 and len(message) == 3):
+                        # Fast path for CALL/RESULT: checked field by field below.
+                        if type(message[1]) is not int or (
+                            type(message[3 if kind == 3 else 2]) is not bytes
+                        ):
+                            raise ProtocolError(shape_error(message) or "malformed frame")
+                        if kind == 3 and (
+                            type(message[2]) is not str
+                            or type(message[5]) is not bool
+                            or (message[4] is not None and type(message[4]) not in (int, float))
+                        ):
+                            raise ProtocolError(shape_error(message) or "malformed frame")
+                        events.append(message)
+                        continue
+                    problem = shape_error(message)
+                    if problem is not None:
+                        raise ProtocolError(problem)
+                    if kind == MessageType.PING:
+                        self._queue([MessageType.PONG])
+                        continue
+                    events.append(message)
+                else:
+                    event = self._handshake(message)
+                    if event is not None:
+                        events.append(event)
+        except ProtocolError:
+            self.state = State.CLOSED
+            buf.clear()
+            raise
+        if pos:
+            del buf[:pos]
+        return events
+
+    def _handshake(self, message: Any) -> PeerAuthenticated | None:
+        if type(message) is not list or not message or type(message[0]) is not int:
+            raise HandshakeError("handshake frame is not a message array")
+        kind = message[0]
+        if self.state is State.AWAIT_HELLO:
+            if kind != MessageType.HELLO:
+                raise HandshakeError(f"expected HELLO, got message type {kind}")
+            if len(message) < 3 or message[1] != MAGIC:
+                raise HandshakeError("peer is not speaking the patio protocol")
+            version = message[2]
+            if version != PROTOCOL_VERSION:
+                raise HandshakeError(
+                    f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
+                )
+            if len(message) != 6:
+                raise HandshakeError("HELLO has the wrong number of fields")
+            _, _, _, node_id, instance, nonce = message
+            if (
+                type(node_id) is not str
+                or type(instance) is not str
+                or type(nonce) is not bytes
+                or len(nonce) != NONCE_SIZE
+                or len(node_id) > MAX_NODE_ID_LENGTH
+                or len(instance) > MAX_NODE_ID_LENGTH
+            ):
+                raise HandshakeError("HELLO fields are malformed")
+            if nonce == self._nonce:
+                raise HandshakeError("peer echoed our nonce")
+            self._peer_nonce = nonce
+            self._peer_identity = (node_id, instance)
+            own_identity = (self.node_id, self.instance)
+            proof = _proof(
+                self.keys.primary,
+                self.role,
+                self._nonce,
+                nonce,
+                own_identity,
+                self._peer_identity,
+            )
+            self._queue([MessageType.AUTH, proof])
+            self.state = State.AWAIT_AUTH
+            return None
+        # AWAIT_AUTH
+        if kind != MessageType.AUTH or len(message) != 2 or type(message[1]) is not bytes:
+            raise HandshakeError(f"expected AUTH, got message type {kind}")
+        peer_role = Role.ACCEPTOR if self.role is Role.DIALER else Role.DIALER
+        own_identity = (self.node_id, self.instance)
+        matched = False
+        for key in self.keys.all_accepted():
+            expected = _proof(
+                key, peer_role, self._peer_nonce, self._nonce, self._peer_identity, own_identity
+            )
+            # Check every key so the time taken does not say which one matched.
+            matched |= hmac.compare_digest(expected, message[1])
+        if not matched:
+            raise AuthenticationError(
+                f"peer {self._peer_identity[0]!r} did not prove it holds an accepted key"
+            )
+        self.state = State.OPEN
+        self.peer = PeerAuthenticated(self._peer_identity[0], self._peer_identity[1], 1)
+        return self.peer

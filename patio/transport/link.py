@@ -1,0 +1,337 @@
+"""One TCP (or TLS) connection driving one sans-IO protocol connection.
+
+The link moves bytes and keeps time; every protocol decision is made by
+:class:`patio.proto.Connection` and every routing decision by the broker that
+owns the :class:`LinkHandler`. It is an ``asyncio.Protocol`` rather than a pair
+of streams so each chunk read is parsed in the callback that received it (no
+task per frame, no ``readexactly`` per header) and writes made in one loop
+iteration leave in one ``transport.write``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from patio.errors import AuthenticationError, HandshakeError, ProtocolError
+from patio.proto import Connection, KeySet, PeerAuthenticated, Role
+from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE
+from patio.stats import BrokerStats
+
+log = logging.getLogger("patio.transport")
+
+# A peer that has not finished the hello within this time is dropped: it holds
+# a socket and a buffer and has proven nothing.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Silence longer than this makes us ping; three intervals of silence (or of a
+# peer not reading what we write) and the link is declared dead.
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+# Output we will hold for a peer that does not read. Past it the link is cut:
+# a peer that stops reading must not make us buffer without bound.
+DEFAULT_MAX_BUFFERED_OUTPUT = 64 * 1024 * 1024
+
+
+class LinkHandler(Protocol):
+    """What a link reports to its owner (the broker)."""
+
+    def link_authenticated(self, link: Link) -> None: ...
+
+    def link_message(self, link: Link, message: list[Any]) -> None: ...
+
+    def link_lost(self, link: Link, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class LinkSettings:
+    node_id: str
+    instance: str
+    keys: KeySet
+    stats: BrokerStats = field(default_factory=BrokerStats)
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
+
+
+class Link(asyncio.Protocol):
+    """One connection. ``state`` is owner data the broker hangs on it."""
+
+    def __init__(self, role: Role, settings: LinkSettings, handler: LinkHandler) -> None:
+        self.role = role
+        self.settings = settings
+        self.handler = handler
+        self.connection = Connection(
+            role,
+            settings.node_id,
+            settings.instance,
+            settings.keys,
+            max_frame_size=settings.max_frame_size,
+        )
+        self.state: Any = None
+        self.peername: tuple[str, int] | None = None
+        self.closed = False
+        self.close_reason = ""
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._write_paused_at = 0.0
+        self._resume_waiters: list[asyncio.Future[None]] = []
+        self._last_received = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self.authenticated: asyncio.Future[PeerAuthenticated] = self._loop.create_future()
+        self.finished: asyncio.Future[str] = self._loop.create_future()
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peername = (str(peer[0]), int(peer[1]))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # not every platform has it
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last_received = self._loop.time()
+        self._timer = self._loop.call_at(
+            self._loop.time() + self.settings.handshake_timeout, self._tick
+        )
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        stats = self.settings.stats
+        stats.bytes_received += len(data)
+        self._last_received = self._loop.time()
+        try:
+            events = self.connection.receive_data(data)
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        handler = self.handler
+        for event in events:
+            if type(event) is list:
+                handler.link_message(self, event)
+            else:
+                self._on_authenticated(event)
+            if self.closed:
+                return
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.close_reason or (f"connection lost: {exc}" if exc else "closed by peer")
+        self._finish(reason)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._write_paused_at = self._loop.time()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._resume_waiters = self._resume_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- sending ------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        """Write what the protocol queued, once, at the end of this loop iteration."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport
+        if transport is None or self.closed:
+            return
+        data = self.connection.data_to_send()
+        if data:
+            self.settings.stats.bytes_sent += len(data)
+            transport.write(data)
+            if transport.get_write_buffer_size() > self.settings.max_buffered_output:
+                self.abort("peer is not reading: output buffer limit exceeded")
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    async def wait_writable(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark."""
+        if not self._write_paused or self.closed:
+            return
+        waiter = self._loop.create_future()
+        self._resume_waiters.append(waiter)
+        await waiter
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Flush what is queued and close politely."""
+        if self.closed:
+            return
+        self.close_reason = self.close_reason or reason
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            self._finish(reason)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, discarding anything unsent."""
+        if self.closed:
+            return
+        self.close_reason = self.close_reason or reason
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.connection.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.resume_writing()  # release anyone waiting to write: they will see `closed`
+        if not self.authenticated.done():
+            self.authenticated.set_exception(HandshakeError(reason))
+            self.authenticated.exception()  # mark retrieved: failures are logged, not raised
+        else:
+            self.handler.link_lost(self, reason)
+        if not self.finished.done():
+            self.finished.set_result(reason)
+
+    # -- internals ----------------------------------------------------------
+
+    def _describe(self) -> str:
+        if self.peername:
+            return f"{self.peername[0]}:{self.peername[1]}"
+        return "unknown peer"
+
+    def _reject(self, exc: ProtocolError) -> None:
+        stats = self.settings.stats
+        if isinstance(exc, AuthenticationError):
+            stats.handshake_failures["auth"] += 1
+        elif isinstance(exc, HandshakeError):
+            reason = "version" if "version" in str(exc) else "malformed"
+            stats.handshake_failures[reason] += 1
+        elif not self.authenticated.done():
+            stats.handshake_failures["malformed"] += 1
+        else:
+            stats.frames_rejected["oversized" if "exceeds" in str(exc) else "malformed"] += 1
+        log.warning("closing connection with %s: %s", self._describe(), exc)
+        self.abort(str(exc))
+
+    def _on_authenticated(self, event: PeerAuthenticated) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        interval = self.settings.heartbeat_interval
+        self._timer = self._loop.call_at(self._loop.time() + interval, self._tick)
+        self.authenticated.set_result(event)
+        self.handler.link_authenticated(self)
+
+    def _tick(self) -> None:
+        """Handshake deadline before authentication, heartbeat after it."""
+        if self.closed:
+            return
+        now = self._loop.time()
+        if not self.authenticated.done():
+            self.settings.stats.handshake_failures["timeout"] += 1
+            log.warning(
+                "closing connection with %s: no handshake within %.1f s",
+                self._describe(),
+                self.settings.handshake_timeout,
+            )
+            self.abort("handshake timed out")
+            return
+        interval = self.settings.heartbeat_interval
+        silent = now - self._last_received
+        if silent > 3 * interval:
+            log.warning("closing connection with %s: silent for %.1f s", self._describe(), silent)
+            self.abort(f"peer silent for {silent:.1f} s")
+            return
+        if self._write_paused and now - self._write_paused_at > 3 * interval:
+            log.warning("closing connection with %s: peer stopped reading", self._describe())
+            self.abort("peer stopped reading")
+            return
+        if silent > interval:
+            self.connection.send_ping()
+            self._flush()
+        self._timer = self._loop.call_at(now + interval, self._tick)
+
+
+def _factory(role: Role, settings: LinkSettings, handler: LinkHandler) -> Callable[[], Link]:
+    return lambda: Link(role, settings, handler)
+
+
+async def dial(
+    host: str,
+    port: int,
+    settings: LinkSettings,
+    handler: LinkHandler,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float | None = None,
+) -> Link:
+    """Connect and return the link once the handshake has authenticated the peer.
+
+    Raises ``OSError`` when the connection cannot be made and
+    :class:`~patio.errors.HandshakeError` (or ``AuthenticationError``) when the
+    peer does not complete the hello.
+    """
+    loop = asyncio.get_running_loop()
+    limit = timeout if timeout is not None else settings.handshake_timeout
+    async with asyncio.timeout(limit):
+        _, link = await loop.create_connection(
+            _factory(Role.DIALER, settings, handler),
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=(server_hostname or host) if ssl_context else None,
+            ssl_handshake_timeout=settings.handshake_timeout if ssl_context else None,
+        )
+        try:
+            await asyncio.shield(link.authenticated)
+        except BaseException:
+            link.abort("handshake did not complete")
+            raise
+    return link
+
+
+async def listen(
+    host: str,
+    port: int,
+    settings: LinkSettings,
+    handler: LinkHandler,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> asyncio.Server:
+    """Accept connections; each becomes a link reported to ``handler``."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        _factory(Role.ACCEPTOR, settings, handler),
+        host,
+        port,
+        ssl=ssl_context,
+        ssl_handshake_timeout=settings.handshake_timeout if ssl_context else None,
+        reuse_address=True,
+    )
