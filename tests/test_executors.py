@@ -533,3 +533,25 @@ async def test_process_pool_recovers_from_a_dead_worker() -> None:
             await executor.execute("die")
         assert await executor.execute("mul", 3, 3) == 9
         assert executor.busy == 0
+
+
+async def test_a_task_may_shut_down_its_own_executor() -> None:
+    rpc = Registry()
+    executor = AsyncExecutor(rpc, max_workers=2)
+
+    async def stop() -> str:
+        await executor.shutdown()
+        return "stopped"
+
+    async def slow() -> None:
+        await asyncio.sleep(60)
+
+    rpc.register(stop, "stop")
+    rpc.register(slow, "slow")
+    await executor.setup()
+    other = asyncio.ensure_future(executor.execute("slow"))
+    await wait_until(lambda: executor.busy == 1)
+    assert await asyncio.wait_for(executor.execute("stop"), 5) == "stopped"
+    with pytest.raises(asyncio.CancelledError):
+        await other
+    assert executor.busy == 0

@@ -79,3 +79,6 @@ class AsyncExecutor(AbstractExecutor):
         for task in list(self._running):
             if task is not current:
                 task.cancel()
+
+    def _slots_held_by_current_task(self) -> int:
+        return 1 if asyncio.current_task() in self._running else 0

@@ -127,7 +127,7 @@ class AbstractExecutor(ABC):
             raise
         finally:
             self._queued -= 1
-            if not self._busy and not self._queued:
+            if self._idle_waiters and self._busy <= 1 and not self._queued:
                 self._notify_idle()
         if self._closed:
             # The slot was handed over just before shutdown began: the call has
@@ -144,7 +144,9 @@ class AbstractExecutor(ABC):
                 waiter.set_result(None)  # the slot moves to the waiter, busy unchanged
                 return
         self._busy -= 1
-        if not self._busy and not self._queued:
+        # <= 1, not == 0: shutdown() called from inside a call waits for
+        # everything but its own slot (see _slots_held_by_current_task).
+        if self._idle_waiters and self._busy <= 1 and not self._queued:
             self._notify_idle()
 
     def _notify_idle(self) -> None:
@@ -153,8 +155,8 @@ class AbstractExecutor(ABC):
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _wait_idle(self) -> None:
-        while self._busy or self._queued:
+    async def _wait_idle(self, own_slots: int = 0) -> None:
+        while self._busy > own_slots or self._queued:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(waiter)
             await waiter
@@ -182,7 +184,7 @@ class AbstractExecutor(ABC):
         """Resolve ``func`` (a task name or a registered function) and :meth:`submit` it."""
         return await self.submit(self.registry.resolve(func), *args, **kwargs)
 
-    async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def drain(self, timeout: float | None = None) -> bool:
         """Wait until no call runs or waits; ``False`` if ``timeout`` passed first.
 
         New calls are still accepted meanwhile (a graceful drain stops the
@@ -203,7 +205,12 @@ class AbstractExecutor(ABC):
         self._closed = True
         self._fail_waiters()
         await self._stop_running()
-        await self._wait_idle()
+        # A task function may shut its own executor down: do not wait for it.
+        await self._wait_idle(self._slots_held_by_current_task())
+
+    def _slots_held_by_current_task(self) -> int:
+        """Slots held by the task calling us (only AsyncExecutor runs calls in it)."""
+        return 0
 
     @abstractmethod
     async def _stop_running(self) -> None:

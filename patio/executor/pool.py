@@ -58,7 +58,7 @@ _child_registry: Registry | None = None
 
 
 def _init_child(registry: Registry) -> None:
-    global _child_registry  # noqa: PLW0603 - per-process state set by the pool initializer
+    global _child_registry
     _child_registry = registry
 
 
