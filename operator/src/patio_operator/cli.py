@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
 
 import kopf
 
-from patio_operator import desired, handlers, kube, metrics, names
+from patio_operator import desired, handlers, kube, metrics, names, resync
 from patio_operator.reconciler import Config, Reconciler
 from patio_operator.rotation import MODES
 
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rotation_tick_seconds=args.rotation_tick_seconds,
     )
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube.Kube(), config, handlers._emit)
+    reconciler = Reconciler(kube.Kube(), config, handlers.emit)
     handlers.register(registry, reconciler)
 
     settings = kopf.OperatorSettings()
@@ -133,8 +134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics.serve(args.metrics_port)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
-    asyncio.run(
-        kopf.operator(
+    asyncio.run(_run(reconciler, registry, settings, namespaces, liveness))
+    return 0
+
+
+async def _run(
+    reconciler: Reconciler,
+    registry: kopf.OperatorRegistry,
+    settings: kopf.OperatorSettings,
+    namespaces: list[str],
+    liveness: str | None,
+) -> None:
+    """kopf's watch loops plus the periodic resync; either ending stops both."""
+    resync_task = asyncio.create_task(resync.resync_forever(reconciler, namespaces))
+    try:
+        await kopf.operator(
             registry=registry,
             settings=settings,
             standalone=True,
@@ -142,5 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             namespaces=namespaces,
             liveness_endpoint=liveness,
         )
-    )
-    return 0
+    finally:
+        resync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resync_task

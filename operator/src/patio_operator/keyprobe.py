@@ -1,4 +1,4 @@
-"""Reading the key set a worker reports on its /metrics endpoint.
+"""Reading the key a worker presents, from its /metrics endpoint.
 
 Parsing is a pure function over the Prometheus text format; the fetch is a
 plain blocking HTTP GET with a short timeout (the reconciler runs in kopf's
@@ -20,14 +20,8 @@ _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 FETCH_TIMEOUT_SECONDS = 2.0
 
 
-def key_set_report(metrics_text: str) -> str | None:
-    """A canonical string for the key set the worker reports, or None.
-
-    Every non-zero `patio_auth_keys_info` sample counts; its labels (e.g.
-    `primary="<fingerprint>"`) are sorted and joined, so two workers holding
-    the same keys produce the same string whatever the label order.
-    """
-    found: list[str] = []
+def primary_fingerprint(metrics_text: str) -> str | None:
+    """The `primary` label of the worker's `patio_auth_keys_info` gauge, or None."""
     for line in metrics_text.splitlines():
         if not line.startswith(METRIC):
             continue
@@ -39,11 +33,10 @@ def key_set_report(metrics_text: str) -> str | None:
                 continue
         except ValueError:
             continue
-        labels = sorted(_LABEL.findall(m.group("labels") or ""))
-        found.append(",".join(f"{k}={v}" for k, v in labels))
-    if not found:
-        return None
-    return ";".join(sorted(found))
+        labels = dict(_LABEL.findall(m.group("labels") or ""))
+        if labels.get("primary"):
+            return str(labels["primary"])
+    return None
 
 
 def fetch_report(ip: str, port: int) -> str | None:
@@ -56,4 +49,4 @@ def fetch_report(ip: str, port: int) -> str | None:
             text = resp.read(4 * 1024 * 1024).decode("utf-8", "replace")
     except (OSError, urllib.error.URLError, ValueError):
         return None
-    return key_set_report(text)
+    return primary_fingerprint(text)

@@ -89,11 +89,22 @@ class Kube:
                 return None
             raise
 
-    def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[Obj]:
+    def list_objects(self, api_version: str, kind: str, namespace: str, selector: str) -> list[Obj]:
         out = self._call(
             "GET", path(api_version, kind, namespace), query=[("labelSelector", selector)]
         )
         return list(out.get("items") or [])
+
+    def list_clusters(self, namespaces: list[str]) -> list[Obj]:
+        """PatioClusters in the given namespaces (all namespaces when empty)."""
+        if not namespaces:
+            out = self._call("GET", f"/apis/{names.API_VERSION}/{names.PLURAL}")
+            return list(out.get("items") or [])
+        items: list[Obj] = []
+        for ns in namespaces:
+            out = self._call("GET", path(names.API_VERSION, names.KIND, ns))
+            items.extend(out.get("items") or [])
+        return items
 
     def apply(self, obj: Obj) -> Obj:
         """Server-side apply with force: the operator owns the fields it sets."""

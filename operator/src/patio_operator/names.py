@@ -32,9 +32,6 @@ ROTATION_PHASE_ANNOTATION = "patio.dev/rotation-phase"
 ROTATION_TOKEN_ANNOTATION = "patio.dev/rotation-token"
 ROTATION_SINCE_ANNOTATION = "patio.dev/rotation-since"
 KEY_GENERATION_ANNOTATION = "patio.dev/key-generation"
-#: Fingerprints the workers reported before the current rotation step, so
-#: the step is confirmed when every worker reports something else.
-ROTATION_BASELINE_ANNOTATION = "patio.dev/rotation-baseline"
 
 # Keys inside the auth Secret and where the workers find them.
 KEY_ITEM = "key"

@@ -114,7 +114,9 @@ class Reconciler:
 
     def list_pods(self, cluster: Obj) -> list[peers.PodView]:
         meta = cluster["metadata"]
-        items = self.kube.list("v1", "Pod", meta["namespace"], names.selector_string(meta["name"]))
+        items = self.kube.list_objects(
+            "v1", "Pod", meta["namespace"], names.selector_string(meta["name"])
+        )
         return [peers.pod_view(p) for p in items]
 
     # -- the full pass -------------------------------------------------------

@@ -12,18 +12,23 @@ all written to the one auth Secret the workers mount (`key`, `next-key`):
 
 A step is only taken once the previous one has reached every worker, else a
 worker that already presents B would be refused by one that does not accept
-it yet. "Reached" is decided by `confirmed`:
+it yet. "Reached" is decided by `confirmed`. Workers expose only the
+fingerprint of the key they *present* (`patio_auth_keys_info{primary=...}`),
+so in mode ``metrics`` (the default):
 
-- mode ``metrics`` (default): every *ready* worker's `/metrics` reports its
-  key set (`patio_auth_keys_info` labels); the step is confirmed when all of
-  them report the same set and it differs from every set seen before the
-  step (the baseline). That needs no knowledge of how the worker computes
-  its fingerprint, only that a new key set reads differently. If no worker
-  exposes the gauge at all (an older worker), the step falls back to the
-  settle time; if only some do, it waits.
-- mode ``settle``: wait a fixed time per step, long enough for the kubelet
-  to refresh mounted Secrets (its sync period plus cache TTL, ~1-2 minutes
-  by default).
+- Accepting -> Presenting: that workers accept B is not observable, so the
+  step waits the settle time (the kubelet's refresh of mounted Secrets: its
+  sync period plus cache TTL, about a minute by default) and that every
+  ready worker is still reachable and presenting A;
+- Presenting -> Retiring: observable, and the one that matters: every ready
+  worker must report fingerprint(B) before A stops being accepted;
+- Retiring -> Idle: the settle time again (dropping A is not observable),
+  plus every ready worker reporting fingerprint(B).
+
+A worker that is not ready is not waited for: it is not in anyone's
+rotation of calls, and when it (re)starts it reads the Secret as it is then.
+Mode ``settle`` skips the metrics and waits the settle time per step, for
+workers whose metrics the operator cannot reach (e.g. a NetworkPolicy).
 
 The state is kept in the Secret's annotations, written in the same request
 as the keys, so an operator restarted at any point resumes the right step.
@@ -31,7 +36,7 @@ as the keys, so an operator restarted at any point resumes the right step.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -59,8 +64,6 @@ class KeyState:
     #: When the current step was written (ISO 8601, UTC).
     since: str = ""
     generation: int = 1
-    #: Key-set reports seen before the current step was written.
-    baseline: tuple[str, ...] = ()
 
     def data(self) -> dict[str, str]:
         """Secret items (plain text; the caller base64-encodes)."""
@@ -75,7 +78,6 @@ class KeyState:
             names.ROTATION_TOKEN_ANNOTATION: self.token,
             names.ROTATION_SINCE_ANNOTATION: self.since,
             names.KEY_GENERATION_ANNOTATION: str(self.generation),
-            names.ROTATION_BASELINE_ANNOTATION: json.dumps(list(self.baseline)),
         }
 
 
@@ -91,12 +93,6 @@ def from_secret(data: Mapping[str, str], annotations: Mapping[str, str]) -> KeyS
         generation = int(annotations.get(names.KEY_GENERATION_ANNOTATION, "1"))
     except ValueError:
         generation = 1
-    try:
-        baseline = tuple(
-            str(b) for b in json.loads(annotations.get(names.ROTATION_BASELINE_ANNOTATION, "[]"))
-        )
-    except (ValueError, TypeError):
-        baseline = ()
     return KeyState(
         key=key,
         next_key=data.get(names.NEXT_KEY_ITEM) or None,
@@ -104,7 +100,6 @@ def from_secret(data: Mapping[str, str], annotations: Mapping[str, str]) -> KeyS
         token=annotations.get(names.ROTATION_TOKEN_ANNOTATION, ""),
         since=annotations.get(names.ROTATION_SINCE_ANNOTATION, ""),
         generation=generation,
-        baseline=baseline,
     )
 
 
@@ -124,6 +119,15 @@ def parse_iso(text: str) -> datetime | None:
         return None
 
 
+def fingerprint(key: str) -> str:
+    """The worker's fingerprint of a key (patio.proto.connection.KeySet.fingerprint).
+
+    Repeated here rather than imported so the operator does not depend on a
+    private class of the library; tests/operator pins the two together.
+    """
+    return hashlib.sha256(b"patio-key-fingerprint:" + key.encode("utf-8")).hexdigest()[:12]
+
+
 def confirmed(
     state: KeyState,
     reports: Mapping[str, str | None],
@@ -131,33 +135,32 @@ def confirmed(
     mode: str,
     settle_seconds: float,
 ) -> tuple[bool, str]:
-    """Whether the current step has reached every ready worker, and why (not)."""
+    """Whether the current step has reached every ready worker, and why (not).
+
+    `reports` maps each ready worker to the primary fingerprint it reports
+    (None when its /metrics could not be read).
+    """
     since = parse_iso(state.since)
     elapsed = (now - since) if since else timedelta(seconds=settle_seconds)
     settled = elapsed >= timedelta(seconds=settle_seconds)
+    waiting = f"waiting for the settle time ({settle_seconds:g}s)"
     if mode == "settle":
-        return settled, ("settle time elapsed" if settled else "waiting for the settle time")
+        return settled, ("settle time elapsed" if settled else waiting)
+    needs_settle = state.phase in (ACCEPTING, RETIRING)
+    if needs_settle and not settled:
+        return False, waiting
     if not reports:
         return True, "no ready worker to wait for"
-    values = list(reports.values())
-    if all(not v for v in values):
-        # Workers without the gauge: the only safe thing left is to wait.
-        return settled, "workers expose no key-set gauge; " + (
-            "settle time elapsed" if settled else "waiting for the settle time"
+    if all(v is None for v in reports.values()):
+        # No worker's metrics readable at all: fall back to time alone.
+        return settled, "no worker metrics readable; " + (
+            "settle time elapsed" if settled else waiting
         )
-    missing = sorted(pod for pod, v in reports.items() if not v)
-    if missing:
-        return False, f"no key-set report from {', '.join(missing)}"
-    distinct = set(values)
-    if len(distinct) != 1:
-        return False, f"workers report {len(distinct)} different key sets"
-    (value,) = distinct
-    if value in state.baseline:
-        return False, "workers still report the previous key set"
-    if not state.baseline and not settled:
-        # Nothing to compare with: a uniform report could still be the old set.
-        return False, "no baseline report; waiting for the settle time"
-    return True, "every ready worker reports the new key set"
+    expected = fingerprint(state.key)
+    behind = sorted(pod for pod, fp in reports.items() if fp != expected)
+    if behind:
+        return False, f"waiting for {', '.join(behind)} to present key {expected}"
+    return True, f"every ready worker presents key {expected}"
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,6 @@ def advance(
     finishes, records its own token, and the next evaluation sees the newer
     token differ and starts another rotation.
     """
-    baseline = tuple(sorted({v for v in reports.values() if v}))
     stamp = iso(now)
     if state.phase == IDLE:
         if requested_token and requested_token != state.token:
@@ -196,28 +198,30 @@ def advance(
                 phase=ACCEPTING,
                 token=requested_token,
                 since=stamp,
-                baseline=baseline,
             )
             return Step(nxt, "step 1: workers accept the new key", "RotationStarted")
         return Step(None, "no rotation requested")
+    if state.phase == ACCEPTING and not state.next_key:
+        # A hand-edited Secret lost the new key before anyone presented it.
+        return Step(
+            replace(state, next_key=new_key(), since=stamp),
+            "next-key missing; step 1 again",
+            "RotationRestarted",
+        )
     ok, why = confirmed(state, reports, now, mode, settle_seconds)
     if not ok:
         return Step(None, why)
-    if state.phase == ACCEPTING:
-        if not state.next_key:  # hand-edited Secret lost the new key: start over
-            nxt = replace(state, next_key=new_key(), since=stamp, baseline=baseline)
-            return Step(nxt, "next-key missing; step 1 again", "RotationRestarted")
+    if state.phase == ACCEPTING and state.next_key:
         nxt = replace(
             state,
             key=state.next_key,
             next_key=state.key,
             phase=PRESENTING,
             since=stamp,
-            baseline=baseline,
         )
         return Step(nxt, f"step 2: workers present the new key ({why})", "RotationPresenting")
     if state.phase == PRESENTING:
-        nxt = replace(state, next_key=None, phase=RETIRING, since=stamp, baseline=baseline)
+        nxt = replace(state, next_key=None, phase=RETIRING, since=stamp)
         return Step(nxt, f"step 3: the old key is refused ({why})", "RotationRetiring")
-    nxt = replace(state, phase=IDLE, since=stamp, baseline=(), generation=state.generation + 1)
+    nxt = replace(state, phase=IDLE, since=stamp, generation=state.generation + 1)
     return Step(nxt, f"rotation complete ({why})", "RotationCompleted")

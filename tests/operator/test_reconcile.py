@@ -1,0 +1,275 @@
+"""The Reconciler against an in-memory API: level-based, idempotent, restartable.
+
+The fake stores plain dicts and bumps resourceVersion on every write, which
+is all the reconciler relies on; the real API server is exercised by
+test_operator_on_kube.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiException
+from operator_factories import cluster, pod
+from patio_operator import desired, peers, rotation
+from patio_operator.reconciler import Config, Reconciler
+
+Obj = dict[str, Any]
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], Obj] = {}
+        self.rv = itertools.count(1)
+        self.writes: list[tuple[str, str, str]] = []
+        self.missing_kinds: set[str] = set()
+
+    def _key(self, kind: str, ns: str, name: str) -> tuple[str, str, str]:
+        return (kind, ns, name)
+
+    def _store(self, obj: Obj, verb: str) -> Obj:
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(next(self.rv))
+        key = self._key(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        self.objects[key] = obj
+        self.writes.append((verb, obj["kind"], obj["metadata"]["name"]))
+        return copy.deepcopy(obj)
+
+    def get(self, api_version: str, kind: str, ns: str, name: str) -> Obj | None:
+        obj = self.objects.get(self._key(kind, ns, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def list_objects(self, api_version: str, kind: str, ns: str, selector: str) -> list[Obj]:
+        return []
+
+    def apply(self, obj: Obj) -> Obj:
+        if obj["kind"] in self.missing_kinds:
+            raise ApiException(status=404, reason="Not Found")
+        old = self.get(
+            obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        )
+        if old is not None:
+            merged = copy.deepcopy(obj)
+            merged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            if "status" in old:
+                merged["status"] = old["status"]
+            if merged == old:
+                return old  # the API server does not write a no-op apply
+        return self._store(obj, "apply")
+
+    def create(self, obj: Obj) -> Obj:
+        if self.get(
+            obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        ):
+            raise ApiException(status=409, reason="AlreadyExists")
+        return self._store(obj, "create")
+
+    def replace(self, obj: Obj) -> Obj:
+        old = self.objects.get(
+            self._key(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        )
+        if old is None:
+            raise ApiException(status=404, reason="Not Found")
+        if old["metadata"]["resourceVersion"] != obj["metadata"].get("resourceVersion"):
+            raise ApiException(status=409, reason="Conflict")
+        return self._store(obj, "replace")
+
+    def delete(self, api_version: str, kind: str, ns: str, name: str) -> bool:
+        if kind in self.missing_kinds:
+            raise ApiException(status=404, reason="Not Found")
+        return self.objects.pop(self._key(kind, ns, name), None) is not None
+
+    def patch_status(self, ns: str, name: str, status: Obj) -> Obj:
+        self.writes.append(("status", "PatioCluster", name))
+        self.status = copy.deepcopy(status)
+        return {}
+
+    def secret_data(self, name: str = "demo-auth") -> dict[str, str]:
+        obj = self.objects[("Secret", "ns1", name)]
+        return {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Harness:
+    def __init__(self, mode: str = "metrics") -> None:
+        self.kube = FakeKube()
+        self.clock = Clock()
+        self.events: list[tuple[str, str, str]] = []
+        self.reports: dict[str, str | None] = {}
+        counter = itertools.count(1)
+        self.rec = Reconciler(
+            self.kube,  # type: ignore[arg-type]
+            Config(
+                settings=desired.Settings(default_image="img:1"),
+                rotation_mode=mode,
+                settle_seconds=30,
+            ),
+            lambda body, t, reason, msg: self.events.append((t, reason, msg)),
+            clock=self.clock,
+            make_key=lambda: f"key-{next(counter)}",
+            probe=lambda ip, port: self.reports.get(ip),
+        )
+        self.pods = [
+            peers.pod_view(pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True)) for i in range(3)
+        ]
+
+    def run(self, c: Obj) -> Obj:
+        st = self.rec.reconcile(c, self.pods)
+        c["status"] = st  # what the API server now holds
+        return st
+
+
+def test_first_pass_creates_everything_owned_and_writes_status() -> None:
+    h = Harness()
+    c = cluster()
+    st = h.run(c)
+    kinds = sorted(k for k, _, _ in h.kube.objects)
+    assert kinds == [
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
+    data = h.kube.secret_data()
+    assert data == {"key": "key-1"}
+    cm = h.kube.objects[("ConfigMap", "ns1", "demo-peers")]
+    assert peers.parse(cm["data"]["peers"]) == [f"10.0.0.{i}:15383" for i in (1, 2, 3)]
+    assert st["keyGeneration"] == 1 and st["peers"] == 3
+    assert ("Normal", "AuthKeyCreated") in [(t, r) for t, r, _ in h.events]
+
+
+def test_second_pass_writes_nothing() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    before = list(h.kube.writes)
+    h.run(c)
+    assert h.kube.writes == before
+
+
+def test_restarted_operator_creates_no_duplicates_and_keeps_the_key() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    key = h.kube.secret_data()["key"]
+    # A new Reconciler (fresh process) over the same API state.
+    h2 = Harness()
+    h2.kube = h.kube
+    h2.rec.kube = h.kube  # type: ignore[assignment]
+    writes = len(h.kube.writes)
+    h2.run(c)
+    assert h.kube.secret_data()["key"] == key
+    assert len(h.kube.writes) == writes
+
+
+def test_deleted_generated_secret_gets_a_new_key_and_generation() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    del h.kube.objects[("Secret", "ns1", "demo-auth")]
+    st = h.run(c)
+    assert h.kube.secret_data()["key"] == "key-2"
+    assert st["keyGeneration"] == 2
+    assert ("Warning", "AuthKeyRegenerated") in [(t, r) for t, r, _ in h.events]
+
+
+def test_hand_edited_statefulset_is_reapplied() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    sts = h.kube.objects[("StatefulSet", "ns1", "demo")]
+    sts["spec"]["replicas"] = 9
+    h.run(c)
+    assert h.kube.objects[("StatefulSet", "ns1", "demo")]["spec"]["replicas"] == 3
+
+
+def test_rotation_across_passes() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    fp = rotation.fingerprint
+    h.reports = {p.ip: fp("key-1") for p in h.pods}
+    c["spec"]["auth"] = {"rotation": "2026-11"}
+    st = h.run(c)
+    assert h.kube.secret_data() == {"key": "key-1", "next-key": "key-2"}
+    assert st["rotation"]["phase"] == "Accepting"
+    assert any(c_["reason"] == "RotatingKey" for c_ in st["conditions"])
+
+    h.clock.now += timedelta(seconds=31)
+    h.run(c)
+    assert h.kube.secret_data() == {"key": "key-2", "next-key": "key-1"}
+
+    h.clock.now += timedelta(seconds=31)
+    h.run(c)  # workers still present key-1: A stays accepted
+    assert h.kube.secret_data() == {"key": "key-2", "next-key": "key-1"}
+    h.reports = {p.ip: fp("key-2") for p in h.pods}
+    h.run(c)
+    assert h.kube.secret_data() == {"key": "key-2"}
+    h.clock.now += timedelta(seconds=31)
+    st = h.run(c)
+    assert st["rotation"]["phase"] == "Idle"
+    assert st["keyGeneration"] == 2
+    reasons = [r for _, r, _ in h.events]
+    for r in ("RotationStarted", "RotationPresenting", "RotationRetiring", "RotationCompleted"):
+        assert r in reasons
+
+
+def test_concurrent_secret_writer_conflicts_instead_of_forking_keys() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    c["spec"]["auth"] = {"rotation": "x"}
+    real_get = h.kube.get
+
+    def stale_get(api_version: str, kind: str, ns: str, name: str) -> Obj | None:
+        obj = real_get(api_version, kind, ns, name)
+        if obj and kind == "Secret":
+            obj["metadata"]["resourceVersion"] = "0"  # someone wrote after our read
+        return obj
+
+    h.kube.get = stale_get  # type: ignore[method-assign]
+    with pytest.raises(ApiException) as err:
+        h.rec.reconcile(c, h.pods)
+    assert err.value.status == 409
+    assert h.kube.secret_data() == {"key": "key-1"}
+
+
+def test_missing_existing_secret_and_missing_servicemonitor_crd_are_degraded() -> None:
+    h = Harness()
+    h.kube.missing_kinds.add("ServiceMonitor")
+    c = cluster(auth={"existingSecret": "nope"}, metrics={"serviceMonitor": True})
+    st = h.run(c)
+    degraded = next(x for x in st["conditions"] if x["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ReconcileError"
+    assert "existingSecret 'nope' not found" in degraded["message"]
+    assert "monitoring.coreos.com" in degraded["message"]
+    assert ("Secret", "ns1", "demo-auth") not in h.kube.objects  # never generated
+    assert ("StatefulSet", "ns1", "demo") in h.kube.objects
+
+
+def test_pod_events_republish_peers_without_touching_other_objects() -> None:
+    h = Harness()
+    c = cluster()
+    h.run(c)
+    writes = len(h.kube.writes)
+    moved = [*h.pods[:2], peers.pod_view(pod("demo-2", "10.0.0.9", ready=False))]
+    st = h.rec.pods_changed(c, moved)
+    new_writes = h.kube.writes[writes:]
+    assert [w[1] for w in new_writes] == ["ConfigMap", "PatioCluster"]
+    cm = h.kube.objects[("ConfigMap", "ns1", "demo-peers")]
+    assert "10.0.0.9:15383" in peers.parse(cm["data"]["peers"])
+    assert st["readyReplicas"] == 2
