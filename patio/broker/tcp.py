@@ -318,6 +318,7 @@ class TCPBroker(AbstractBroker):
             for task in peer.serving.values():
                 task.cancel()
                 tasks.append(task)
+            self._send_goodbye(peer)
             peer.link.close("broker closed")
         self._wake_all()
         if tasks:
@@ -561,7 +562,7 @@ class TCPBroker(AbstractBroker):
             peer.retire_timer.cancel()
         if self._by_node.get(peer.node_id) is peer:
             del self._by_node[peer.node_id]
-            if not self._closing and not (peer.draining or self.draining):
+            if not (self._closing or peer.draining or self.draining or peer.goodbye_received):
                 log.warning("lost connection to %s: %s", peer.node_id, reason)
             else:
                 log.info("disconnected from %s: %s", peer.node_id, reason)

@@ -1,0 +1,10 @@
+from patio import Registry
+
+rpc = Registry(project="example")
+
+
+def mul(a, b):
+    return a * b
+
+
+rpc["mul"] = mul

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: system packages, virtualenv,
+# the Kubernetes test control plane, lint, type check, tests.
+#   bash scripts/test.sh              # everything
+#   bash scripts/test.sh -k mesh      # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+started=$(date +%s)
+step() { printf '\n==> %s (%ss)\n' "$1" "$(( $(date +%s) - started ))"; }
+
+step "system packages"
+need=()
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need+=(golang-go)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The Debian package starts a system Prometheus; the tests start their own.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop prometheus 2>/dev/null || true; fi
+pkill -x prometheus 2>/dev/null || true
+export PATH="/usr/local/go/bin:$PATH"
+
+step "virtualenv"
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev,worker,kubernetes]"
+
+if [ -f hack/k8s/build.sh ]; then
+    step "Kubernetes test control plane (built from Go modules, cached)"
+    bash hack/k8s/build.sh
+fi
+
+step "ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+step "mypy"
+.venv/bin/mypy
+step "import layers"
+.venv/bin/lint-imports
+
+step "pytest"
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+status=$?
+set -e
+if [ $status -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure here" >&2
+    status=1
+fi
+step "done (pytest exit $status)"
+leftover=$(pgrep -f "$root/.venv/bin/" | grep -v "^$$\$" || true)
+if [ -n "$leftover" ]; then
+    echo "processes left behind by the tests:" >&2
+    ps -o pid,args -p $leftover >&2 || true
+    status=1
+fi
+exit $status
