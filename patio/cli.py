@@ -12,18 +12,17 @@ Bad usage exits 2 with one line on stderr naming the problem.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
+import importlib.util
 import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
+from patio.worker.aio import run_async
 from patio.worker.config import ConfigError, add_worker_arguments, config_from_namespace
-
-T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -101,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the cluster up after the workload until Ctrl-C",
     )
     local.add_argument("--no-workload", action="store_true", help="start the cluster only")
+    local.add_argument(
+        "--event-loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop of the workers and the caller (default auto: uvloop if installed)",
+    )
 
     sub.add_parser("keygen", help="print a new random key (for --key-file or a Secret)")
 
@@ -134,8 +139,10 @@ def run_worker_command(ns: argparse.Namespace) -> int:
 
     config = config_from_namespace(ns, os.environ)
     setup_logging(config.log_level, config.log_format)
+    if config.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("--event-loop uvloop: uvloop is not installed (pip install uvloop)")
     try:
-        return run_async(run_worker(config), use_uvloop=True)
+        return run_async(run_worker(config), event_loop=config.event_loop)
     except ConfigError:
         raise
     except KeyboardInterrupt:
@@ -157,7 +164,9 @@ def run_call_command(ns: argparse.Namespace) -> int:
         timeout=ns.timeout,
         retryable=ns.retryable,
     )
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The broker logs each failed dial attempt; a one-off call reports the
+    # outcome once, on its own line, so only errors get through.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     return run_call(request)
 
 
@@ -181,6 +190,7 @@ def run_local_command(ns: argparse.Namespace) -> int:
         executor=ns.executor,
         registry=ns.registry,
         keep_running=ns.keep_running,
+        event_loop=ns.event_loop,
     )
     return run_local(options)
 
@@ -214,20 +224,6 @@ def run_operator(argv: list[str]) -> int:
         return EXIT_CONFIG
     result: object = entry(argv)
     return int(result) if isinstance(result, int) else EXIT_OK
-
-
-def run_async(coro: Coroutine[Any, Any, T], *, use_uvloop: bool) -> T:
-    """Run ``coro`` on uvloop when it is installed (about twice the throughput)."""
-    loop_factory = None
-    if use_uvloop:
-        try:
-            import uvloop  # noqa: PLC0415 - loaded on use, keeps start-up fast
-
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

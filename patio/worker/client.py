@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from patio.errors import PeerConnectionError
+from patio.broker import TCPClientBroker
 from patio.executor import NullExecutor
 from patio.registry import Registry
 from patio.worker.config import ConfigError, parse_peer_address
@@ -94,34 +94,25 @@ def describe_error(exc: BaseException) -> str:
 
 
 async def call_once(request: CallRequest) -> Any:
-    """Join the mesh as a caller, make the call, leave. Raises what the call raised."""
-    from patio.broker import TCPMeshBroker  # noqa: PLC0415 - the broker lands separately
+    """Connect as a caller that serves nothing, make the call, leave.
 
+    A client (not a mesh member) is what a one-off caller is: the worker it
+    dials forwards the call to the best member if it is busier than another.
+    Raises what the call raised.
+    """
     host, port = request.peer
     async with NullExecutor(Registry()) as executor:
-        broker = TCPMeshBroker(executor, key=request.key, allow_empty_key=True)
+        broker = TCPClientBroker(
+            executor,
+            key=request.key,
+            allow_empty_key=True,
+            connect_timeout=min(CONNECT_TIMEOUT, request.timeout),
+        )
         async with broker:
-            broker.add_peer(host, port)
-            await _wait_connected(broker, min(CONNECT_TIMEOUT, request.timeout))
+            await broker.connect(host, port)
             return await broker.call(
                 request.task, *request.args, timeout=request.timeout, retryable=request.retryable
             )
-
-
-async def _wait_connected(broker: Any, limit: float) -> None:
-    """Wait for a serving peer, so the call does not fail as "no route" while dialling."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while loop.time() < deadline:
-        if any(getattr(p, "connected", False) for p in broker.peers()):
-            return
-        await asyncio.sleep(0.01)
-    stats = broker.stats
-    reasons = ", ".join(f"{r} x{n}" for r, n in stats.handshake_failures.items())
-    raise PeerConnectionError(
-        "no connection within "
-        f"{limit:g}s" + (f" (handshake failures: {reasons})" if reasons else "")
-    )
 
 
 def run_call(request: CallRequest, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

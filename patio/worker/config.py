@@ -28,6 +28,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 EXECUTOR_KINDS = ("async", "thread", "process", "null")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("plain", "json")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -76,6 +77,7 @@ class WorkerConfig:
     log_level: str = "info"
     log_format: str = "plain"
     allow_empty_key: bool = False
+    event_loop: str = "auto"
 
     @property
     def tls_enabled(self) -> bool:
@@ -131,6 +133,11 @@ OPTIONS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--log-level", "PATIO_LOG_LEVEL", "debug|info|warning|error (default info)"),
     ("--log-format", "PATIO_LOG_FORMAT", "plain|json (default plain)"),
+    (
+        "--event-loop",
+        "PATIO_EVENT_LOOP",
+        "auto|uvloop|asyncio (default auto: uvloop when it is installed)",
+    ),
 )
 BOOLEAN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--allow-empty-key", "PATIO_ALLOW_EMPTY_KEY", "permit an empty key on a non-loopback address"),
@@ -278,6 +285,10 @@ def config_from_namespace(
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"--log-format must be plain or json, not {log_format!r}")
 
+    event_loop = (pick("--event-loop", "PATIO_EVENT_LOOP") or "auto").lower()
+    if event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"--event-loop must be auto, uvloop or asyncio, not {event_loop!r}")
+
     if flags.get("allow_empty_key"):
         allow_empty_key = True
     else:
@@ -312,6 +323,7 @@ def config_from_namespace(
         log_level=log_level,
         log_format=log_format,
         allow_empty_key=allow_empty_key,
+        event_loop=event_loop,
     )
 
 

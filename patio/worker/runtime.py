@@ -32,9 +32,11 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import prometheus_client
+
 from patio import executor as executors
+from patio.broker import TCPMeshBroker
 from patio.registry import Registry
-from patio.worker import peers as worker_peers
 from patio.worker.config import ConfigError, PeerAddress, WorkerConfig
 from patio.worker.files import watch_files
 from patio.worker.health import HealthServer, Heartbeat, Readiness, readiness
@@ -44,9 +46,6 @@ from patio.worker.peers import PeersFileError, read_peers_file
 log = logging.getLogger("patio.worker")
 
 LIVENESS_STALE_AFTER = 5.0
-SOURCE_STATIC = "static"
-SOURCE_FILE = "file"
-SOURCE_DNS = "dns"
 
 
 def patio_version() -> str:
@@ -191,19 +190,7 @@ def make_executor(kind: str, registry: Any, max_workers: int | None) -> Any:
 
 
 def _default_broker_factory(executor: Any, **kwargs: Any) -> Any:
-    from patio.broker import TCPMeshBroker  # noqa: PLC0415 - the broker lands separately
-
     return TCPMeshBroker(executor, **kwargs)
-
-
-def _membership_watchers() -> tuple[Callable[..., Any], Callable[..., Any], bool]:
-    """The lead's watchers when the broker package has them, else the worker's own."""
-    try:
-        from patio.broker import membership  # noqa: PLC0415 - optional module
-
-        return membership.watch_file, membership.watch_dns, True
-    except (ImportError, AttributeError):
-        return worker_peers.watch_file, worker_peers.watch_dns, False
 
 
 def format_address(host: str, port: int) -> str:
@@ -264,6 +251,9 @@ class Worker:
 
     async def run(self) -> int:
         config = self.config
+        # `_created` series double every counter and histogram on the page and
+        # nothing here uses them.
+        prometheus_client.disable_created_metrics()
         registry, key, accepted, server_ctx, client_ctx, file_peers = self.preflight()
         self.executor = make_executor(config.executor, registry, config.max_workers)
         async with self.executor:
@@ -376,47 +366,21 @@ class Worker:
             own.add((str(host), int(port)))
         return {peer for peer in peers if peer not in own}
 
-    def _set_peers(self, source: str, peers: Iterable[PeerAddress]) -> None:
-        self.broker.set_peers(source, self._not_self(peers))
-
     def _start_membership(self, file_peers: frozenset[PeerAddress]) -> None:
+        """Static peers directly; the peers file and DNS through the broker's watchers
+        (patio.broker.membership), which keep the last good set when a source breaks."""
         config = self.config
+        broker = self.broker
         for host, port in sorted(self._not_self(config.peers)):
-            self.broker.add_peer(host, port)
-        watch_file, watch_dns, from_broker = _membership_watchers()
+            broker.add_peer(host, port)
         if config.peers_file is not None:
-            self._set_peers(SOURCE_FILE, file_peers)
-
-            def on_file(peers: Iterable[PeerAddress]) -> None:
-                self._set_peers(SOURCE_FILE, peers)
-
-            if from_broker:
-                result = watch_file(config.peers_file, on_file)
-            else:
-                result = watch_file(
-                    config.peers_file, on_file, default_port=config.port, initial=file_peers
-                )
-            self._adopt(result, "patio-peers-file")
+            # Checked at start-up already; hand the set over now so dialling
+            # starts before the watcher's first poll.
+            broker.set_peers(f"file:{config.peers_file}", self._not_self(file_peers))
+            broker.watch_peers_file(config.peers_file, default_port=config.port)
         if config.peers_dns is not None:
             name, port = config.peers_dns
-
-            def on_dns(peers: Iterable[PeerAddress]) -> None:
-                self._set_peers(SOURCE_DNS, peers)
-
-            self._adopt(watch_dns(name, port, on_dns), "patio-peers-dns")
-
-    def _adopt(self, result: Any, name: str) -> None:
-        """Run a watcher whether it is a coroutine, a task, or an object to close."""
-        if inspect.iscoroutine(result):
-            self._spawn(result, name)
-        elif isinstance(result, asyncio.Future):
-            self._tasks.append(result)
-        elif result is not None:
-            for method in ("aclose", "close", "stop", "cancel"):
-                if hasattr(result, method):
-                    closer = getattr(result, method)
-                    self._cleanups.append(closer)
-                    break
+            broker.watch_dns(name, port)
 
     # -- reloads -----------------------------------------------------------------
 

@@ -1,0 +1,594 @@
+"""``patio local``: a mesh of worker processes on this machine, and a demo workload.
+
+What it does, in order:
+
+1. Generates a key into a private temporary directory (file mode 0600) and
+   starts N ``python -m patio worker`` processes, each on its own loopback
+   address (127.0.0.1, 127.0.0.2, ... on Linux, where all of 127/8 is local;
+   elsewhere 127.0.0.1 with one port each), every worker given all the others
+   as static peers, exactly as pods get them from the operator.
+2. Waits until every worker answers ``/readyz`` with 200.
+3. Joins the mesh itself as a caller (NullExecutor: it serves nothing) and runs
+   the workload from ``examples/local/workload.py`` against the demo tasks in
+   ``examples/local/demo_tasks.py``, with a progress line when it takes a while.
+4. Prints results per task, throughput and latency percentiles, the metrics
+   URLs, and a summary scraped from each worker's ``/metrics``.
+5. Stops everything: SIGTERM to each worker (graceful drain), then SIGKILL to
+   each worker's process group for anything still alive. Workers run in their
+   own sessions so a Ctrl-C in the terminal reaches only this process, which
+   then stops them in order; the ``finally`` makes sure no process outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from patio.broker import TCPMeshBroker
+from patio.executor import NullExecutor
+from patio.registry import Registry
+from patio.worker.aio import run_async
+from patio.worker.client import describe_error, to_json
+from patio.worker.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
+
+READY_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+CALL_TIMEOUT = 30.0
+PROGRESS_INTERVAL = 0.5
+DEMO_REGISTRY = "demo_tasks:rpc"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOptions:
+    workers: int = 3
+    calls: int | None = 1000
+    duration: float | None = None
+    concurrency: int = 64
+    executor: str = "async"
+    registry: str | None = None
+    keep_running: bool = False
+    event_loop: str = "auto"
+
+
+@dataclass(slots=True)
+class LocalWorker:
+    index: int
+    node_id: str
+    host: str
+    port: int
+    metrics_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+
+@dataclass(slots=True)
+class CallRecord:
+    task: str
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+@dataclass(slots=True)
+class WorkloadResult:
+    records: list[CallRecord] = field(default_factory=list)
+    examples: dict[str, str] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+
+def examples_dir() -> Path:
+    """examples/local of the checkout this patio was imported from."""
+    return Path(__file__).resolve().parents[2] / "examples" / "local"
+
+
+def load_workload() -> ModuleType:
+    path = examples_dir() / "workload.py"
+    spec = importlib.util.spec_from_file_location("patio_local_workload", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"demo workload not found at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def loopback_hosts(count: int) -> list[str]:
+    """127.0.0.1..N where the OS routes all of 127/8 to loopback (Linux), else 127.0.0.1."""
+    hosts = [f"127.0.0.{i + 1}" for i in range(count)]
+    if count > 1:
+        try:
+            with socket.socket() as probe:
+                probe.bind((hosts[-1], 0))
+        except OSError:
+            return ["127.0.0.1"] * count
+    return hosts
+
+
+def free_port(host: str, preferred: int, taken: set[tuple[str, int]]) -> int:
+    """``preferred`` if it can be bound on ``host`` (and we did not hand it out), else any."""
+    candidates = [preferred + i for i in range(20)]
+    for port in candidates:
+        if (host, port) in taken:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        taken.add((host, port))
+        return port
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = int(probe.getsockname()[1])
+    taken.add((host, port))
+    return port
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(share * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+async def http_get(host: str, port: int, path: str, limit: float = 2.0) -> tuple[int, str]:
+    """A minimal GET (the cluster is ours, on loopback; no need for a client library)."""
+    async with asyncio.timeout(limit):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, body.decode("utf-8", "replace")
+
+
+class LocalCluster:
+    """The worker processes, their key and logs; :meth:`stop` leaves nothing behind."""
+
+    def __init__(self, options: LocalOptions, *, out: TextIO = sys.stdout) -> None:
+        self.options = options
+        self.out = out
+        self.workdir = Path(tempfile.mkdtemp(prefix="patio-local-"))  # created 0700
+        self.key_file = self.workdir / "key"
+        self.workers: list[LocalWorker] = []
+        self.keep_workdir = False
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def plan(self) -> None:
+        hosts = loopback_hosts(self.options.workers)
+        taken: set[tuple[str, int]] = set()
+        for index, host in enumerate(hosts):
+            self.workers.append(
+                LocalWorker(
+                    index=index,
+                    node_id=f"local-{index}",
+                    host=host,
+                    port=free_port(host, DEFAULT_PORT, taken),
+                    metrics_port=free_port(host, DEFAULT_METRICS_PORT, taken),
+                    log_path=self.workdir / f"local-{index}.log",
+                )
+            )
+
+    def write_key(self) -> bytes:
+        key = secrets.token_urlsafe(32)
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(key + "\n")
+        return key.encode()
+
+    def child_env(self) -> dict[str, str]:
+        # A PATIO_* variable in the user's shell (a peers file, a key) must not
+        # leak into the demo workers: each gets exactly the flags below.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("PATIO_") and k not in ("POD_IP", "POD_NAME")
+        }
+        package_root = str(Path(__file__).resolve().parents[2])
+        paths = [str(examples_dir()), package_root]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self) -> None:
+        env = self.child_env()
+        registry = self.options.registry or DEMO_REGISTRY
+        for worker in self.workers:
+            peers = ",".join(w.address for w in self.workers if w is not worker)
+            argv = [
+                sys.executable, "-m", "patio", "worker", registry,
+                "--listen", worker.host,
+                "--port", str(worker.port),
+                "--metrics-port", str(worker.metrics_port),
+                "--node-id", worker.node_id,
+                "--key-file", str(self.key_file),
+                "--executor", self.options.executor,
+                "--drain-timeout", "10",
+                "--event-loop", self.options.event_loop,
+            ]  # fmt: skip
+            if peers:
+                argv += ["--peers", peers]
+            with open(worker.log_path, "wb") as log:
+                worker.process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, start_new_session=True,
+                )  # fmt: skip
+
+    def log_tail(self, worker: LocalWorker, lines: int = 8) -> str:
+        try:
+            text = worker.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+    async def wait_ready(self) -> LocalWorker | None:
+        """None when every worker is ready; else the first one that died or never got ready."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        pending = list(self.workers)
+        while pending:
+            for worker in list(pending):
+                assert worker.process is not None
+                if worker.process.poll() is not None:
+                    return worker
+                with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
+                    status, _ = await http_get(worker.host, worker.metrics_port, "/readyz", 1.0)
+                    if status == 200:
+                        pending.remove(worker)
+            if pending and loop.time() > deadline:
+                return pending[0]
+            if pending:
+                await asyncio.sleep(0.1)
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM every worker (graceful drain), then SIGKILL each process group."""
+        alive = [w for w in self.workers if w.process is not None and w.process.poll() is None]
+        for worker in alive:
+            assert worker.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for worker in alive:
+            assert worker.process is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            if worker.process is None:
+                continue
+            # The process group also holds what a worker started (a process pool).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(5)
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def connect_caller(cluster: LocalCluster, key: bytes) -> Any:
+    broker = TCPMeshBroker(NullExecutor(Registry()), key=key, node_id="local-caller")
+    await broker.__aenter__()
+    for worker in cluster.workers:
+        broker.add_peer(worker.host, worker.port)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT
+    while loop.time() < deadline:
+        peers = list(broker.peers())
+        if sum(1 for p in peers if p.connected) >= len(cluster.workers):
+            return broker
+        await asyncio.sleep(0.02)
+    await broker.close()
+    raise ConnectionError(f"the caller could not connect to all {len(cluster.workers)} workers")
+
+
+class Progress:
+    """A progress line: rewritten in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, out: TextIO, total: int | None, duration: float | None) -> None:
+        self.out = out
+        self.total = total
+        self.duration = duration
+        self.tty = out.isatty()
+        self.started = time.perf_counter()
+        self.last_line = 0.0
+        self.printed = False
+
+    def update(self, done: int, errors: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        elapsed = now - self.started
+        if not self.tty and not final and (elapsed < 2.0 or now - self.last_line < 2.0):
+            return
+        if final and not self.printed:
+            return
+        rate = done / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            share = min(1.0, done / self.total)
+        elif self.duration:
+            share = min(1.0, elapsed / self.duration)
+        else:
+            share = 0.0
+        bar = "#" * int(share * 24)
+        line = (
+            f"  [{bar:<24}] {done}{'/' + str(self.total) if self.total else ''} calls"
+            f"  {rate:,.0f} calls/s  {errors} errors  {elapsed:.1f}s"
+        )
+        self.last_line = now
+        self.printed = True
+        if self.tty:
+            end = "\n" if final else ""
+            print("\r" + line + "\x1b[K", end=end, file=self.out, flush=True)
+        else:
+            print(line, file=self.out, flush=True)
+
+
+async def run_workload(
+    broker: Any, options: LocalOptions, out: TextIO, calls: Iterator[tuple[str, tuple[Any, ...]]]
+) -> WorkloadResult:
+    result = WorkloadResult()
+    limit = options.calls
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + options.duration if options.duration else None
+    progress = Progress(out, limit, options.duration)
+    issued = 0
+    errors = 0
+
+    def next_call() -> tuple[str, tuple[Any, ...]] | None:
+        nonlocal issued
+        if limit is not None and issued >= limit:
+            return None
+        if deadline is not None and loop.time() >= deadline:
+            return None
+        issued += 1
+        return next(calls)
+
+    async def lane() -> None:
+        nonlocal errors
+        while (item := next_call()) is not None:
+            task, args = item
+            t0 = time.perf_counter()
+            try:
+                value = await broker.call(task, *args, timeout=CALL_TIMEOUT)
+            except Exception as exc:
+                seconds = time.perf_counter() - t0
+                errors += 1
+                result.records.append(CallRecord(task, False, seconds, describe_error(exc)))
+                result.examples.setdefault(
+                    f"{task}!", f"{task}{_args(args)} -> {describe_error(exc)}"
+                )
+            else:
+                seconds = time.perf_counter() - t0
+                result.records.append(CallRecord(task, True, seconds))
+                result.examples.setdefault(task, f"{task}{_args(args)} = {_short(to_json(value))}")
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            progress.update(len(result.records), errors)
+
+    reporter = asyncio.ensure_future(report())
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(lane() for _ in range(options.concurrency)))
+    finally:
+        result.elapsed = time.perf_counter() - started
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+    progress.update(len(result.records), errors, final=True)
+    return result
+
+
+def _args(args: tuple[Any, ...]) -> str:
+    return "(" + ", ".join(_short(repr(a), 24) for a in args) + ")"
+
+
+def _short(text: str, limit: int = 48) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def summarize(result: WorkloadResult, expected_errors: set[str], out: TextIO) -> bool:
+    """Print per-task results and totals; False if a call failed that should not have."""
+    by_task: dict[str, list[CallRecord]] = defaultdict(list)
+    for record in result.records:
+        by_task[record.task].append(record)
+    header = f"{'task':<8} {'calls':>6} {'ok':>6} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}"
+    print(f"\n  {header}  example", file=out)
+    unexpected = 0
+    for task in sorted(by_task):
+        records = by_task[task]
+        latencies = sorted(r.seconds for r in records)
+        failed = [r for r in records if not r.ok]
+        if task not in expected_errors:
+            unexpected += len(failed)
+        example = result.examples.get(task) or result.examples.get(f"{task}!", "")
+        print(
+            f"  {task:<8} {len(records):>6} {len(records) - len(failed):>6} {len(failed):>6} "
+            f"{percentile(latencies, 0.5) * 1000:>8.2f} {percentile(latencies, 0.99) * 1000:>8.2f}"
+            f"  {example}",
+            file=out,
+        )
+        if failed:
+            kinds = Counter(r.error.split(":", 1)[0] for r in failed)
+            sample = result.examples.get(f"{task}!", "")
+            note = " (on purpose)" if task in expected_errors else " (UNEXPECTED)"
+            print(f"  {'':<8} errors{note}: "
+                  + ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+                  + (f"; e.g. {_short(sample, 90)}" if sample else ""), file=out)  # fmt: skip
+    latencies = sorted(r.seconds for r in result.records)
+    total = len(result.records)
+    failed_total = sum(1 for r in result.records if not r.ok)
+    rate = total / result.elapsed if result.elapsed > 0 else 0.0
+    print(
+        f"\n  total: {total} calls in {result.elapsed:.2f}s = {rate:,.0f} calls/s; "
+        f"latency p50 {percentile(latencies, 0.5) * 1000:.2f} ms, "
+        f"p99 {percentile(latencies, 0.99) * 1000:.2f} ms; {failed_total} errors"
+        + (f" ({unexpected} unexpected)" if unexpected else ""),
+        file=out,
+    )
+    return unexpected == 0
+
+
+async def scrape_summary(cluster: LocalCluster) -> list[str]:
+    lines = []
+    for worker in cluster.workers:
+        try:
+            _, text = await http_get(worker.host, worker.metrics_port, "/metrics")
+        except (OSError, TimeoutError, ValueError, IndexError) as exc:
+            lines.append(f"  {worker.node_id}: /metrics unreachable ({exc})")
+            continue
+        executed: Counter[str] = Counter()
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (
+                    sample.name == "patio_calls_finished_total"
+                    and sample.labels.get("side") == "executor"
+                ):
+                    executed[sample.labels.get("outcome", "?")] += int(sample.value)
+                elif sample.name in (
+                    "patio_peers_connected",
+                    "patio_peers_known",
+                    "patio_bytes_received_total",
+                ):
+                    values[sample.name] = sample.value
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(executed.items()))
+        lines.append(
+            f"  {worker.node_id}  executed {sum(executed.values())} calls ({outcomes or 'none'}); "
+            f"peers {int(values.get('patio_peers_connected', 0))}/"
+            f"{int(values.get('patio_peers_known', 0))} connected; "
+            f"received {values.get('patio_bytes_received_total', 0) / 1024:,.0f} KiB"
+        )
+    return lines
+
+
+async def _main(cluster: LocalCluster, key: bytes) -> int:
+    options = cluster.options
+    say = cluster.say
+    workload = None
+    if options.registry is None and (options.calls != 0 or options.duration):
+        workload = load_workload()
+
+    say(f"patio local: starting {len(cluster.workers)} workers ({options.executor} executor)")
+    cluster.start()
+    t0 = time.perf_counter()
+    failed = await cluster.wait_ready()
+    if failed is not None:
+        assert failed.process is not None
+        state = (
+            f"exited with code {failed.process.returncode}"
+            if failed.process.poll() is not None
+            else f"not ready after {READY_TIMEOUT:g}s"
+        )
+        say(f"patio local: worker {failed.node_id} {state}; its log ({failed.log_path}):")
+        say(cluster.log_tail(failed, 15))
+        cluster.keep_workdir = True
+        return 1
+    say(f"  all {len(cluster.workers)} workers ready in {time.perf_counter() - t0:.1f}s:")
+    for worker in cluster.workers:
+        say(
+            f"  {worker.node_id}  mesh {worker.address}  "
+            f"metrics {worker.metrics_url}/metrics  health {worker.metrics_url}/readyz"
+        )
+
+    ok = True
+    if workload is not None:
+        broker = await connect_caller(cluster, key)
+        try:
+            what = f"{options.calls} calls" if options.calls else f"calls for {options.duration:g}s"
+            if options.calls and options.duration:
+                what += f" (at most {options.duration:g}s)"
+            say(f"\nworkload: {what} over tasks {', '.join(workload.MIX)} "
+                f"({options.concurrency} in flight)")  # fmt: skip
+            result = await run_workload(broker, options, cluster.out, workload.calls())
+        finally:
+            await broker.close()
+        ok = summarize(result, set(workload.EXPECTED_ERRORS), cluster.out)
+
+    say("\nmetrics per worker (scraped from /metrics):")
+    for line in await scrape_summary(cluster):
+        say(line)
+    targets = ", ".join(f"{w.host}:{w.metrics_port}" for w in cluster.workers)
+    say(f"  Prometheus scrape targets: {targets}")
+
+    if options.keep_running:
+        first = cluster.workers[0]
+        say(
+            "\ncluster is running; try:\n"
+            f"  patio call --peer {first.address} --key-file {cluster.key_file} mul 6 7\n"
+            f"  curl {first.metrics_url}/metrics\n"
+            "Ctrl-C stops it."
+        )
+        while all(w.process is not None and w.process.poll() is None for w in cluster.workers):  # noqa: ASYNC110 - polling child processes, nothing to wait on
+            await asyncio.sleep(0.5)
+        say("patio local: a worker exited; stopping the cluster")
+        return 1
+    return 0 if ok else 1
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_local(options: LocalOptions, *, out: TextIO = sys.stdout) -> int:
+    cluster = LocalCluster(options, out=out)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        cluster.plan()
+        key = cluster.write_key()
+        code = run_async(_main(cluster, key), event_loop=options.event_loop)
+    except KeyboardInterrupt:
+        print("\npatio local: interrupted; stopping the workers", file=out, flush=True)
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # a signal during stop() still stops
+        try:
+            cluster.stop()
+        except KeyboardInterrupt:
+            for worker in cluster.workers:
+                if worker.process is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(worker.process.pid, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, previous)
+    if cluster.keep_workdir:
+        print(f"patio local: worker logs kept in {cluster.workdir}", file=out)
+    else:
+        print("patio local: stopped all workers", file=out)
+    return code

@@ -1,0 +1,90 @@
+"""Peers file parsing and watching; noticing Kubernetes-style file swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from patio.worker.files import FileSetWatch, file_identity
+from patio.worker.peers import PeersFileError, parse_peers_text, read_peers_file, watch_file
+
+
+def test_parse_peers_text() -> None:
+    text = """
+    # the mesh
+    10.0.0.1:15383
+    10.0.0.2:9000   # a comment after an address
+    [fd00::3]:15383
+    worker-4.patio
+    """
+    assert parse_peers_text(text, default_port=15383) == {
+        ("10.0.0.1", 15383), ("10.0.0.2", 9000), ("fd00::3", 15383), ("worker-4.patio", 15383),
+    }  # fmt: skip
+
+
+def test_malformed_line_is_named() -> None:
+    with pytest.raises(PeersFileError, match="line 2"):
+        parse_peers_text("a:1\nb:notaport\n", default_port=1)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PeersFileError, match="does not exist"):
+        read_peers_file(str(tmp_path / "nope"), default_port=1)
+
+
+def kube_swap(directory: Path, name: str, content: str, version: int) -> None:
+    """Update a file the way the kubelet updates a mounted ConfigMap/Secret."""
+    data = directory / f"..{version}"
+    data.mkdir()
+    (data / name).write_text(content)
+    tmp_link = directory / "..data_tmp"
+    tmp_link.symlink_to(data.name)
+    os.replace(tmp_link, directory / "..data")
+    if not (directory / name).is_symlink():
+        (directory / name).symlink_to(f"..data/{name}")
+
+
+def test_symlink_swap_is_noticed_even_with_same_size_and_mtime(tmp_path: Path) -> None:
+    kube_swap(tmp_path, "key", "AAAA", 1)
+    watch = FileSetWatch([str(tmp_path / "key")])
+    assert not watch.changed()
+    kube_swap(tmp_path, "key", "BBBB", 2)
+    stat1 = os.stat(tmp_path / "..1" / "key")
+    os.utime(tmp_path / "..2" / "key", ns=(stat1.st_atime_ns, stat1.st_mtime_ns))
+    assert watch.changed()
+    assert not watch.changed()
+    assert file_identity(str(tmp_path / "missing")) is None
+
+
+async def test_watch_file_keeps_last_good_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "peers"
+    path.write_text("127.0.0.1:1\n127.0.0.1:2\n")
+    seen: list[frozenset[tuple[str, int]]] = []
+    task = asyncio.create_task(watch_file(str(path), seen.append, default_port=9, interval=0.02))
+
+    async def settle() -> None:
+        await asyncio.sleep(0.15)
+
+    try:
+        await settle()
+        assert seen == [{("127.0.0.1", 1), ("127.0.0.1", 2)}]
+        path.write_text("127.0.0.1:1\nthis is not an address:x\n")  # malformed
+        await settle()
+        path.write_text("")  # empty
+        await settle()
+        path.unlink()  # missing
+        await settle()
+        assert len(seen) == 1, "a broken file must not replace the last good set"
+        assert "line 2" in caplog.text and "is empty" in caplog.text
+        assert "does not exist" in caplog.text
+        path.write_text("127.0.0.1:3\n")
+        await settle()
+        assert seen[-1] == {("127.0.0.1", 3)}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
