@@ -253,7 +253,7 @@ class Worker:
         config = self.config
         # `_created` series double every counter and histogram on the page and
         # nothing here uses them.
-        prometheus_client.disable_created_metrics()
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         registry, key, accepted, server_ctx, client_ctx, file_peers = self.preflight()
         self.executor = make_executor(config.executor, registry, config.max_workers)
         async with self.executor:
