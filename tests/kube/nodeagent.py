@@ -332,7 +332,11 @@ class NodeAgent:
         return self.pod_log_dir / f"{namespace}_{pod}_{container}.log"
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
-        return self.log_path(namespace, pod, container).read_text(errors="replace")
+        """The log of a container so far ("" if it has written nothing yet)."""
+        try:
+            return self.log_path(namespace, pod, container).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def pod(self, namespace: str, name: str) -> PodRun | None:
         with self._lock:
