@@ -1,0 +1,77 @@
+{{/*
+Names: everything is prefixed with the release's full name, truncated to the
+63 characters Kubernetes allows for names and label values.
+*/}}
+{{- define "patio.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "patio.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "patio.operatorName" -}}
+{{- printf "%s-operator" (include "patio.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "patio.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "patio.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "patio.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* Labels of the operator's own objects. */}}
+{{- define "patio.labels" -}}
+{{ include "patio.labelsFor" (dict "ctx" . "component" "operator") }}
+{{- end -}}
+
+{{/* Common labels with a component: (dict "ctx" $ "component" "cluster"). */}}
+{{- define "patio.labelsFor" -}}
+helm.sh/chart: {{ include "patio.chart" .ctx }}
+app.kubernetes.io/name: {{ include "patio.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end -}}
+
+{{- define "patio.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "patio.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "patio.operatorName" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespace the operator watches and its RBAC is scoped to ("" = all). */}}
+{{- define "patio.watchNamespace" -}}
+{{- .Values.watchNamespace -}}
+{{- end -}}
+
+{{/*
+Combinations the schema cannot express. Included by the Deployment so every
+render checks them.
+*/}}
+{{- define "patio.validate" -}}
+{{- if eq (int .Values.metrics.port) (int .Values.health.port) -}}
+{{- fail (printf "metrics.port and health.port must differ (both are %v)" .Values.metrics.port) -}}
+{{- end -}}
+{{- if and .Values.cluster.enabled .Values.watchNamespace (ne .Values.watchNamespace .Release.Namespace) -}}
+{{- fail (printf "cluster.enabled creates a PatioCluster in %q, but watchNamespace is %q: the operator would never reconcile it" .Release.Namespace .Values.watchNamespace) -}}
+{{- end -}}
+{{- if and .Values.cluster.enabled (not .Values.crds.install) (not (.Capabilities.APIVersions.Has "patio.dev/v1alpha1/PatioCluster")) -}}
+{{- fail "cluster.enabled needs the PatioCluster CRD: set crds.install=true or install the CRD first" -}}
+{{- end -}}
+{{- end -}}
