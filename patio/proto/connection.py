@@ -237,7 +237,9 @@ class Connection:
                     raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
                 if self.state is State.OPEN:
                     kind = message[0] if type(message) is list and message else None
-                    if (kind == 3 and len(message) == 6) or (kind == 4 and len(message) == 3):
+                    if type(kind) is int and (
+                        (kind == 3 and len(message) == 6) or (kind == 4 and len(message) == 3)
+                    ):
                         # Fast path for CALL/RESULT: checked field by field below.
                         if type(message[1]) is not int or (
                             type(message[3 if kind == 3 else 2]) is not bytes

@@ -1,0 +1,540 @@
+"""The sans-IO wire protocol: handshake, authentication, framing, validation.
+
+No sockets and no event loop: bytes go in, events and bytes come out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from patio.errors import AuthenticationError, HandshakeError, ProtocolError
+from patio.proto import (
+    HANDSHAKE_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    Connection,
+    KeySet,
+    MessageType,
+    PeerAuthenticated,
+    Role,
+)
+from patio.proto.connection import State, _proof
+from patio.proto.messages import HEADER, MAGIC, NONCE_SIZE
+
+KEY = b"k" * 32
+OTHER = b"o" * 32
+
+
+def frame(message: Any) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def unframe(data: bytes) -> list[Any]:
+    """Split a byte stream into the decoded messages it carries."""
+    messages = []
+    while data:
+        (size,) = HEADER.unpack_from(data)
+        messages.append(msgpack.unpackb(data[4 : 4 + size], raw=False))
+        data = data[4 + size :]
+    return messages
+
+
+def dialer(keys: KeySet | bytes = KEY, node: str = "dialer", **kw: Any) -> Connection:
+    keyset = keys if isinstance(keys, KeySet) else KeySet(keys)
+    return Connection(Role.DIALER, node, "inst-d", keyset, **kw)
+
+
+def acceptor(keys: KeySet | bytes = KEY, node: str = "acceptor", **kw: Any) -> Connection:
+    keyset = keys if isinstance(keys, KeySet) else KeySet(keys)
+    return Connection(Role.ACCEPTOR, node, "inst-a", keyset, **kw)
+
+
+def pump(a: Connection, b: Connection, *, b_first: bool = False) -> tuple[list[Any], list[Any]]:
+    """Exchange bytes until both sides are quiet; return each side's events."""
+    events_a: list[Any] = []
+    events_b: list[Any] = []
+    for _ in range(10):
+        out_a, out_b = a.data_to_send(), b.data_to_send()
+        if not out_a and not out_b:
+            break
+        if b_first:
+            events_a += a.receive_data(out_b)
+            events_b += b.receive_data(out_a)
+        else:
+            events_b += b.receive_data(out_a)
+            events_a += a.receive_data(out_b)
+    return events_a, events_b
+
+
+def open_pair(**kw: Any) -> tuple[Connection, Connection]:
+    a, b = dialer(**kw), acceptor(**kw)
+    pump(a, b)
+    assert a.state is State.OPEN and b.state is State.OPEN
+    return a, b
+
+
+# -- handshake ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b_first", [False, True])
+def test_handshake_succeeds_both_ways(b_first: bool) -> None:
+    a, b = dialer(), acceptor()
+    events_a, events_b = pump(a, b, b_first=b_first)
+    assert events_a == [PeerAuthenticated("acceptor", "inst-a", PROTOCOL_VERSION)]
+    assert events_b == [PeerAuthenticated("dialer", "inst-d", PROTOCOL_VERSION)]
+    assert a.state is State.OPEN and b.state is State.OPEN
+    assert a.peer is not None and a.peer.node_id == "acceptor"
+    # Nothing is left to say once both sides are open.
+    assert a.data_to_send() == b"" and b.data_to_send() == b""
+
+
+def test_handshake_byte_by_byte() -> None:
+    a, b = dialer(), acceptor()
+    hello_a, hello_b = a.data_to_send(), b.data_to_send()
+    for i in range(len(hello_a)):
+        assert b.receive_data(hello_a[i : i + 1]) == []
+    for i in range(len(hello_b)):
+        assert a.receive_data(hello_b[i : i + 1]) == []
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    got_b = [e for i in range(len(auth_a)) for e in b.receive_data(auth_a[i : i + 1])]
+    got_a = [e for i in range(len(auth_b)) for e in a.receive_data(auth_b[i : i + 1])]
+    assert [type(e) for e in got_a] == [PeerAuthenticated]
+    assert [type(e) for e in got_b] == [PeerAuthenticated]
+
+
+@pytest.mark.parametrize("wrong", ["dialer", "acceptor"])
+def test_wrong_key_fails_authentication(wrong: str) -> None:
+    a = dialer(OTHER if wrong == "dialer" else KEY)
+    b = acceptor(OTHER if wrong == "acceptor" else KEY)
+    hello_a, hello_b = a.data_to_send(), b.data_to_send()
+    b.receive_data(hello_a)
+    a.receive_data(hello_b)
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    with pytest.raises(AuthenticationError, match="accepted key"):
+        b.receive_data(auth_a)
+    with pytest.raises(AuthenticationError, match="accepted key"):
+        a.receive_data(auth_b)
+    assert a.state is State.CLOSED and b.state is State.CLOSED
+    assert a.peer is None and b.peer is None
+    # A closed connection ignores whatever else arrives.
+    assert b.receive_data(frame([MessageType.PING])) == []
+
+
+A, B, C = b"key-A", b"key-B", b"key-C"
+
+
+@pytest.mark.parametrize(
+    ("keys_d", "keys_a", "dialer_ok", "acceptor_ok"),
+    [
+        # Mid-rotation: each side proves with its own primary and accepts both.
+        (KeySet(A, (B,)), KeySet(B, (A,)), True, True),
+        (KeySet(A, (A, B)), KeySet(B, (A, B)), True, True),
+        # One side already rotated to B, the other still knows only A.
+        (KeySet(B, (A,)), KeySet(A), True, False),
+        (KeySet(A), KeySet(B, (A,)), False, True),
+        # Accepting a key is not the same as holding it.
+        (KeySet(A, (B,)), KeySet(C, (B,)), False, False),
+        # Old key retired on both sides.
+        (KeySet(B), KeySet(B, (A,)), True, True),
+    ],
+)
+def test_key_rotation(keys_d: KeySet, keys_a: KeySet, dialer_ok: bool, acceptor_ok: bool) -> None:
+    """``dialer_ok``: the dialer accepts the acceptor's proof (and vice versa)."""
+    a, b = dialer(keys_d), acceptor(keys_a)
+    hello_a, hello_b = a.data_to_send(), b.data_to_send()
+    b.receive_data(hello_a)
+    a.receive_data(hello_b)
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    for conn, data, ok in ((a, auth_b, dialer_ok), (b, auth_a, acceptor_ok)):
+        if ok:
+            assert [type(e) for e in conn.receive_data(data)] == [PeerAuthenticated]
+            assert conn.state is State.OPEN
+        else:
+            with pytest.raises(AuthenticationError):
+                conn.receive_data(data)
+            assert conn.state is State.CLOSED
+
+
+def test_keyset_fingerprint_names_primary_without_revealing_it() -> None:
+    assert KeySet(A).fingerprint == KeySet(A, (B,)).fingerprint
+    assert KeySet(A).fingerprint != KeySet(B).fingerprint
+    assert A.hex() not in KeySet(A).fingerprint
+    assert KeySet(A, (B, A)).all_accepted() == (A, B)
+
+
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION + 1, 0, 99])
+def test_version_mismatch_names_both_versions(version: int) -> None:
+    b = acceptor()
+    hello = frame([MessageType.HELLO, MAGIC, version, "peer", "i", b"n" * NONCE_SIZE])
+    with pytest.raises(HandshakeError) as info:
+        b.receive_data(hello)
+    assert not isinstance(info.value, AuthenticationError)
+    text = str(info.value)
+    assert str(version) in text and str(PROTOCOL_VERSION) in text
+    assert "version" in text
+    assert b.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        [MessageType.HELLO, "http", PROTOCOL_VERSION, "p", "i", b"n" * NONCE_SIZE],
+        [MessageType.HELLO, MAGIC, PROTOCOL_VERSION, "p", "i"],
+        [MessageType.HELLO, MAGIC, PROTOCOL_VERSION, "p", "i", b"short"],
+        [MessageType.HELLO, MAGIC, PROTOCOL_VERSION, 7, "i", b"n" * NONCE_SIZE],
+        [MessageType.HELLO, MAGIC, PROTOCOL_VERSION, "p" * 300, "i", b"n" * NONCE_SIZE],
+        [MessageType.AUTH, b"x" * 32],
+        [MessageType.CALL, 1, "t", b"", None, False],
+        {"type": 0},
+        "GET / HTTP/1.1",
+        [],
+    ],
+)
+def test_malformed_hello_is_a_handshake_error(hello: Any) -> None:
+    b = acceptor()
+    with pytest.raises(HandshakeError):
+        b.receive_data(frame(hello))
+    assert b.state is State.CLOSED
+
+
+def test_call_before_auth_is_refused() -> None:
+    """After HELLO only AUTH may come: a CALL cannot sneak in before authentication."""
+    a, b = dialer(), acceptor()
+    b.receive_data(a.data_to_send())
+    with pytest.raises(HandshakeError, match="expected AUTH"):
+        b.receive_data(frame([MessageType.CALL, 1, "t", b"", None, False]))
+
+
+# -- replay and reflection --------------------------------------------------
+
+
+def test_replayed_auth_is_rejected_on_another_connection() -> None:
+    a1, b1 = dialer(), acceptor()
+    hello_a1 = a1.data_to_send()
+    b1.receive_data(hello_a1)
+    a1.receive_data(b1.data_to_send())
+    auth_a1 = a1.data_to_send()
+    assert [type(e) for e in b1.receive_data(auth_a1)] == [PeerAuthenticated]
+
+    # An eavesdropper replays the dialer's HELLO and AUTH verbatim to a new connection.
+    b2 = acceptor()
+    assert b2.receive_data(hello_a1) == []
+    assert b2.state is State.AWAIT_AUTH
+    with pytest.raises(AuthenticationError):
+        b2.receive_data(auth_a1)
+    assert b2.peer is None
+
+
+def test_nonces_are_fresh() -> None:
+    nonces = {unframe(dialer().data_to_send())[0][5] for _ in range(50)}
+    assert len(nonces) == 50
+    assert all(len(n) == NONCE_SIZE for n in nonces)
+
+
+def test_own_hello_echoed_back_is_rejected() -> None:
+    b = acceptor()
+    with pytest.raises(HandshakeError, match="echoed"):
+        b.receive_data(b.data_to_send())
+
+
+def test_own_auth_reflected_back_is_rejected() -> None:
+    """An attacker without the key claims our identity and reflects our proof."""
+    b = acceptor()
+    own_hello = unframe(b.data_to_send())[0]
+    attacker_nonce = b"\x01" * NONCE_SIZE
+    b.receive_data(
+        frame([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, "acceptor", "inst-a", attacker_nonce])
+    )
+    auth = b.data_to_send()
+    with pytest.raises(AuthenticationError):
+        b.receive_data(auth)
+    assert own_hello[5] != attacker_nonce
+
+
+def test_cross_connection_reflection_fails_only_because_of_the_role() -> None:
+    """Two connections to one node, nonces swapped: only the role tells the proofs apart.
+
+    The attacker opens c1 and c2 to the same node, sends on c1 a HELLO whose
+    nonce is c2's nonce and on c2 one whose nonce is c1's, both claiming the
+    node's own identity. c2's AUTH then covers exactly the nonces and
+    identities c1 expects; it must still fail on c1 because it was made by
+    an acceptor.
+    """
+    c1, c2 = acceptor(), acceptor()
+    n1 = unframe(c1.data_to_send())[0][5]
+    n2 = unframe(c2.data_to_send())[0][5]
+    ident = ("acceptor", "inst-a")
+    c1.receive_data(frame([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, *ident, n2]))
+    c2.receive_data(frame([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, *ident, n1]))
+    c1.data_to_send()
+    (auth_c2,) = unframe(c2.data_to_send())
+    # The proof c1 wants differs from c2's only by the role byte.
+    assert auth_c2[1] == _proof(KEY, Role.ACCEPTOR, n2, n1, ident, ident)
+    assert _proof(KEY, Role.DIALER, n2, n1, ident, ident) != auth_c2[1]
+    with pytest.raises(AuthenticationError):
+        c1.receive_data(frame(auth_c2))
+
+
+# -- framing ----------------------------------------------------------------
+
+
+FIXED_NONCE = b"\x07" * NONCE_SIZE
+
+
+def handshake_and_traffic() -> tuple[bytes, list[Any]]:
+    """A dialer's whole output (HELLO, AUTH, messages) and the messages it carries."""
+    a, b = dialer(), acceptor(nonce=FIXED_NONCE)
+    stream = a.data_to_send()
+    b.receive_data(stream)  # b only needs a's HELLO to produce its own AUTH
+    a.receive_data(b.data_to_send())
+    stream += a.data_to_send()
+    assert a.state is State.OPEN
+    a.send_announce(["t1", "t2"], [], 4, 1024, False)
+    a.send_call(1, "t1", b"\x92\x90\x80", 2.5, False)
+    a.send_call(2, "t2", b"x" * 3000, None, True)
+    a.send_result(7, b"")
+    a.send_error(8, 0, b"boom")
+    a.send_cancel(9)
+    a.send_ping()
+    a.send_goodbye("bye")
+    stream += a.data_to_send()
+    expected = [
+        [MessageType.ANNOUNCE, ["t1", "t2"], [], 4, 1024, False],
+        [MessageType.CALL, 1, "t1", b"\x92\x90\x80", 2.5, False],
+        [MessageType.CALL, 2, "t2", b"x" * 3000, None, True],
+        [MessageType.RESULT, 7, b""],
+        [MessageType.ERROR, 8, 0, b"boom"],
+        [MessageType.CANCEL, 9],
+        [MessageType.GOODBYE, "bye"],
+    ]
+    return stream, expected
+
+
+def feed_split(stream: bytes, cuts: list[int]) -> tuple[Connection, list[Any]]:
+    b = acceptor(nonce=FIXED_NONCE)  # the dialer's AUTH was made for this nonce
+    events: list[Any] = []
+    last = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        events += b.receive_data(stream[last:cut])
+        last = cut
+    return b, events
+
+
+def test_frames_split_at_every_byte_boundary() -> None:
+    stream, expected = handshake_and_traffic()
+    for cut in range(len(stream) + 1):
+        b, events = feed_split(stream, [cut])
+        assert isinstance(events[0], PeerAuthenticated), cut
+        assert events[1:] == expected, cut
+        # The PING was answered internally and never surfaced.
+        assert [MessageType.PONG] in unframe(b.data_to_send())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_frames_split_anywhere_parse(data: st.DataObject) -> None:
+    stream, expected = handshake_and_traffic()
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
+    _, events = feed_split(stream, cuts)
+    assert isinstance(events[0], PeerAuthenticated)
+    assert events[1:] == expected
+
+
+def test_oversized_header_before_auth() -> None:
+    b = acceptor()
+    # A frame of exactly the limit is allowed: the header alone waits for a body.
+    assert b.receive_data(HEADER.pack(HANDSHAKE_MAX_FRAME_SIZE)) == []
+    b = acceptor()
+    with pytest.raises(ProtocolError, match="before authentication"):
+        b.receive_data(HEADER.pack(HANDSHAKE_MAX_FRAME_SIZE + 1))
+    assert b.state is State.CLOSED
+
+
+def test_oversized_header_after_hello_before_auth() -> None:
+    a, b = dialer(), acceptor()
+    b.receive_data(a.data_to_send())
+    assert b.state is State.AWAIT_AUTH
+    with pytest.raises(ProtocolError, match="exceeds"):
+        b.receive_data(HEADER.pack(64 * 1024))
+
+
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 1 << 31, 1024 * 1024 + 1])
+def test_oversized_header_after_auth(size: int) -> None:
+    _, b = open_pair(max_frame_size=1024 * 1024)
+    with pytest.raises(ProtocolError, match="exceeds") as info:
+        b.receive_data(HEADER.pack(size))  # only the header: rejected before any body
+    assert str(size) in str(info.value)
+    assert not isinstance(info.value, HandshakeError)
+    assert b.state is State.CLOSED
+
+
+def test_frame_at_max_size_after_auth_is_accepted() -> None:
+    a, b = open_pair(max_frame_size=4096)
+    payload = b"p" * 4000
+    a.send_result(1, payload)
+    data = a.data_to_send()
+    assert HEADER.unpack_from(data)[0] <= 4096
+    assert b.receive_data(data) == [[MessageType.RESULT, 1, payload]]
+    a.send_result(2, b"p" * 5000)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        b.receive_data(a.data_to_send())
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=st.binary(max_size=4096))
+def test_random_bytes_before_auth_only_raise_protocol_errors(junk: bytes) -> None:
+    b = acceptor()
+    try:
+        events = b.receive_data(junk)
+    except ProtocolError as exc:
+        assert str(exc)
+        assert b.state is State.CLOSED
+    else:
+        assert events == []  # nothing random can authenticate
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=st.binary(max_size=4096), framed=st.booleans())
+def test_random_bytes_after_auth_only_raise_protocol_errors(junk: bytes, framed: bool) -> None:
+    _, b = open_pair()
+    data = HEADER.pack(len(junk)) + junk if framed else junk
+    try:
+        events = b.receive_data(data)
+    except ProtocolError as exc:
+        assert str(exc)
+        assert b.state is State.CLOSED
+    else:
+        for event in events:
+            assert isinstance(event, list) and event[0] in MessageType.__members__.values()
+
+
+MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text()
+    | st.binary(),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.integers(-2, 12) | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=3),
+    fields=st.lists(MSGPACK_VALUES, max_size=7),
+)
+def test_random_messages_after_auth_are_valid_or_protocol_errors(
+    kind: Any, fields: list[Any]
+) -> None:
+    """Any well-framed msgpack array is either a well-shaped event or a ProtocolError."""
+    _, b = open_pair()
+    try:
+        events = b.receive_data(frame([kind, *fields]))
+    except ProtocolError as exc:
+        assert str(exc)
+        return
+    for event in events:
+        assert type(event[0]) is int
+        kind_ = MessageType(event[0])
+        assert kind_ not in (MessageType.HELLO, MessageType.AUTH, MessageType.PING)
+
+
+@pytest.mark.parametrize(
+    ("message", "needle"),
+    [
+        ([MessageType.RESULT, 1], "RESULT has 2 fields"),
+        ([MessageType.CALL, 1, "t", b"", None], "CALL has 5 fields"),
+        ([MessageType.CALL, 1, "t", b"", None, False, 0], "CALL has 7 fields"),
+        ([MessageType.CALL, "1", "t", b"", None, False], "CALL field 1"),
+        ([MessageType.CALL, 1, 5, b"", None, False], "CALL field 2"),
+        ([MessageType.CALL, 1, "t", "text", None, False], "CALL field 3"),
+        ([MessageType.CALL, 1, "t", b"", "soon", False], "CALL field 4"),
+        ([MessageType.CALL, 1, "t", b"", None, 1], "CALL field 5"),
+        ([MessageType.RESULT, 1, "text"], "RESULT field 2"),
+        ([MessageType.RESULT, None, b""], "RESULT field 1"),
+        ([MessageType.ERROR, 1, "x", b""], "ERROR field 2"),
+        ([MessageType.CANCEL, 1.5], "CANCEL field 1"),
+        ([MessageType.ANNOUNCE, "t1", [], 1, 1, False], "ANNOUNCE field 1"),
+        ([MessageType.GOODBYE, b"bytes"], "GOODBYE field 1"),
+        ([MessageType.PING, 1], "PING has 2 fields"),
+        ([42], "unknown"),
+        ([3.0, 1, "t", b"", None, False], "unknown"),
+        ([4.0, 1, b""], "unknown"),
+        ([True, b"proof"], "unknown"),
+        (["CALL", 1], "unknown"),
+        ([MessageType.HELLO, MAGIC, 1, "n", "i", b"n" * NONCE_SIZE], "unexpected"),
+        ([MessageType.AUTH, b"proof"], "unexpected"),
+        ([], "non-empty array"),
+        ({"type": 3}, "non-empty array"),
+        (3, "non-empty array"),
+    ],
+)
+def test_malformed_messages_after_auth(message: Any, needle: str) -> None:
+    _, b = open_pair()
+    with pytest.raises(ProtocolError, match=needle):
+        b.receive_data(frame(message))
+    assert b.state is State.CLOSED
+
+
+def test_invalid_msgpack_after_auth() -> None:
+    _, b = open_pair()
+    with pytest.raises(ProtocolError, match="msgpack"):
+        b.receive_data(HEADER.pack(1) + b"\xc1")  # 0xc1 is never used by msgpack
+
+
+def test_valid_frames_before_a_bad_one_are_not_lost_by_the_parser() -> None:
+    """The bad frame raises; the state closes and nothing after it is parsed."""
+    _, b = open_pair()
+    with pytest.raises(ProtocolError):
+        b.receive_data(frame([MessageType.CANCEL, 1]) + frame([42]) + frame([MessageType.PONG]))
+    assert b.receive_data(frame([MessageType.CANCEL, 2])) == []
+
+
+def test_ping_is_answered_with_pong_internally() -> None:
+    a, b = open_pair()
+    a.send_ping()
+    assert b.receive_data(a.data_to_send()) == []
+    reply = b.data_to_send()
+    assert unframe(reply) == [[MessageType.PONG]]
+    # The PONG is an event for the side that pinged (a heartbeat answer).
+    assert a.receive_data(reply) == [[MessageType.PONG]]
+    assert a.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        lambda c: c.send_announce([], [], 1, 1, False),
+        lambda c: c.send_call(1, "t", b"", None, False),
+        lambda c: c.send_result(1, b""),
+        lambda c: c.send_error(1, 0, b""),
+        lambda c: c.send_cancel(1),
+        lambda c: c.send_ping(),
+        lambda c: c.send_goodbye("x"),
+    ],
+)
+def test_sending_before_open_raises(send: Any) -> None:
+    a, b = dialer(), acceptor()
+    with pytest.raises(ProtocolError, match="await-hello"):
+        send(a)
+    b.receive_data(a.data_to_send())
+    assert b.state is State.AWAIT_AUTH
+    with pytest.raises(ProtocolError, match="await-auth"):
+        send(b)
+    a.close()
+    with pytest.raises(ProtocolError, match="closed"):
+        send(a)
+    # Nothing but the HELLO and AUTH ever left.
+    assert [m[0] for m in unframe(b.data_to_send())] == [MessageType.HELLO, MessageType.AUTH]
+
+
+def test_node_id_length_is_bounded() -> None:
+    with pytest.raises(ValueError, match="node id"):
+        Connection(Role.DIALER, "n" * 254, "i", KeySet(KEY))
