@@ -1,4 +1,4 @@
-"""Tasks served by the workers of ``patio local`` (registry ``demo_tasks:rpc``).
+"""Tasks served by the workers of ``patio local`` (registry ``examples.local.demo_tasks:rpc``).
 
 A small mix that shows what a patio mesh does with different kinds of work:
 
@@ -46,12 +46,10 @@ async def lookup(key: str, delay_ms: float = 2.0) -> dict[str, object]:
     return {"key": key, "value": len(key), "served_by": os.getpid()}
 
 
-class DemoFailure(ValueError):
-    """Raised on purpose by ``flaky``."""
-
-
 @rpc("flaky")
 async def flaky(n: int) -> int:
     if n % 10 == 0:
-        raise DemoFailure(f"flaky({n}) fails on purpose (multiples of 10 do)")
+        # A builtin exception comes back to the caller as itself (ValueError);
+        # one of your own classes arrives as RemoteError naming it.
+        raise ValueError(f"flaky({n}) fails on purpose (multiples of 10 do)")
     return n * n

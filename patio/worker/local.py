@@ -4,7 +4,7 @@ What it does, in order:
 
 1. Generates a key into a private temporary directory (file mode 0600) and
    starts N ``python -m patio worker`` processes, each on its own loopback
-   address (127.0.0.1, 127.0.0.2, ... on Linux, where all of 127/8 is local;
+   address (127.0.0.2, 127.0.0.3, ... on Linux, where all of 127/8 is local;
    elsewhere 127.0.0.1 with one port each), every worker given all the others
    as static peers, exactly as pods get them from the operator.
 2. Waits until every worker answers ``/readyz`` with 200.
@@ -54,7 +54,7 @@ CONNECT_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 CALL_TIMEOUT = 30.0
 PROGRESS_INTERVAL = 0.5
-DEMO_REGISTRY = "demo_tasks:rpc"
+DEMO_REGISTRY = "examples.local.demo_tasks:rpc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +119,17 @@ def load_workload() -> ModuleType:
 
 
 def loopback_hosts(count: int) -> list[str]:
-    """127.0.0.1..N where the OS routes all of 127/8 to loopback (Linux), else 127.0.0.1."""
-    hosts = [f"127.0.0.{i + 1}" for i in range(count)]
-    if count > 1:
-        try:
-            with socket.socket() as probe:
-                probe.bind((hosts[-1], 0))
-        except OSError:
-            return ["127.0.0.1"] * count
+    """127.0.0.2..N+1 where the OS routes all of 127/8 to loopback (Linux), else 127.0.0.1.
+
+    Starting at .2 keeps the demo off the address everything else on the
+    machine uses, so its default ports are nearly always free.
+    """
+    hosts = [f"127.0.0.{i + 2}" for i in range(count)]
+    try:
+        with socket.socket() as probe:
+            probe.bind((hosts[-1], 0))
+    except OSError:
+        return ["127.0.0.1"] * count
     return hosts
 
 
@@ -220,8 +223,8 @@ class LocalCluster:
             for k, v in os.environ.items()
             if not k.startswith("PATIO_") and k not in ("POD_IP", "POD_NAME")
         }
-        package_root = str(Path(__file__).resolve().parents[2])
-        paths = [str(examples_dir()), package_root]
+        # The checkout's root: `examples.local.demo_tasks` (and this patio) import from it.
+        paths = [str(Path(__file__).resolve().parents[2])]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -489,7 +492,9 @@ async def scrape_summary(cluster: LocalCluster) -> list[str]:
                     "patio_bytes_received_total",
                 ):
                     values[sample.name] = sample.value
-        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(executed.items()))
+        outcomes = ", ".join(
+            f"{k} {v}" for k, v in sorted(executed.items(), key=lambda kv: (kv[0] != "ok", kv[0]))
+        )
         lines.append(
             f"  {worker.node_id}  executed {sum(executed.values())} calls ({outcomes or 'none'}); "
             f"peers {int(values.get('patio_peers_connected', 0))}/"

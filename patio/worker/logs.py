@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from typing import TextIO
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is
@@ -53,3 +54,7 @@ def setup_logging(level: str = "info", fmt: str = "plain", stream: TextIO | None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Warnings become log lines (JSON ones too, with --log-format json). The
+    # broker's empty-key warning is also logged by the broker itself: once is enough.
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", message=r"patio broker on .* uses an empty key")

@@ -279,15 +279,16 @@ class Worker:
     async def _serve(self, registry: Any, file_peers: frozenset[PeerAddress]) -> int:
         config = self.config
         broker = self.broker
-        try:
-            await broker.listen(config.listen, config.port)
-        except OSError as exc:
-            raise ConfigError(_bind_error("mesh", config.listen, config.port, exc)) from None
-
+        # The HTTP port first: if it is taken, fail before joining the mesh
+        # (peers would otherwise see a member appear and vanish).
         self.heartbeat.start()
         self._cleanups.append(self.heartbeat.stop)
         if config.metrics_enabled:
             await self._start_health()
+        try:
+            await broker.listen(config.listen, config.port)
+        except OSError as exc:
+            raise ConfigError(_bind_error("mesh", config.listen, config.port, exc)) from None
 
         if self.install_signal_handlers:
             self._install_signals()

@@ -72,6 +72,12 @@ class FakeMeshBroker(MemoryBroker):
     def set_peers(self, source: str, peers: set[tuple[str, int]]) -> None:
         self.sources[source] = set(peers)
 
+    def watch_peers_file(self, path: str, default_port: int = 0) -> None:
+        self.watched_file = path
+
+    def watch_dns(self, name: str, port: int = 0, interval: float = 5.0) -> None:
+        self.watched_dns = (name, port)
+
     def known(self) -> set[tuple[str, int]]:
         out = set(self.static)
         for peers in self.sources.values():

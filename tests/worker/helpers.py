@@ -37,6 +37,7 @@ def run_patio(
     return subprocess.run(
         [sys.executable, "-m", "patio", *args],
         capture_output=True,
+        check=False,
         text=True,
         timeout=timeout,
         env=env if env is not None else patio_env(),

@@ -42,9 +42,11 @@ class Harness:
         return await asyncio.to_thread(http_get, self.worker.metrics_url + path)
 
 
-async def start(argv: list[str]) -> Harness:
+async def start(argv: list[str], *, fake: bool = True) -> Harness:
     config = load_config(argv, {})
-    worker = Worker(config, broker_factory=FakeMeshBroker, install_signal_handlers=False)
+    worker = Worker(
+        config, broker_factory=FakeMeshBroker if fake else None, install_signal_handlers=False
+    )
     task = asyncio.create_task(worker.run())
     started = asyncio.create_task(worker.started.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED, timeout=10)
@@ -113,26 +115,34 @@ async def test_key_rotation_files_and_bad_file_keeps_last_good(
     next_key.unlink()
     await until(lambda: (h.broker.key, h.broker.accepted_keys) == (b"BBBB", ()))
     # the fingerprint gauge follows the key set
-    status, text = await h.get("/metrics")
+    _, text = await h.get("/metrics")
     assert f'patio_auth_keys_info{{primary="{h.broker.key_fingerprint}"}} 1.0' in text
 
 
-async def test_peers_file_reload_and_self_is_skipped(
+async def test_peers_file_reload_with_the_real_broker(
     tmp_path: Path, harnesses: list[Harness]
 ) -> None:
     peers = tmp_path / "peers"
-    args = base_args("--peers-file", str(peers), "--peers", "127.0.0.1:1,127.0.0.1:2")
+    args = base_args("--key", "k", "--peers-file", str(peers), "--peers", "127.0.0.1:1,127.0.0.1:2")
     own = ("127.0.0.1", int(args[args.index("--port") + 1]))
     peers.write_text(f"127.0.0.1:3\n{own[0]}:{own[1]}\n")
-    h = await start(args)
+    h = await start(args, fake=False)
     harnesses.append(h)
-    assert h.broker.static == {("127.0.0.1", 1), ("127.0.0.1", 2)}
-    assert h.broker.sources["file"] == {("127.0.0.1", 3)}  # our own address dropped
+
+    def known() -> set[tuple[str, int]]:
+        return {tuple(p.address) for p in h.worker.broker.peers()}  # type: ignore[misc]
+
+    # static + file, and never ourselves
+    await until(lambda: known() == {("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)})
     peers.write_text("127.0.0.1:4\n[::1]:5\n")
-    await until(lambda: h.broker.sources["file"] == {("127.0.0.1", 4), ("::1", 5)})
-    peers.write_text("garbage:x\n")
+    await until(
+        lambda: known() == {("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 4), ("::1", 5)}
+    )
+    peers.write_text("garbage:x\n")  # a broken file keeps the last good set
     await asyncio.sleep(1.5)
-    assert h.broker.sources["file"] == {("127.0.0.1", 4), ("::1", 5)}
+    assert known() == {("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 4), ("::1", 5)}
+    status, body = await h.get("/readyz")
+    assert status == 503 and "connected to 0 of 4 known peers (need 2)" in body
 
 
 async def test_health_endpoints_and_drain(harnesses: list[Harness]) -> None:
@@ -200,7 +210,7 @@ def test_registry_errors() -> None:
         load_registry("no_such_module_xyz:rpc")
     with pytest.raises(ConfigError, match="has no attribute 'nope'"):
         load_registry("patio_worker_testtasks:nope")
-    with pytest.raises(ConfigError, match="is a dict, not a patio.Registry"):
+    with pytest.raises(ConfigError, match=r"is a dict, not a patio\.Registry"):
         load_registry("patio_worker_testtasks:not_a_registry")
     with pytest.raises(ConfigError, match="RuntimeError: this module is broken on purpose"):
         load_registry("broken_registry_module:rpc")
