@@ -1,0 +1,160 @@
+"""``python -m bench [--quick] [--alternatives]`` — see docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.envs import (
+    ORIGINAL_VERSION,
+    REPO,
+    ceiling_env,
+    ensure_venv,
+    original_env,
+    ours_env,
+)
+from bench.runner import PATIO_SCRIPT, RAW_SCRIPT, System, probe, run_all
+from bench.scenarios import select
+
+DEFAULT_OUT = REPO / "bench" / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: tiny counts, 1 run, a few scenarios (< 60 s)")
+    ap.add_argument("--alternatives", action="store_true",
+                    help="also measure Ray and Celery+Redis (not with --quick)")
+    ap.add_argument("--runs", type=int, default=None, help="runs per system (full: 3)")
+    ap.add_argument("--scenarios", default="", help="comma-separated scenario names")
+    ap.add_argument("--systems", default="ours,original,ceiling",
+                    help="comma-separated subset of ours,original,ceiling")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default bench/results; quick: bench/results/tmp/quick)")
+    ap.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
+    return ap.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def chart_python(log_file: Path) -> str:
+    if importlib.util.find_spec("matplotlib") is not None:
+        return sys.executable
+    return str(ensure_venv("bench-venv-tools", ["matplotlib"], log=log_file))
+
+
+def line_for(rec: dict[str, Any]) -> str:
+    if rec.get("status") in ("unavailable", "error"):
+        return f"{rec['scenario']:<14} {rec['system']:<9} run {rec['run']}: {rec['status']}: " \
+               f"{str(rec.get('error'))[:200]}"
+    return (f"{rec['scenario']:<14} {rec['system']:<9} run {rec['run']}: "
+            f"{rec.get('calls_per_s', 0):>10,.0f} calls/s  p50 {rec.get('p50_us') or 0:>8.0f} µs"
+            f"  p99 {rec.get('p99_us') or 0:>8.0f} µs  {rec.get('completed')}/{rec.get('issued')}"
+            f"  rss {rec.get('rss_mb')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick and args.alternatives:
+        log("--alternatives is ignored in --quick mode")
+        args.alternatives = False
+    out: Path = args.out or (DEFAULT_OUT / "tmp" / "quick" if args.quick else DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    log_dir = (out / "tmp" / "logs") if out == DEFAULT_OUT else (out / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    setup_log = log_dir / "setup.log"
+    runs = args.runs or (1 if args.quick else 3)
+    scenarios = select(args.quick, [s for s in args.scenarios.split(",") if s])
+    wanted = [s for s in args.systems.split(",") if s]
+
+    log(f"preparing interpreters (original patio venv under the cache dir; log {setup_log})")
+    envs = {"ours": ours_env(), "ceiling": ceiling_env()}
+    if "original" in wanted:
+        envs["original"] = original_env(log=setup_log)
+    caps = {name: probe(env) for name, env in envs.items()}
+    use_uvloop = not args.no_uvloop and all(c.get("uvloop") for c in caps.values())
+    serializers = {
+        "ours": "msgpack (package default)",
+        "original": "pickle (package default, RestrictedPickleSerializer)",
+        "ceiling": "msgpack",
+    }
+    labels = {"ours": "our patio", "original": f"patio=={ORIGINAL_VERSION}",
+              "ceiling": "raw asyncio+msgpack RPC"}
+    systems = [
+        System(name, labels[name], envs[name],
+               RAW_SCRIPT if name == "ceiling" else PATIO_SCRIPT,
+               serializers[name], caps[name])
+        for name in ("ours", "original", "ceiling") if name in wanted
+    ]
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    meta: dict[str, Any] = {
+        "type": "meta",
+        "mode": "quick" if args.quick else "full",
+        "started": started,
+        "runs": runs,
+        "loop_policy": "uvloop" if use_uvloop else "asyncio",
+        "serializers": serializers,
+        "ours_version": caps.get("ours", {}).get("version"),
+        "original_version": ORIGINAL_VERSION,
+        "capabilities": caps,
+        "python": {name: env.python for name, env in envs.items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "scenarios": [s.__dict__ for s in scenarios],
+        "order": "for each scenario, for each run, every system in turn (ABCABC...)",
+    }
+    log(f"loop policy {meta['loop_policy']}; ours caps {caps.get('ours')}")
+
+    jsonl_tmp = out / "latest.jsonl.partial"
+    with open(jsonl_tmp, "w") as sink_fh:
+        sink_fh.write(json.dumps(meta) + "\n")
+
+        def sink(rec: dict[str, Any]) -> None:
+            sink_fh.write(json.dumps(rec) + "\n")
+            sink_fh.flush()
+            log(line_for(rec))
+
+        records = run_all(systems, scenarios, runs, use_uvloop, log_dir, sink)
+        summaries = report.summarize(records)
+        ratio_rows = report.ratios(summaries)
+        target_rows = report.targets(summaries) if not args.quick else []
+        for row in [*summaries, *ratio_rows, *target_rows]:
+            sink_fh.write(json.dumps(row) + "\n")
+        extra: list[dict[str, Any]] = []
+        if args.alternatives:
+            from bench import alternatives
+
+            extra = alternatives.run_alternatives(log_dir, use_uvloop, log)
+            for row in extra:
+                sink_fh.write(json.dumps(row) + "\n")
+    jsonl_tmp.replace(out / "latest.jsonl")
+
+    titles = {s.name: s.title for s in scenarios}
+    md = report.markdown(meta, summaries, ratio_rows, target_rows, titles)
+    if extra:
+        from bench import alternatives
+
+        md += "\n" + alternatives.markdown(extra)
+    (out / "latest.md").write_text(md)
+    err = report.write_chart(summaries, out / "latest.png",
+                             f"patio benchmark ({meta['mode']}, {meta['loop_policy']}, {started})",
+                             chart_python(setup_log))
+    if err:
+        log(f"chart failed: {err}")
+    log(f"wrote {out / 'latest.jsonl'}, {out / 'latest.md'}, {out / 'latest.png'}")
+    sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
