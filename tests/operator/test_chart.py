@@ -1,0 +1,184 @@
+"""The Helm chart, rendered by the real helm: lint, templates, values schema, drift."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from chart_tools import CHART, RENDER_SCRIPT, ROOT, find, helm, helm_binary, template
+from patio_operator import kube
+
+CRD_FILE = CHART / "files" / "crd-patioclusters.yaml"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["--set", "cluster.enabled=true", "--set", "cluster.spec.registry=tasks:rpc"],
+        ["--set", "watchNamespace=apps", "--set", "metrics.serviceMonitor.enabled=true"],
+    ],
+    ids=["defaults", "with-cluster", "namespaced"],
+)
+def test_lint(values: list[str]) -> None:
+    res = helm("lint", "--strict", str(CHART), *values, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_default_render() -> None:
+    docs = template()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Service",
+            "Deployment",
+            "Pod",
+        ]
+    )
+    # The chart's CRD is the file, unchanged.
+    assert find(docs, "CustomResourceDefinition") == yaml.safe_load(CRD_FILE.read_text())
+    dep = find(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "patio_operator"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["image"] == "ghcr.io/patio-project/patio:1.0.0a1"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert not any(a.startswith("--namespace") for a in c["args"])
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    test_pod = find(docs, "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+
+def test_watch_namespace_uses_a_role_not_a_clusterrole() -> None:
+    docs = template("--set", "watchNamespace=apps")
+    kinds = {d["kind"] for d in docs}
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    role = find(docs, "Role")
+    binding = find(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == "apps" == binding["metadata"]["namespace"]
+    assert binding["subjects"][0]["namespace"] == "patio-system"
+    args = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=apps" in args
+
+
+def test_rbac_covers_exactly_what_the_operator_touches() -> None:
+    rules = find(template(), "ClusterRole")["rules"]
+    granted: dict[str, set[str]] = {}
+    for rule in rules:
+        for res in rule["resources"]:
+            granted.setdefault(res, set()).update(rule["verbs"])
+    write = {"get", "create", "update", "patch", "delete"}
+    for kind, plural in kube.PLURALS.items():
+        if kind in ("Pod", "PatioCluster"):
+            assert granted[plural] >= {"get", "list", "watch"}
+            assert not granted[plural] & {"create", "delete"}, f"{plural} must not be writable"
+        elif kind == "Event":
+            assert granted[plural] == {"create", "patch"}
+        else:
+            assert granted[plural] >= write, plural
+    assert "patch" in granted["patioclusters/status"]
+    assert set(granted) == {
+        *kube.PLURALS.values(),
+        "patioclusters/status",
+        "patioclusters/finalizers",
+    }
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+
+
+def test_example_cluster_is_a_hook_only_until_its_crd_exists() -> None:
+    values = ["--set", "cluster.enabled=true", "--set", "cluster.spec.registry=tasks:rpc"]
+    first = find(template(*values), "PatioCluster")
+    assert first["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
+    assert first["metadata"]["annotations"]["meta.helm.sh/release-name"] == "t"
+    later = find(
+        template(*values, "--api-versions", "patio.dev/v1alpha1/PatioCluster"), "PatioCluster"
+    )
+    assert "annotations" not in later["metadata"]
+    assert later["spec"] == {"registry": "tasks:rpc", "replicas": 3}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "unknownKey=1"], "additional properties 'unknownKey' not allowed"),
+        (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (["--set", "operator.rotation.check=never"], "/operator/rotation/check"),
+        (["--set", "operator.resyncSeconds=1"], "/operator/resyncSeconds"),
+        (["--set", "metrics.port=70000"], "/metrics/port"),
+        (["--set", "watchNamespace=Not_A_Namespace"], "/watchNamespace"),
+        (["--set", "cluster.enabled=true"], "/cluster/spec/registry"),
+        (["--set", "cluster.name=UPPER"], "/cluster/name"),
+        (["--set", "operator.extra=1"], "additional properties 'extra' not allowed"),
+        (["--set-json", 'imagePullSecrets=[{"nom":"x"}]'], "/imagePullSecrets/0"),
+    ],
+)
+def test_values_schema_rejects(values: list[str], message: str) -> None:
+    res = helm("template", "t", str(CHART), *values, check=False)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "metrics.port=8080"], "metrics.port and health.port must differ"),
+        (
+            [
+                "--set",
+                "watchNamespace=other",
+                "--set",
+                "cluster.enabled=true",
+                "--set",
+                "cluster.spec.registry=a:b",
+            ],
+            "the operator would never reconcile it",
+        ),
+        (
+            [
+                "--set",
+                "crds.install=false",
+                "--set",
+                "cluster.enabled=true",
+                "--set",
+                "cluster.spec.registry=a:b",
+            ],
+            "cluster.enabled needs the PatioCluster CRD",
+        ),
+        (["--set", "serviceAccount.create=false"], "serviceAccount.name is required"),
+    ],
+)
+def test_invalid_combinations_fail(values: list[str], message: str) -> None:
+    res = helm("template", "t", str(CHART), *values, check=False)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+
+
+def test_manifests_match_the_chart(tmp_path: Path) -> None:
+    """manifests/ is generated; edit the chart and run operator/hack/render-manifests.sh."""
+    subprocess.run(
+        [str(RENDER_SCRIPT), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"HELM": str(helm_binary()), "PATH": "/usr/bin:/bin"},
+    )
+    committed = ROOT / "manifests"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(p.name for p in committed.iterdir())
+    for name in names:
+        assert (committed / name).read_text() == (tmp_path / name).read_text(), (
+            f"manifests/{name} drifted from the chart: run operator/hack/render-manifests.sh"
+        )
