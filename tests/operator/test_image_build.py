@@ -19,13 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
 BUILD_WHEEL = "python -m pip wheel --no-deps --wheel-dir /wheels ."
-INSTALL = '/opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \\\n       "$(ls /wheels/patio-*.whl)[worker,kubernetes]"'
+INSTALL = (
+    "/opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \\\n"
+    '       "$(ls /wheels/patio-*.whl)[worker,kubernetes]"'
+)
 
 pytestmark = pytest.mark.slow
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False
+    )
     assert res.returncode == 0, f"{cmd}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
     return res.stdout
 
