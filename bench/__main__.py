@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         from bench import alternatives
 
-        md += "\n" + alternatives.markdown(extra)
+        md += "\n" + alternatives.markdown(extra, summaries)
     (out / "latest.md").write_text(md)
     err = report.write_chart(summaries, out / "latest.png",
                              f"patio benchmark ({meta['mode']}, {meta['loop_policy']}, {started})",
