@@ -83,6 +83,9 @@ class Link(asyncio.Protocol):
         self._write_paused = False
         self._write_paused_at = 0.0
         self._resume_waiters: list[asyncio.Future[None]] = []
+        # Why the protocol rejected the peer, if it did: dial() raises it as is
+        # so a wrong key surfaces as AuthenticationError, not a bare HandshakeError.
+        self._rejected: ProtocolError | None = None
         self._last_received = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self.authenticated: asyncio.Future[PeerAuthenticated] = self._loop.create_future()
@@ -212,7 +215,10 @@ class Link(asyncio.Protocol):
             self._timer.cancel()
         self.resume_writing()  # release anyone waiting to write: they will see `closed`
         if not self.authenticated.done():
-            self.authenticated.set_exception(HandshakeError(reason))
+            error = self._rejected
+            if not isinstance(error, HandshakeError):
+                error = HandshakeError(reason)
+            self.authenticated.set_exception(error)
             self.authenticated.exception()  # mark retrieved: failures are logged, not raised
         else:
             self.handler.link_lost(self, reason)
@@ -238,6 +244,12 @@ class Link(asyncio.Protocol):
         else:
             stats.frames_rejected["oversized" if "exceeds" in str(exc) else "malformed"] += 1
         log.warning("closing connection with %s: %s", self._describe(), exc)
+        self._rejected = exc
+        if isinstance(exc, AuthenticationError):
+            # The chunk that carried the peer's bad AUTH may also have carried
+            # its HELLO, so our own AUTH is still queued: send it, or the peer
+            # never learns (nor counts, nor logs) that the keys differ.
+            self._flush()
         self.abort(str(exc))
 
     def _on_authenticated(self, event: PeerAuthenticated) -> None:
