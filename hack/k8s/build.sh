@@ -48,8 +48,9 @@ grep -q "^require k8s.io/kubernetes ${K8S_VERSION}\$" "$here/kube/go.mod" \
 grep -q "^require go.etcd.io/etcd/server/v3 ${ETCD_VERSION}\$" "$here/etcd/go.mod" \
   || { echo "build.sh: hack/k8s/etcd/go.mod is not at ${ETCD_VERSION}: run hack/k8s/gen-modules.sh" >&2; exit 1; }
 
-stamp_key() { # inputs that decide a component's bytes
-  { cat "$here/versions.env"; echo "$go_version"; for f in "$@"; do cat "$f"; done; } | sha256sum | cut -c1-16
+stamp_key() { # inputs that decide a component's bytes (this script holds the flags)
+  { cat "$here/versions.env" "$here/build.sh"; echo "$go_version"; for f in "$@"; do cat "$f"; done; } \
+    | sha256sum | cut -c1-16
 }
 is_built() { # name key binaries...
   local name="$1" key="$2"; shift 2
@@ -88,7 +89,7 @@ build_kube() {
   local ld="-s -w"
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $pkg.gitVersion=${K8S_VERSION} -X $pkg.gitMajor=1 -X $pkg.gitMinor=${minor}"
-    ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z -X $pkg.gitCommit="
   done
   local tmp="$bin_dir/.kube.tmp"
   rm -rf "$tmp"; mkdir -p "$tmp"

@@ -56,6 +56,37 @@ exec "$@"
 """
 
 
+AGENT_ENV = "PATIO_TEST_NODE_AGENT"
+
+
+def sweep_orphans() -> list[int]:
+    """SIGKILL pod processes left by a node agent whose test process died hard.
+
+    Every pod process (and whatever it forks, unless it clears its
+    environment) carries ``PATIO_TEST_NODE_AGENT=<pid of the test process>``;
+    the control plane and direct children die with the test process through
+    ``PR_SET_PDEATHSIG``, grandchildren are found here by that marker.
+    """
+    killed = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(AGENT_ENV.encode() + b"="):
+                owner = int(var.split(b"=", 1)[1] or 0)
+                if owner != me and not Path(f"/proc/{owner}").exists():
+                    with contextlib.suppress(OSError):
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed.append(int(entry.name))
+                break
+    return killed
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -275,6 +306,9 @@ class NodeAgent:
     # --- public helpers ------------------------------------------------------
 
     def start(self, timeout: float = 30) -> None:
+        swept = sweep_orphans()
+        if swept:
+            log.warning("killed %d pod processes left by a dead test process", len(swept))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pod_log_dir.mkdir(parents=True, exist_ok=True)
         self._register()
@@ -653,6 +687,7 @@ class NodeAgent:
             "KUBERNETES_SERVICE_HOST": HOST_IP,
             "KUBERNETES_SERVICE_PORT": str(self.api_port),
             "PYTHONUNBUFFERED": "1",
+            AGENT_ENV: str(os.getpid()),
             # The "image" of every pod is this checkout with the project's virtualenv.
             "PYTHONPATH": str(REPO_ROOT),
             "LANG": os.environ.get("LANG", "C.UTF-8"),

@@ -17,18 +17,22 @@ Fixtures:
     ``patio-node``, running the pods scheduled to it.
 ``kube_namespace`` (function)
     The name of a fresh namespace (with its ``default`` ServiceAccount
-    ready), deleted after the test; teardown waits until it is gone, so the
-    pods' processes are stopped before the next test.
+    ready), deleted after the test; teardown waits until its pods are gone,
+    so their processes are stopped before the next test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -46,13 +50,27 @@ def _workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("kube")
 
 
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def kube_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane = ControlPlane.start(_workdir(tmp_path_factory))
+    # A SIGTERM to the test process runs the teardowns (like Ctrl-C) instead
+    # of leaving the control plane and the pods' processes behind.
+    previous = None
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        yield plane
+        plane = ControlPlane.start(_workdir(tmp_path_factory))
+        try:
+            yield plane
+        finally:
+            plane.stop()
     finally:
-        plane.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +121,19 @@ def kube_namespace(
         except ApiError as exc:
             if exc.status != 404:
                 raise
+        # The namespace controller deletes the pods too, after a discovery pass
+        # of a few seconds; deleting them now (gracefully) saves that wait.
+        with contextlib.suppress(ApiError):
+            rest.delete(f"/api/v1/namespaces/{name}/pods")
+        # Wait until every pod of the namespace is gone (so their processes
+        # are stopped); the namespace object itself may finish later.
         deadline = time.monotonic() + 90
-        while rest.get_or_none(f"/api/v1/namespaces/{name}") is not None:
+        while True:
+            left = rest.get(f"/api/v1/namespaces/{name}/pods").get("items", [])
+            if not left:
+                break
             if time.monotonic() > deadline:
-                pytest.fail(f"namespace {name} was not deleted within 90s")
-            time.sleep(0.25)
+                names = [p["metadata"]["name"] for p in left]
+                pytest.fail(f"pods {names} of namespace {name} were not deleted within 90s")
+            time.sleep(0.2)
         rest.close()
