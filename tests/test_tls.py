@@ -1,0 +1,161 @@
+"""TLS and mutual TLS between TCP brokers, with certificates made by trustme."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trustme
+
+from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
+from patio.errors import PeerConnectionError
+
+KEY = b"tls-test-key"
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def whoami(x: int) -> str:
+    return f"tls:{x}"
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    yield
+    current = asyncio.current_task()
+    deadline = time.monotonic() + 2
+    while left := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tasks left behind: {left}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def mtls_server_ssl(server_ssl: ssl.SSLContext, ca: trustme.CA) -> ssl.SSLContext:
+    server_ssl.verify_mode = ssl.CERT_REQUIRED
+    ca.configure_trust(server_ssl)
+    return server_ssl
+
+
+@pytest.fixture
+def mtls_client_ssl(client_ssl: ssl.SSLContext, client_cert: trustme.LeafCert) -> ssl.SSLContext:
+    client_cert.configure_cert(client_ssl)
+    return client_ssl
+
+
+@contextlib.asynccontextmanager
+async def tls_server(
+    context: ssl.SSLContext, host: str = "127.0.0.1", **kwargs: Any
+) -> AsyncIterator[tuple[TCPServerBroker, int]]:
+    rpc = Registry()
+    rpc.register(whoami, "whoami")
+    async with (
+        AsyncExecutor(rpc) as executor,
+        TCPServerBroker(executor, key=KEY, ssl_context=context, **kwargs) as broker,
+    ):
+        await broker.listen(host, 0)
+        yield broker, broker.listening[0][1]
+
+
+@contextlib.asynccontextmanager
+async def tls_client(
+    context: ssl.SSLContext | None, host: str, port: int, **kwargs: Any
+) -> AsyncIterator[TCPClientBroker]:
+    kwargs.setdefault("connect_timeout", 1.5)
+    kwargs.setdefault("key", KEY)
+    async with (
+        NullExecutor(Registry()) as executor,
+        TCPClientBroker(executor, ssl_context=context, **kwargs) as broker,
+    ):
+        await broker.connect(host, port)
+        yield broker
+
+
+def link_ssl_object(broker: TCPServerBroker | TCPClientBroker) -> Any:
+    (peer,) = broker._peers
+    transport = peer.link._transport
+    assert transport is not None
+    return transport.get_extra_info("ssl_object")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_server_only_tls(
+    host: str, server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    async with (
+        tls_server(server_ssl, host) as (server, port),
+        tls_client(client_ssl, host, port) as client,
+    ):
+        assert await client.call("whoami", 1, timeout=5) == "tls:1"
+        ssl_object = link_ssl_object(client)
+        assert ssl_object is not None
+        assert ssl_object.version() in ("TLSv1.2", "TLSv1.3")
+        # The server did not ask for a client certificate.
+        assert link_ssl_object(server).getpeercert() is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_mutual_tls(
+    host: str, mtls_server_ssl: ssl.SSLContext, mtls_client_ssl: ssl.SSLContext
+) -> None:
+    async with (
+        tls_server(mtls_server_ssl, host) as (server, port),
+        tls_client(mtls_client_ssl, host, port) as client,
+    ):
+        results = await asyncio.gather(*(client.call("whoami", i, timeout=5) for i in range(20)))
+        assert results == [f"tls:{i}" for i in range(20)]
+        peer_cert = link_ssl_object(server).getpeercert()
+        assert peer_cert is not None
+        names = [value for kind, value in peer_cert.get("subjectAltName", ()) if kind == "email"]
+        assert names == ["patio-client@example.test"]
+
+
+async def test_mutual_tls_refuses_a_client_without_certificate(
+    mtls_server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    async with tls_server(mtls_server_ssl) as (server, port):
+        t0 = time.monotonic()
+        with pytest.raises(PeerConnectionError) as info:
+            async with tls_client(client_ssl, "127.0.0.1", port, connect_timeout=1.0):
+                pass
+        assert time.monotonic() - t0 < 3
+        assert isinstance(info.value, ConnectionError)
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert server.peers() == []
+        assert server.stats.connects == 0
+
+
+async def test_client_not_trusting_the_ca_fails_clearly(server_ssl: ssl.SSLContext) -> None:
+    untrusting = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    untrusting.load_verify_locations(cadata=trustme.CA().cert_pem.bytes().decode())
+    async with tls_server(server_ssl) as (server, port):
+        t0 = time.monotonic()
+        with pytest.raises(PeerConnectionError, match=r"(?i)certificate verify failed"):
+            async with tls_client(untrusting, "127.0.0.1", port, connect_timeout=1.0):
+                pass
+        assert time.monotonic() - t0 < 3
+        assert server.stats.connects == 0
+
+
+async def test_plain_client_against_tls_server_fails(server_ssl: ssl.SSLContext) -> None:
+    async with tls_server(server_ssl, handshake_timeout=1.0) as (server, port):
+        with pytest.raises(PeerConnectionError):
+            async with tls_client(None, "127.0.0.1", port, connect_timeout=1.0):
+                pass
+        assert server.stats.connects == 0
+
+
+async def test_tls_and_wrong_key_still_fails(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    """TLS secures the pipe; the shared key still decides who may join."""
+    async with tls_server(server_ssl) as (server, port):
+        with pytest.raises(PeerConnectionError, match="AuthenticationError"):
+            async with tls_client(client_ssl, "127.0.0.1", port, key=b"other", connect_timeout=1.0):
+                pass
+        assert server.stats.handshake_failures["auth"] >= 1
