@@ -282,6 +282,8 @@ def start_apiserver(
         # 127.0.0.1 may not be written into Endpoints, so keep the reconciler
         # of the `kubernetes` Service off.
         "--endpoint-reconciler-type=none",
+        # The test node's only reachable address (for `kubectl logs`).
+        "--kubelet-preferred-address-types=InternalIP",
         "--v=1",
         *extra_args,
     ]

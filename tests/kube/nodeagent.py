@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import procs
+from .kubeletapi import KubeletServer
+from .pki import CertPair
 from .podspec import ConfigError, Obj, expand, resolve_env, volume_files
 from .rest import ApiError, RestClient
 from .volumes import VolumeError, write_atomic
@@ -57,6 +59,8 @@ exec "$@"
 
 
 AGENT_ENV = "PATIO_TEST_NODE_AGENT"
+# Lines the agent itself writes into a container's log file start with this.
+MARK = "[patio-node]"
 
 
 def sweep_orphans() -> list[int]:
@@ -271,6 +275,7 @@ class NodeAgent:
         backoff_max: float = 10.0,
         ip_pool: IpPool | None = None,
         allocatable: dict[str, str] | None = None,
+        serving_cert: CertPair | None = None,
     ) -> None:
         self.server = server
         self.rest = RestClient(server, str(ca), client_cert)
@@ -292,6 +297,8 @@ class NodeAgent:
             "ephemeral-storage": "100Gi",
         }
         self.pods: dict[str, PodRun] = {}
+        # Serves /containerLogs so that `kubectl logs` works (needs a cert).
+        self.kubelet_api = KubeletServer(serving_cert, self._resolve_log) if serving_cert else None
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -311,6 +318,8 @@ class NodeAgent:
             log.warning("killed %d pod processes left by a dead test process", len(swept))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pod_log_dir.mkdir(parents=True, exist_ok=True)
+        if self.kubelet_api is not None:
+            self.kubelet_api.start()
         self._register()
         self._thread = threading.Thread(target=self._run, name="patio-node-agent", daemon=True)
         self._thread.start()
@@ -350,6 +359,8 @@ class NodeAgent:
             with contextlib.suppress(OSError):
                 d.rmdir()
         self._created_dirs.clear()
+        if self.kubelet_api is not None:
+            self.kubelet_api.stop()
         self.rest.close()
 
     def log_path(self, namespace: str, pod: str, container: str | None = None) -> Path:
@@ -371,6 +382,20 @@ class NodeAgent:
             return self.log_path(namespace, pod, container).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def _resolve_log(
+        self, namespace: str, pod: str, container: str
+    ) -> tuple[Path, Callable[[], bool]] | None:
+        path = self.pod_log_dir / f"{namespace}_{pod}_{container}.log"
+        run = self.pod(namespace, pod)
+        if run is None or container not in {c.name for c in run.all_containers()}:
+            return (path, lambda: False) if path.exists() else None
+
+        def alive() -> bool:
+            with self._lock:
+                return run.uid in self.pods and not self._stop.is_set()
+
+        return path, alive
 
     def pod(self, namespace: str, name: str) -> PodRun | None:
         with self._lock:
@@ -423,7 +448,9 @@ class NodeAgent:
                 {"type": "InternalIP", "address": HOST_IP},
                 {"type": "Hostname", "address": self.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {
+                "kubeletEndpoint": {"Port": self.kubelet_api.port if self.kubelet_api else 0}
+            },
             "nodeInfo": {
                 "machineID": "patio",
                 "systemUUID": "patio",
@@ -738,7 +765,9 @@ class NodeAgent:
                 "/bin/sh", "-c", _MOUNT_SCRIPT, "patio-pod", *mounts, "--", *full,
             ]  # fmt: skip
         with c.log_path.open("ab") as f:
-            f.write(f"# {now_iso()} start {c.name} (restart {c.restart_count}): {argv}\n".encode())
+            f.write(
+                f"{MARK} {now_iso()} start {c.name} (restart {c.restart_count}): {argv}\n".encode()
+            )
         c.proc = procs.spawn(full, log=c.log_path, env=env, cwd=cwd)
         c.started_at = now_iso()
         c.started_mono = time.monotonic()
@@ -825,7 +854,7 @@ class NodeAgent:
         exit_code = 128 + sig if sig else code
         reason = "Completed" if exit_code == 0 else "Error"
         with c.log_path.open("ab") as f:
-            f.write(f"# {now_iso()} {c.name} exited with code {exit_code}\n".encode())
+            f.write(f"{MARK} {now_iso()} {c.name} exited with code {exit_code}\n".encode())
         self._exited(run, c, exit_code=exit_code, reason=reason, signal_num=sig)
 
     def _run_probe(self, run: PodRun, c: Container, probe: Probe) -> bool:
@@ -932,7 +961,7 @@ class NodeAgent:
     def _kill_for_restart(self, run: PodRun, c: Container, why: str) -> None:
         assert c.proc is not None
         with c.log_path.open("ab") as f:
-            f.write(f"# {now_iso()} {why}: stopping {c.name}\n".encode())
+            f.write(f"{MARK} {now_iso()} {why}: stopping {c.name}\n".encode())
         c.liveness_kill = True
         c.ready = False
         procs.signal_group(c.proc, signal.SIGTERM)

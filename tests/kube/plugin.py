@@ -24,6 +24,7 @@ Fixtures:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from cryptography import x509
 
 from .controlplane import ControlPlane
 from .nodeagent import NodeAgent
@@ -82,6 +84,11 @@ def kube_node(kube_control_plane: ControlPlane) -> Iterator[NodeAgent]:
         plane.pki.admin,
         plane.workdir / "node",
         plane.log_dir,
+        serving_cert=plane.pki.issue(
+            "patio-node",
+            server_sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+            name="kubelet",
+        ),
     )
     try:
         agent.start()

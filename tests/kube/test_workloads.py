@@ -159,6 +159,9 @@ def test_statefulset_pods_run_and_scale_down(
     assert names == ["w-0", "w-1"]
     wait_until(lambda: "hello from w-1" in kube_node.pod_log(ns, "w-1"), timeout=10)
     pid1 = kube_node.pids(ns, "w-1")["worker"]
+    # kubectl logs goes API server -> the node's kubelet endpoint
+    logs = plane.kubectl("logs", "-n", ns, "w-1").stdout
+    assert logs == "hello from w-1\n"
 
     plane.kubectl("scale", "-n", ns, "sts/w", "--replicas=1")
     wait_until(lambda: [p["metadata"]["name"] for p in pods(plane, ns)] == ["w-0"], timeout=60)
