@@ -457,6 +457,9 @@ def test_random_messages_after_auth_are_valid_or_protocol_errors(
         ([MessageType.CALL, 1, "t", "text", None, False], "CALL field 3"),
         ([MessageType.CALL, 1, "t", b"", "soon", False], "CALL field 4"),
         ([MessageType.CALL, 1, "t", b"", None, 1], "CALL field 5"),
+        ([MessageType.CALL, 1, "t", b"", float("nan"), False], "not finite"),
+        ([MessageType.CALL, 1, "t", b"", float("inf"), False], "not finite"),
+        ([MessageType.CALL, 1, "t", b"", float("-inf"), False], "not finite"),
         ([MessageType.RESULT, 1, "text"], "RESULT field 2"),
         ([MessageType.RESULT, None, b""], "RESULT field 1"),
         ([MessageType.ERROR, 1, "x", b""], "ERROR field 2"),
@@ -481,6 +484,13 @@ def test_malformed_messages_after_auth(message: Any, needle: str) -> None:
     with pytest.raises(ProtocolError, match=needle):
         b.receive_data(frame(message))
     assert b.state is State.CLOSED
+
+
+@pytest.mark.parametrize("timeout", [None, 0, -1, 0.0, 2.5, 10**12, 1e300])
+def test_call_timeouts_that_are_accepted(timeout: Any) -> None:
+    a, b = open_pair()
+    a.send_call(1, "t", b"", timeout, False)
+    assert b.receive_data(a.data_to_send()) == [[MessageType.CALL, 1, "t", b"", timeout, False]]
 
 
 def test_invalid_msgpack_after_auth() -> None:
