@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "original_version": ORIGINAL_VERSION,
         "capabilities": caps,
         "python": {name: env.python for name, env in envs.items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
         "scenarios": [s.__dict__ for s in scenarios],
         "order": "for each scenario, for each run, every system in turn (ABCABC...)",
     }

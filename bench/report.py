@@ -195,7 +195,10 @@ def markdown(meta: dict[str, Any], summaries: list[dict[str, Any]],
         f"original **{meta['serializers']['original']}**, "
         f"ceiling **{meta['serializers']['ceiling']}**. "
         f"Runs per system: {meta.get('runs')} (interleaved ABCABC…; medians shown). "
-        f"Our patio: {meta.get('ours_version')}; original: patio=={meta.get('original_version')}.",
+        f"Our patio: {meta.get('ours_version')}; original: patio=={meta.get('original_version')}. "
+        f"Machine: {meta['machine']['cpus']} CPUs, load average at start "
+        f"{meta['machine']['loadavg_at_start']} (other work on the machine adds noise; "
+        "each record in latest.jsonl has the 1-minute load average before it).",
         "",
         "calls/s are medians; p50/p99 are per-call latencies in µs (ours / original / ceiling); "
         "RSS is the peak RSS (MB) of each process, max over runs; CPU is µs of CPU per call, "

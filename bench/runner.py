@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -134,6 +135,7 @@ def measure(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path,
         record.update(ok=False, status="unavailable", error=why_not)
         return record
     t0 = time.monotonic()
+    record["loadavg_1m_before"] = round(os.getloadavg()[0], 2)
     try:
         with ProcGroup() as group:
             if sc.kind == "memory":
@@ -207,6 +209,10 @@ def _run_client_server(system: System, sc: Scenario, use_uvloop: bool, log_dir: 
     server_share = server_cpu * (done / total) if total else 0.0
     body["cpu_us_per_call"] = _per_call(
         float(result.get("load_cpu_s") or 0.0) + server_share, done)
+    body["cpu_us_per_call_by_role"] = {
+        "caller": _per_call(result.get("load_cpu_s"), done),
+        "executors": _per_call(server_share, done),
+    }
     if "serializer" in ready[0]:
         body["serializer_seen"] = ready[0]["serializer"]
     return body

@@ -69,7 +69,8 @@ def select(quick: bool, names: list[str] | None) -> list[Scenario]:
     pool = QUICK if quick else FULL
     if not names:
         return list(pool)
-    known = {s.name: s for s in FULL + QUICK}
+    other = QUICK if pool is FULL else FULL
+    known = {**{s.name: s for s in other}, **{s.name: s for s in pool}}
     missing = [n for n in names if n not in known]
     if missing:
         raise SystemExit(f"unknown scenario(s): {', '.join(missing)}; known: {sorted(known)}")
