@@ -17,7 +17,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-cache_root="${PATIO_CACHE_DIR:-$HOME/.cache/patio}"
+cache_root="${PATIO_CACHE_DIR:-${HOME:-/root}/.cache/patio}"
 bin_dir="$cache_root/k8s/$K8S_VERSION/bin"
 force=0
 for arg in "$@"; do
@@ -37,6 +37,9 @@ fi
 command -v go >/dev/null 2>&1 || { echo "build.sh: no Go toolchain found (need go >= 1.26)" >&2; exit 1; }
 
 mkdir -p "$bin_dir"
+# One build at a time per cache (two test runs may start together).
+exec 9>"$cache_root/k8s/.build.lock"
+flock 9
 export CGO_ENABLED=0
 # -buildvcs=false: we build from the module cache, not from a checkout.
 export GOFLAGS="-trimpath -buildvcs=false"

@@ -525,7 +525,7 @@ class ControlPlane:
         from kubernetes import client, config
 
         cfg = client.Configuration()
-        config.load_kube_config(
+        config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(kubeconfig or self.kubeconfig), client_configuration=cfg
         )
         return client.ApiClient(cfg)

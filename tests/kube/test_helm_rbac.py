@@ -77,7 +77,7 @@ def test_rbac_client_certificate_user(
     with pytest.raises(ApiException) as denied:
         api.list_namespaced_pod(ns)
     assert denied.value.status == 403
-    message = json.loads(denied.value.body)["message"]
+    message = json.loads(denied.value.body or "{}")["message"]
     assert 'User "alice" cannot list resource "pods"' in message
 
     apply(
