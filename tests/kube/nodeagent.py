@@ -305,7 +305,6 @@ class NodeAgent:
         self._thread: threading.Thread | None = None
         self._last_heartbeat = 0.0
         self._last_volume_sync = 0.0
-        self._created_dirs: list[Path] = []
         self.errors: list[str] = []
         self._unshare = shutil.which("unshare") or "/usr/bin/unshare"
         self._nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
@@ -355,10 +354,6 @@ class NodeAgent:
                         procs.stop(c.proc, grace=0)
                 self._cleanup(run)
             self.pods.clear()
-        for d in reversed(self._created_dirs):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        self._created_dirs.clear()
         if self.kubelet_api is not None:
             self.kubelet_api.stop()
         self.rest.close()
@@ -689,20 +684,19 @@ class NodeAgent:
         return [x for triple in out for x in triple]
 
     def _ensure_mountpoint(self, run: PodRun, dst: Path, is_dir: bool) -> None:
-        """Create a missing mount point on the host (removed again on stop)."""
+        """Create a missing mount point on the host.
+
+        It is left in place (empty) afterwards: removing a mount point
+        detaches the mounts on it in every other mount namespace, which would
+        break the pods of another test session using the same path.
+        """
         if dst.exists():
             return
-        missing = []
-        p = dst
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing[1:] if not is_dir else missing):
-            d.mkdir()
-            self._created_dirs.append(d)
-        if not is_dir:
+        if is_dir:
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             dst.touch()
-            self._created_dirs.append(dst)
 
     def _process_env(
         self, run: PodRun, c: Container, lookup: Callable[..., Obj | None]

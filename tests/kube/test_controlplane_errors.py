@@ -109,7 +109,7 @@ def test_apiserver_that_never_becomes_ready(binaries: Binaries, tmp_path: Path) 
             tmp_path / "certs",
             etcd_url=dead_etcd,
             port=free_port(),
-            timeout=8,
+            timeout=5,
         )
     elapsed = time.monotonic() - started
     log = tmp_path / "logs" / "kube-apiserver.log"

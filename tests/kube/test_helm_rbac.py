@@ -130,3 +130,56 @@ def test_rbac_service_account_token(kube_control_plane: ControlPlane, kube_names
     )
     whoami = plane.kubectl_json("auth", "whoami")  # admin
     assert "system:masters" in whoami["status"]["userInfo"]["groups"]
+
+
+IN_CLUSTER = """
+from kubernetes import client, config
+config.load_incluster_config()
+ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read()
+names = [p.metadata.name for p in client.CoreV1Api().list_namespaced_pod(ns).items]
+print("PODS", sorted(names), flush=True)
+try:
+    client.CoreV1Api().list_namespaced_secret(ns)
+except client.exceptions.ApiException as exc:
+    print("SECRETS", exc.status, flush=True)
+"""
+
+
+def test_pod_uses_its_service_account_in_cluster(
+    kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str
+) -> None:
+    """A pod gets its ServiceAccount's token, the CA and its namespace at the
+    usual path and KUBERNETES_SERVICE_HOST/PORT: in-cluster config works, with
+    exactly the rights its Role grants (the way the operator will run)."""
+    plane, ns = kube_control_plane, kube_namespace
+    plane.kubectl("create", "serviceaccount", "-n", ns, "robot")
+    apply(plane, ns, *reader_role(ns, {"kind": "ServiceAccount", "name": "robot", "namespace": ns}))
+    apply(
+        plane,
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "incluster"},
+            "spec": {
+                "serviceAccountName": "robot",
+                "restartPolicy": "Never",
+                "containers": [
+                    {"name": "c", "image": "x", "command": ["python", "-c", IN_CLUSTER]}
+                ],
+            },
+        },
+    )
+    done = wait_until(
+        lambda: (
+            (p := plane.kubectl_json("get", "pod", "-n", ns, "incluster"))["status"].get("phase")
+            in ("Succeeded", "Failed")
+            and p
+        ),
+        timeout=60,
+        what="in-cluster pod finished",
+    )
+    log = kube_node.pod_log(ns, "incluster")
+    assert done["status"]["phase"] == "Succeeded", log
+    assert "PODS ['incluster']" in log
+    assert "SECRETS 403" in log
