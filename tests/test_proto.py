@@ -457,9 +457,8 @@ def test_random_messages_after_auth_are_valid_or_protocol_errors(
         ([MessageType.CALL, 1, "t", "text", None, False], "CALL field 3"),
         ([MessageType.CALL, 1, "t", b"", "soon", False], "CALL field 4"),
         ([MessageType.CALL, 1, "t", b"", None, 1], "CALL field 5"),
-        ([MessageType.CALL, 1, "t", b"", float("nan"), False], "not finite"),
-        ([MessageType.CALL, 1, "t", b"", float("inf"), False], "not finite"),
-        ([MessageType.CALL, 1, "t", b"", float("-inf"), False], "not finite"),
+        ([MessageType.CALL, 1, "t", b"", float("nan"), False], "NaN"),
+        ([MessageType.CALL, 1, "t", b"", -float("nan"), False], "NaN"),
         ([MessageType.RESULT, 1, "text"], "RESULT field 2"),
         ([MessageType.RESULT, None, b""], "RESULT field 1"),
         ([MessageType.ERROR, 1, "x", b""], "ERROR field 2"),
@@ -486,7 +485,9 @@ def test_malformed_messages_after_auth(message: Any, needle: str) -> None:
     assert b.state is State.CLOSED
 
 
-@pytest.mark.parametrize("timeout", [None, 0, -1, 0.0, 2.5, 10**12, 1e300])
+@pytest.mark.parametrize(
+    "timeout", [None, 0, -1, 0.0, 2.5, 10**12, 1e300, float("inf"), float("-inf")]
+)
 def test_call_timeouts_that_are_accepted(timeout: Any) -> None:
     a, b = open_pair()
     a.send_call(1, "t", b"", timeout, False)

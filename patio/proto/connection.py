@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from math import isfinite
+from math import isnan
 from typing import Any, Final
 
 import msgpack
@@ -252,10 +252,10 @@ class Connection:
                             or (message[4] is not None and type(message[4]) not in (int, float))
                         ):
                             raise ProtocolError(shape_error(message) or "malformed frame")
-                        if kind == 3 and type(message[4]) is float and not isfinite(message[4]):
+                        if kind == 3 and type(message[4]) is float and isnan(message[4]):
                             # A NaN deadline in the event loop's timer heap breaks its
                             # order: every timer of the process would fire at once.
-                            raise ProtocolError(f"CALL timeout {message[4]!r} is not finite")
+                            raise ProtocolError("CALL timeout is NaN")
                         events.append(message)
                         continue
                     problem = shape_error(message)
