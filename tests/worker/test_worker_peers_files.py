@@ -1,15 +1,17 @@
-"""Peers file parsing and watching; noticing Kubernetes-style file swaps."""
+"""Peers file parsing at start-up; noticing Kubernetes-style file swaps.
+
+Watching the peers file is the broker's (test_worker_inprocess.py runs it
+through the worker with the real broker)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from patio.worker.files import FileSetWatch, file_identity
-from patio.worker.peers import PeersFileError, parse_peers_text, read_peers_file, watch_file
+from patio.worker.peers import PeersFileError, parse_peers_text, read_peers_file
 
 
 def test_parse_peers_text() -> None:
@@ -57,34 +59,3 @@ def test_symlink_swap_is_noticed_even_with_same_size_and_mtime(tmp_path: Path) -
     assert watch.changed()
     assert not watch.changed()
     assert file_identity(str(tmp_path / "missing")) is None
-
-
-async def test_watch_file_keeps_last_good_set(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "peers"
-    path.write_text("127.0.0.1:1\n127.0.0.1:2\n")
-    seen: list[frozenset[tuple[str, int]]] = []
-    task = asyncio.create_task(watch_file(str(path), seen.append, default_port=9, interval=0.02))
-
-    async def settle() -> None:
-        await asyncio.sleep(0.15)
-
-    try:
-        await settle()
-        assert seen == [{("127.0.0.1", 1), ("127.0.0.1", 2)}]
-        path.write_text("127.0.0.1:1\nthis is not an address:x\n")  # malformed
-        await settle()
-        path.write_text("")  # empty
-        await settle()
-        path.unlink()  # missing
-        await settle()
-        assert len(seen) == 1, "a broken file must not replace the last good set"
-        assert "line 2" in caplog.text and "is empty" in caplog.text
-        assert "does not exist" in caplog.text
-        path.write_text("127.0.0.1:3\n")
-        await settle()
-        assert seen[-1] == {("127.0.0.1", 3)}
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
