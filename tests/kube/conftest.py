@@ -1,8 +1,23 @@
-"""Make the fixtures of ``tests.kube.plugin`` available to tests/kube even when
-the suite-wide ``tests/conftest.py`` does not register the plugin (it should:
-``pytest_plugins = ["tests.kube.plugin"]``)."""
+"""Register the ``tests.kube.plugin`` fixtures for the whole session when the
+suite-wide ``tests/conftest.py`` does not (it should:
+``pytest_plugins = ["tests.kube.plugin"]``).
 
-import sys
+Registering the plugin (rather than importing its fixtures here) keeps one
+control plane per session: fixtures of a registered plugin are global, while
+fixtures imported into a conftest are a separate, folder-local copy.
+"""
 
-if "tests.kube.plugin" not in sys.modules:
-    from tests.kube.plugin import kube_control_plane, kube_namespace, kube_node  # noqa: F401
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("tests.kube.plugin"):
+        with warnings.catch_warnings():
+            # Another conftest may have imported the module already; it has
+            # no asserts that need rewriting.
+            warnings.simplefilter("ignore", pytest.PytestAssertRewriteWarning)
+            config.pluginmanager.import_plugin("tests.kube.plugin")
