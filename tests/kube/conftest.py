@@ -9,15 +9,13 @@ fixtures imported into a conftest are a separate, folder-local copy.
 
 from __future__ import annotations
 
-import warnings
+import importlib
 
 import pytest
 
+PLUGIN = "tests.kube.plugin"
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.has_plugin("tests.kube.plugin"):
-        with warnings.catch_warnings():
-            # Another conftest may have imported the module already; it has
-            # no asserts that need rewriting.
-            warnings.simplefilter("ignore", pytest.PytestAssertRewriteWarning)
-            config.pluginmanager.import_plugin("tests.kube.plugin")
+    if not config.pluginmanager.has_plugin(PLUGIN):
+        config.pluginmanager.register(importlib.import_module(PLUGIN), PLUGIN)
