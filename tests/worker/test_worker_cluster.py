@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -64,6 +65,7 @@ def executed(workers: list[Any], task: str, outcome: str = "ok") -> float:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_patio_call_metrics_health_and_clean_exit(spawn: Spawner, tmp_path: Path) -> None:
     key = tmp_path / "key"
     write_key(key, "cluster-key")
@@ -269,3 +271,27 @@ async def test_key_rotation_by_files_loses_no_call(spawn: Spawner, tmp_path: Pat
     assert ok > 100
     status, body = http_get(b2.metrics_url + "/readyz")
     assert status == 200, body
+
+
+@pytest.mark.slow
+async def test_second_signal_exits_at_once(spawn: Spawner, tmp_path: Path) -> None:
+    worker = spawn.worker("--key", "k", "--drain-timeout", "60")
+    worker.wait_ready()
+    async with caller([(worker.host, worker.port)], "k") as broker:
+        pending = asyncio.ensure_future(broker.call("sleep", 30, timeout=60))
+        await asyncio.sleep(0.5)
+        worker.terminate()  # drain: waits for the 30 s call
+        deadline = time.monotonic() + 10
+        while http_get(worker.metrics_url + "/readyz") != (503, "draining\n"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert sample_sum(scrape(worker.metrics_url + "/metrics"), "patio_draining") == 1
+        assert worker.proc.poll() is None
+        started = time.monotonic()
+        worker.proc.send_signal(signal.SIGINT)  # the second signal
+        code = await asyncio.to_thread(worker.wait, 10)
+        assert time.monotonic() - started < 5
+        assert code == 1
+        assert "exiting without waiting" in worker.log()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pending, 5)
