@@ -120,3 +120,34 @@ def test_apiserver_that_never_becomes_ready(binaries: Binaries, tmp_path: Path) 
     assert log.exists() and log.stat().st_size > 0
     assert set(procs.live()) == before
     print(message)
+
+
+def test_fixture_fails_not_skips_without_binaries(tmp_path: Path) -> None:
+    """A session whose binaries are missing errors out, naming the build command."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PATIO_K8S_BIN_DIR": str(tmp_path / "empty")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "tests/kube/test_workloads.py::test_version_is_pinned",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "1 error" in out and "skipped" not in out, out
+    assert "MissingBinaryError" in out and BUILD_COMMAND in out, out
