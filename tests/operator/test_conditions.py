@@ -83,6 +83,12 @@ def test_rolling_update_and_scaling_are_progressing() -> None:
     assert conds(st)["Progressing"] == ("True", "ScalingDown")
 
 
+def test_workers_on_their_way_to_ready_are_progressing_not_degraded() -> None:
+    st = status.compute_status(cluster(), observe(views(3, 1)), {}, NOW)
+    assert conds(st)["Progressing"] == ("True", "StartingWorkers")
+    assert conds(st)["Degraded"] == ("False", "AsExpected")
+
+
 def test_rotation_in_progress_is_progressing() -> None:
     st = status.compute_status(cluster(), observe(views(3, 3), rotation_phase="Accepting"), {}, NOW)
     assert conds(st)["Progressing"] == ("True", "RotatingKey")
@@ -122,4 +128,5 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     assert ready is not None and ready["lastTransitionTime"] == LATER
     degraded = status.condition(flipped, "Degraded")
     assert degraded is not None and degraded["lastTransitionTime"] == NOW
-    assert [t[0] for t in status.transitions(first, flipped)] == ["Ready", "MeshReady"]
+    flips = [t[0] for t in status.transitions(first, flipped)]
+    assert flips == ["Ready", "Progressing", "MeshReady"]

@@ -33,7 +33,9 @@ def test_identity(crd: dict[str, Any]) -> None:
     assert crd["metadata"]["name"] == f"{names.PLURAL}.{names.GROUP}"
     assert crd["spec"]["group"] == names.GROUP
     assert crd["spec"]["names"]["kind"] == names.KIND
-    assert crd["spec"]["names"]["shortNames"] == ["pc"]
+    # `pc` is PriorityClass's short name; kubectl would never reach ours.
+    assert crd["spec"]["names"]["shortNames"] == ["ptc"]
+    assert crd["spec"]["names"]["categories"] == ["patio"]
     assert version(crd)["name"] == names.VERSION
 
 

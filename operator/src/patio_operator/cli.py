@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":
+        # kopf logs every handler success at INFO: one line per pod event.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = list(args.namespace or [])
     if not namespaces and os.environ.get("PATIO_OPERATOR_NAMESPACES"):
         namespaces = [
@@ -115,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rotation_tick_seconds=args.rotation_tick_seconds,
     )
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube.Kube(), config, handlers.emit)
+    client = kube.Kube()
+    reconciler = Reconciler(client, config, client.post_event)
     handlers.register(registry, reconciler)
 
     settings = kopf.OperatorSettings()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -26,11 +26,6 @@ from patio_operator import names, peers
 from patio_operator.reconciler import Reconciler
 
 log = logging.getLogger("patio_operator")
-
-
-def emit(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post a Kubernetes Event about a PatioCluster (thread-safe in kopf)."""
-    kopf.event(kopf.Body(cast(Any, dict(body))), type=type_, reason=reason, message=message[:1024])
 
 
 def to_plain(value: Any) -> Any:
@@ -44,6 +39,13 @@ def to_plain(value: Any) -> Any:
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     """Attach every handler to `registry`."""
+
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> Any:
+        # An explicit registry gets none of kopf's default login handlers:
+        # use the official client's config (in-cluster token or KUBECONFIG),
+        # the same credentials the reconciler's own client uses.
+        return kopf.login_via_client(**kwargs)
 
     def pods_for(index: Any, namespace: str, name: str) -> list[peers.PodView]:
         return list(index.get((namespace, name), []))

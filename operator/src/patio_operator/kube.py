@@ -9,6 +9,10 @@ dicts end to end (the pure functions build dicts; no model classes), and one
 from __future__ import annotations
 
 import json
+import logging
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -17,6 +21,7 @@ from kubernetes.client import ApiException
 from patio_operator import names
 
 Obj = dict[str, Any]
+log = logging.getLogger("patio_operator")
 
 #: kind -> plural. Every kind the operator touches is namespaced.
 PLURALS = {
@@ -137,6 +142,45 @@ class Kube:
                 return False
             raise
         return True
+
+    def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        """Record a core/v1 Event about `involved`; best effort, never raises.
+
+        Posted directly rather than through kopf.event, which only works
+        inside kopf's handler context (the periodic resync runs outside it).
+        """
+        meta = involved.get("metadata") or {}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{meta.get('name', 'patio')}.",
+                "namespace": meta.get("namespace"),
+            },
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", names.API_VERSION),
+                "kind": involved.get("kind", names.KIND),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": names.FIELD_MANAGER},
+            "reportingComponent": names.FIELD_MANAGER,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._call("POST", path("v1", "Event", str(meta.get("namespace"))), body=event)
+        except Exception:
+            log.warning("could not post Event %s for %s", reason, meta.get("name"), exc_info=True)
 
     def patch_status(self, namespace: str, name: str, status: Obj) -> Obj:
         """Merge-patch the PatioCluster's status subresource."""

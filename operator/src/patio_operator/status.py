@@ -112,6 +112,8 @@ def compute_status(
     else:
         ready_c = cond("Ready", False, "WorkersNotReady", f"{ready}/{desired} workers ready")
 
+    failures = [f"{p.name} ({p.failure})" for p in observed.pods if p.failure]
+
     # Progressing: the cluster is moving towards its spec.
     if sts is None:
         prog_c = cond("Progressing", True, "Creating", "the StatefulSet does not exist yet")
@@ -125,6 +127,10 @@ def compute_status(
         prog_c = cond(
             "Progressing", True, "ScalingDown", f"{len(observed.pods)} workers, {desired} desired"
         )
+    elif ready < desired and not failures:
+        prog_c = cond(
+            "Progressing", True, "StartingWorkers", f"{ready}/{desired} workers ready so far"
+        )
     elif observed.rotation_phase not in ("", "Idle"):
         prog_c = cond(
             "Progressing", True, "RotatingKey", f"key rotation step {observed.rotation_phase}"
@@ -133,7 +139,6 @@ def compute_status(
         prog_c = cond("Progressing", False, "Stable", "the cluster matches its spec")
 
     # Degraded: something needs a human (crashing pods, an unusable spec).
-    failures = [f"{p.name} ({p.failure})" for p in observed.pods if p.failure]
     if observed.problems:
         deg_c = cond("Degraded", True, "ReconcileError", "; ".join(observed.problems))
     elif failures:

@@ -1,0 +1,567 @@
+"""The operator against a real API server (tests/kube): CRD validation,
+rendered manifests, and the operator itself running as a subprocess with the
+chart's namespaced RBAC (a ServiceAccount token, not admin).
+
+Workers run as local processes through the test node agent (`patio worker`
+from this checkout), so Ready/MeshReady and key rotation are checked with
+real workers reporting real fingerprints.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chart_tools import CHART, ROOT, helm
+from patio_operator import rotation
+
+from tests.kube.controlplane import ControlPlane
+from tests.kube.helpers import wait_until
+from tests.kube.nodeagent import NodeAgent
+
+pytestmark = pytest.mark.kube
+
+CRD_FILE = CHART / "files" / "crd-patioclusters.yaml"
+REGISTRY = "examples.k8s.tasks:rpc"
+
+
+@pytest.fixture(scope="session")
+def crd(kube_control_plane: ControlPlane) -> None:
+    kube_control_plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    kube_control_plane.kubectl(
+        "wait", "--for=condition=Established", "crd/patioclusters.patio.dev", "--timeout=60s"
+    )
+
+
+def get(plane: ControlPlane, ns: str, *what: str) -> Any:
+    res = plane.kubectl("get", "-n", ns, *what, "-o", "json", check=False)
+    return json.loads(res.stdout) if res.returncode == 0 else None
+
+
+def cluster_obj(name: str, **spec: Any) -> dict[str, Any]:
+    body = {"registry": REGISTRY, "replicas": 2, "drainTimeoutSeconds": 2}
+    body.update(spec)
+    return {
+        "apiVersion": "patio.dev/v1alpha1",
+        "kind": "PatioCluster",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def apply_obj(
+    plane: ControlPlane, ns: str, obj: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    return plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj), check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == ctype:
+            return dict(c)
+    return {}
+
+
+def wait_condition(
+    plane: ControlPlane, ns: str, name: str, ctype: str, status: str = "True", timeout: float = 90
+) -> dict[str, Any]:
+    """Wait until the cluster's condition has `status`; return the cluster."""
+
+    def check() -> dict[str, Any] | None:
+        obj = get(plane, ns, "ptc", name)
+        return obj if condition(obj, ctype).get("status") == status else None
+
+    return wait_until(check, timeout=timeout, what=f"{name} {ctype}={status}")
+
+
+def secret_keys(plane: ControlPlane, ns: str, name: str) -> dict[str, str] | None:
+    sec = get(plane, ns, "secret", name)
+    if not sec:
+        return None
+    return {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()}
+
+
+class Operator:
+    """`python -m patio_operator` as a subprocess with the chart's namespaced RBAC."""
+
+    def __init__(self, plane: ControlPlane, ns: str, workdir: Path, *extra: str) -> None:
+        self.plane, self.ns, self.extra = plane, ns, extra
+        self.log = workdir / f"operator-{ns}.log"
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        # RBAC exactly as the chart renders it for watchNamespace=ns.
+        rendered = helm(
+            "template",
+            "patio",
+            str(CHART),
+            "--namespace",
+            ns,
+            "--set",
+            f"watchNamespace={ns}",
+            "--set",
+            "crds.install=false",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ).stdout
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=rendered)
+        token = plane.kubectl("create", "token", "patio-operator", "-n", ns, "--duration=2h").stdout
+        self.kubeconfig = plane.token_kubeconfig(token.strip(), f"operator-{ns}")
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "operator" / "src"), str(ROOT)])
+        env.pop("KUBERNETES_SERVICE_HOST", None)  # not in-cluster: use the kubeconfig
+        cmd = [
+            sys.executable,
+            "-m",
+            "patio_operator",
+            "--namespace",
+            self.ns,
+            "--operator-namespace",
+            self.ns,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-port",
+            str(self.health_port),
+            "--resync-seconds",
+            "5",
+            "--rotation-tick-seconds",
+            "1",
+            *self.extra,
+        ]
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        out.close()
+        wait_until(self.healthy, timeout=30, what="operator /healthz")
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.health_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            return str(r.read().decode())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def operator(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    crd: None,
+    tmp_path: Path,
+) -> Iterator[Operator]:
+    op = Operator(
+        kube_control_plane,
+        kube_namespace,
+        tmp_path,
+        "--rotation-check",
+        "metrics",
+        "--rotation-settle-seconds",
+        "3",
+    )
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        # Clusters go before the namespace so their workers drain in time.
+        kube_control_plane.kubectl(
+            "delete", "patioclusters", "--all", "-n", kube_namespace, "--wait=false", check=False
+        )
+        print(op.logs())
+
+
+# -- the CRD ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"replicas": -1}, "spec.replicas"),
+        ({"executor": "fork"}, "spec.executor"),
+        ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+        ({"registry": "no-colon"}, "spec.registry"),
+        ({"port": 70000}, "spec.port"),
+        ({"metrics": {"port": 15383}}, "spec.metrics.port"),
+        ({"auth": {"existingSecret": "s", "rotation": "x"}}, "spec.auth.rotation"),
+        ({"drainTimeoutSeconds": -5}, "spec.drainTimeoutSeconds"),
+    ],
+)
+def test_invalid_clusters_are_refused_naming_the_field(
+    kube_control_plane: ControlPlane,
+    kube_namespace: str,
+    crd: None,
+    spec: dict[str, Any],
+    field: str,
+) -> None:
+    res = apply_obj(kube_control_plane, kube_namespace, cluster_obj("bad", **spec))
+    assert res.returncode != 0
+    assert field in res.stderr, res.stderr
+
+
+def test_missing_registry_is_refused(
+    kube_control_plane: ControlPlane, kube_namespace: str, crd: None
+) -> None:
+    obj = cluster_obj("bad")
+    del obj["spec"]["registry"]
+    res = apply_obj(kube_control_plane, kube_namespace, obj)
+    assert res.returncode != 0
+    assert "spec.registry: Required value" in res.stderr, res.stderr
+
+
+def test_defaults_are_filled_and_printer_columns_work(
+    kube_control_plane: ControlPlane, kube_namespace: str, crd: None
+) -> None:
+    plane, ns = kube_control_plane, kube_namespace
+    obj = cluster_obj("ok")
+    obj["spec"] = {"registry": REGISTRY}
+    assert apply_obj(plane, ns, obj).returncode == 0
+    spec = get(plane, ns, "ptc", "ok")["spec"]
+    assert (spec["replicas"], spec["executor"], spec["port"]) == (3, "async", 15383)
+    table = plane.kubectl("get", "-n", ns, "ptc", "ok").stdout
+    assert table.split()[:6] == ["NAME", "REPLICAS", "READY", "PEERS", "STATUS", "AGE"]
+
+
+def test_example_yamls_are_accepted(
+    kube_control_plane: ControlPlane, kube_namespace: str, crd: None
+) -> None:
+    for path in sorted((ROOT / "examples" / "k8s").glob("*.yaml")):
+        res = kube_control_plane.kubectl(
+            "apply", "--dry-run=server", "-n", kube_namespace, "-f", str(path), check=False
+        )
+        assert res.returncode == 0, f"{path.name}: {res.stderr}"
+
+
+def test_rendered_manifests_pass_server_dry_run(
+    kube_control_plane: ControlPlane, crd: None
+) -> None:
+    plane = kube_control_plane
+    manifests = ROOT / "manifests"
+    plane.kubectl("apply", "-f", str(manifests / "namespace.yaml"))
+    try:
+        for name in ("crd.yaml", "operator.yaml", "example-patiocluster.yaml"):
+            res = plane.kubectl(
+                "apply", "--dry-run=server", "-f", str(manifests / name), check=False
+            )
+            assert res.returncode == 0, f"{name}: {res.stderr}"
+        res = plane.kubectl("apply", "--dry-run=server", "-k", str(manifests), check=False)
+        assert res.returncode == 0, res.stderr
+    finally:
+        plane.kubectl("delete", "namespace", "patio-system", "--wait=false", check=False)
+
+
+# -- the operator -------------------------------------------------------------
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(r["uid"] == uid and r.get("controller") for r in refs)
+
+
+def peers_of(plane: ControlPlane, ns: str, name: str) -> list[str]:
+    cm = get(plane, ns, "configmap", f"{name}-peers")
+    if not cm:
+        return []
+    text = cm["data"].get("peers", "")
+    return sorted(ln for ln in text.splitlines() if ln and not ln.startswith("#"))
+
+
+def pod_addresses(plane: ControlPlane, ns: str, name: str) -> list[str]:
+    pods = get(plane, ns, "pods", "-l", f"patio.dev/cluster={name}")["items"]
+    return sorted(
+        f"{p['status']['podIP']}:15383"
+        for p in pods
+        if p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp")
+    )
+
+
+def test_operator_builds_the_mesh_and_keeps_it_current(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+) -> None:
+    plane, ns = kube_control_plane, kube_namespace
+    assert apply_obj(plane, ns, cluster_obj("mesh")).returncode == 0
+    uid = get(plane, ns, "ptc", "mesh")["metadata"]["uid"]
+
+    # Every child exists and is owned by the cluster (cascade deletion).
+    for kind, name in [
+        ("statefulset", "mesh"),
+        ("service", "mesh"),
+        ("service", "mesh-mesh"),
+        ("secret", "mesh-auth"),
+        ("configmap", "mesh-peers"),
+        ("poddisruptionbudget", "mesh"),
+    ]:
+        obj = wait_until(
+            lambda k=kind, n=name: get(plane, ns, k, n), timeout=30, what=f"{kind}/{name}"
+        )
+        assert owned_by(obj, uid), f"{kind}/{name} not owned by the cluster"
+    keys = secret_keys(plane, ns, "mesh-auth")
+    assert keys is not None and len(keys["key"]) >= 40 and "next-key" not in keys
+
+    # The peers file follows the pods, and real workers become ready on it.
+    wait_until(lambda: len(pod_addresses(plane, ns, "mesh")) == 2, timeout=60, what="2 pods")
+    wait_until(
+        lambda: peers_of(plane, ns, "mesh") == pod_addresses(plane, ns, "mesh"),
+        timeout=15,
+        what="peers published",
+    )
+    pc = wait_condition(plane, ns, "mesh", "Ready")
+    st = pc["status"]
+    assert st["readyReplicas"] == 2 and st["replicas"] == 2 and st["peers"] == 2
+    assert st["selector"] == "patio.dev/cluster=mesh"
+    assert st["observedGeneration"] == pc["metadata"]["generation"]
+    assert st["keyGeneration"] == 1
+    wait_until(
+        lambda: condition(get(plane, ns, "ptc", "mesh"), "MeshReady").get("status") == "True",
+        timeout=30,
+        what="MeshReady",
+    )
+    assert condition(pc, "Degraded")["status"] == "False"
+
+    # A real call through the mesh with the generated key.
+    key_file = Path(operator.log.parent / "key")
+    key_file.write_text(keys["key"])
+    peer = peers_of(plane, ns, "mesh")[0]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patio",
+            "call",
+            "--peer",
+            peer,
+            "--key-file",
+            str(key_file),
+            "--timeout",
+            "10",
+            "mul",
+            "6",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "42", res.stdout + res.stderr
+
+    # /scale: kubectl scale on the custom resource.
+    plane.kubectl("scale", "-n", ns, "patiocluster/mesh", "--replicas=3")
+    wait_until(lambda: get(plane, ns, "sts", "mesh")["spec"]["replicas"] == 3, timeout=30)
+    wait_until(lambda: len(peers_of(plane, ns, "mesh")) == 3, timeout=60, what="3 peers")
+    wait_until(
+        lambda: get(plane, ns, "ptc", "mesh")["status"].get("readyReplicas") == 3,
+        timeout=90,
+        what="3 ready",
+    )
+    scale = json.loads(
+        plane.kubectl(
+            "get", "--raw", f"/apis/patio.dev/v1alpha1/namespaces/{ns}/patioclusters/mesh/scale"
+        ).stdout
+    )
+    assert scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == "patio.dev/cluster=mesh"
+
+    # A killed pod is replaced, and its (new) address published within seconds.
+    old_uid = get(plane, ns, "pod", "mesh-1")["metadata"]["uid"]
+    plane.kubectl("delete", "pod", "-n", ns, "mesh-1", "--wait=false")
+
+    def replaced() -> bool:
+        new = get(plane, ns, "pod", "mesh-1")
+        return bool(new and new["metadata"]["uid"] != old_uid and new["status"].get("podIP"))
+
+    wait_until(replaced, timeout=60, what="mesh-1 replaced")
+    wait_until(
+        lambda: (
+            peers_of(plane, ns, "mesh") == pod_addresses(plane, ns, "mesh")
+            and len(pod_addresses(plane, ns, "mesh")) == 3
+        ),
+        timeout=15,
+        what="replacement published",
+    )
+    wait_condition(plane, ns, "mesh", "MeshReady")
+
+    # Drift: a hand-edited StatefulSet is restored.
+    plane.kubectl(
+        "patch", "-n", ns, "sts/mesh", "--type=merge", "-p", json.dumps({"spec": {"replicas": 1}})
+    )
+    wait_until(
+        lambda: get(plane, ns, "sts", "mesh")["spec"]["replicas"] == 3,
+        timeout=30,
+        what="StatefulSet restored",
+    )
+
+    # Drift: a deleted Secret is re-created, with a new key and generation.
+    plane.kubectl("delete", "secret", "-n", ns, "mesh-auth")
+    new = wait_until(lambda: secret_keys(plane, ns, "mesh-auth"), timeout=30, what="secret back")
+    assert new["key"] != keys["key"]
+    wait_until(lambda: get(plane, ns, "ptc", "mesh")["status"]["keyGeneration"] == 2, timeout=30)
+    events = plane.kubectl("get", "events", "-n", ns, "-o", "json").stdout
+    assert "AuthKeyRegenerated" in events
+
+    metrics = operator.metrics()
+    assert 'patio_operator_reconcile_total{result="ok"}' in metrics
+    assert "patio_operator_clusters_ready" in metrics
+
+
+def test_key_rotation_without_losing_the_mesh(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+) -> None:
+    plane, ns = kube_control_plane, kube_namespace
+    apply_obj(plane, ns, cluster_obj("rot"))
+    wait_until(
+        lambda: condition(get(plane, ns, "ptc", "rot"), "Ready").get("status") == "True",
+        timeout=90,
+        what="Ready=True",
+    )
+    old = secret_keys(plane, ns, "rot-auth")
+    assert old is not None
+
+    seen: list[tuple[str, str | None]] = []
+    apply_obj(plane, ns, cluster_obj("rot", auth={"rotation": "first"}))
+
+    def finished() -> bool:
+        keys = secret_keys(plane, ns, "rot-auth") or {}
+        state = (keys.get("key", ""), keys.get("next-key"))
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        pc = get(plane, ns, "ptc", "rot")
+        return bool(
+            pc["status"].get("keyGeneration") == 2 and pc["status"]["rotation"]["phase"] == "Idle"
+        )
+
+    wait_until(finished, timeout=120, interval=0.2, what="rotation complete")
+    a = old["key"]
+    b = seen[-1][0]
+    assert b != a
+    # The contract's three steps, in order (each seen at least briefly).
+    assert seen[0] == (a, None)
+    assert (a, b) in seen and (b, a) in seen
+    assert seen.index((a, b)) < seen.index((b, a)) < seen.index((b, None))
+    # Every worker now presents the new key, and the mesh stayed ready.
+    pc = get(plane, ns, "ptc", "rot")
+    assert condition(pc, "Ready")["status"] == "True"
+    events = plane.kubectl("get", "events", "-n", ns, "-o", "json").stdout
+    for reason in (
+        "RotationStarted",
+        "RotationPresenting",
+        "RotationRetiring",
+        "RotationCompleted",
+    ):
+        assert reason in events
+    fp = rotation.fingerprint(b)
+    for pod in get(plane, ns, "pods", "-l", "patio.dev/cluster=rot")["items"]:
+        from patio_operator.keyprobe import fetch_report
+
+        assert fetch_report(pod["status"]["podIP"], 9383) == fp
+
+
+def test_restarted_operator_resumes_without_duplicates(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+) -> None:
+    plane, ns = kube_control_plane, kube_namespace
+    operator.stop()
+    apply_obj(plane, ns, cluster_obj("again"))
+    operator.start()
+    # Kill it as soon as it has started writing (mid-reconcile), then restart.
+    wait_until(lambda: get(plane, ns, "secret", "again-auth"), timeout=30, interval=0.05)
+    operator.stop(signal.SIGKILL)
+    first = {
+        k: get(plane, ns, k, n)
+        for k, n in [("secret", "again-auth"), ("sts", "again"), ("configmap", "again-peers")]
+    }
+    operator.start()
+    wait_until(
+        lambda: condition(get(plane, ns, "ptc", "again"), "Ready").get("status") == "True",
+        timeout=90,
+        what="Ready after restart",
+    )
+    assert len(get(plane, ns, "secrets", "-l", "patio.dev/cluster=again")["items"]) == 1
+    assert len(get(plane, ns, "sts", "-l", "patio.dev/cluster=again")["items"]) == 1
+    assert len(get(plane, ns, "svc", "-l", "patio.dev/cluster=again")["items"]) == 2
+    secret = get(plane, ns, "secret", "again-auth")
+    assert secret["metadata"]["uid"] == first["secret"]["metadata"]["uid"]
+    assert secret["data"]["key"] == first["secret"]["data"]["key"]
+    if first["sts"] is not None:
+        assert get(plane, ns, "sts", "again")["metadata"]["uid"] == first["sts"]["metadata"]["uid"]
+    assert get(plane, ns, "ptc", "again")["status"]["keyGeneration"] == 1
+
+
+def test_deleting_the_cluster_cascades(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+) -> None:
+    plane, ns = kube_control_plane, kube_namespace
+    apply_obj(plane, ns, cluster_obj("gone", replicas=1))
+    wait_until(lambda: get(plane, ns, "sts", "gone"), timeout=30)
+    # No finalizer of ours: deletion never waits for the operator.
+    assert not get(plane, ns, "ptc", "gone")["metadata"].get("finalizers")
+    plane.kubectl("delete", "ptc", "-n", ns, "gone", "--wait=true", "--timeout=30s")
+    wait_until(
+        lambda: (
+            not get(plane, ns, "secrets", "-l", "patio.dev/cluster=gone")["items"]
+            and not get(plane, ns, "sts", "-l", "patio.dev/cluster=gone")["items"]
+        ),
+        timeout=60,
+        what="children garbage-collected",
+    )
