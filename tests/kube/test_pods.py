@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.kube.controlplane import ControlPlane
-from tests.kube.helpers import apply, pid_alive, pod, wait_until
+from tests.kube.helpers import apply, is_ready, pid_alive, pod, wait_until
 from tests.kube.nodeagent import NodeAgent
 
 pytestmark = pytest.mark.kube
@@ -255,3 +255,80 @@ def test_restart_policy_liveness_and_exit_codes(
     assert not pid_alive(first_pid)
     assert cs["lastState"]["terminated"]["exitCode"] == 143  # SIGTERM
     assert "liveness probe failed" in kube_node.pod_log(ns, "unhealthy")
+
+
+READY_FLIP = """
+import pathlib, time
+flag = pathlib.Path("/var/lib/patio-kube-test/ready")
+print("init said:", pathlib.Path("/var/lib/patio-kube-test/from-init").read_text(), flush=True)
+time.sleep(1.5)
+flag.write_text("yes")
+print("ready on", flush=True)
+time.sleep(4)
+flag.unlink()
+print("ready off", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_init_container_emptydir_and_exec_readiness(
+    kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str
+) -> None:
+    """An init container fills an emptyDir the main container reads; an exec
+    readiness probe runs inside the pod's mount namespace (it sees the
+    emptyDir at its mountPath) and Ready follows it both ways."""
+    plane, ns = kube_control_plane, kube_namespace
+    mount = {"name": "scratch", "mountPath": "/var/lib/patio-kube-test"}
+    apply(
+        plane,
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "flip"},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "initContainers": [
+                    {
+                        "name": "prepare",
+                        "image": "x",
+                        "command": ["sh", "-c", "echo hi > /var/lib/patio-kube-test/from-init"],
+                        "volumeMounts": [mount],
+                    }
+                ],
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "x",
+                        "command": ["python", "-c", READY_FLIP],
+                        "volumeMounts": [mount],
+                        "readinessProbe": {
+                            "exec": {"command": ["test", "-f", "/var/lib/patio-kube-test/ready"]},
+                            "periodSeconds": 1,
+                            "failureThreshold": 1,
+                        },
+                    }
+                ],
+                "volumes": [{"name": "scratch", "emptyDir": {}}],
+            },
+        },
+    )
+    seen: list[bool] = []
+
+    def ready_went_off() -> bool:
+        p = pod(plane, ns, "flip")
+        if p["status"].get("phase") == "Running":
+            ready = is_ready(p)
+            if not seen or seen[-1] != ready:
+                seen.append(ready)
+        return seen[-2:] == [True, False]
+
+    wait_until(ready_went_off, timeout=40, interval=0.2, what="Ready True then False")
+    p = pod(plane, ns, "flip")
+    init = p["status"]["initContainerStatuses"][0]["state"]["terminated"]
+    assert (init["exitCode"], init["reason"]) == (0, "Completed")
+    assert p["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert "init said: hi" in kube_node.pod_log(ns, "flip", "main")
+    # the host does not see the pod's emptyDir content at the mount point
+    assert not Path("/var/lib/patio-kube-test/ready").exists()
+    assert not Path("/var/lib/patio-kube-test/from-init").exists()
