@@ -155,7 +155,8 @@ async def test_health_endpoints_and_drain(harnesses: list[Harness]) -> None:
         )
     )
     harnesses.append(h)
-    assert await h.get("/livez") == (200, (await h.get("/livez"))[1])
+    status, body = await h.get("/livez")
+    assert status == 200 and body.startswith("ok (heartbeat"), body
     status, body = await h.get("/readyz")
     assert status == 503 and "connected to 0 of 4 known peers (need 2)" in body
     h.broker.connected = {("127.0.0.1", 1), ("127.0.0.1", 2)}
