@@ -144,3 +144,16 @@ def test_atomic_writer_swaps_data_link(tmp_path: Path) -> None:
     assert not (target / "d").exists()
     with pytest.raises(VolumeError):
         write_atomic(target, {"../escape": (b"", 0o644)})
+
+
+def test_ip_pool_lowest_free_unique_across_pools_and_reused(tmp_path: Path) -> None:
+    from tests.kube.nodeagent import IpPool
+
+    a, b = IpPool(tmp_path), IpPool(tmp_path)  # e.g. two test sessions at once
+    assert [a.allocate(), a.allocate()] == ["127.0.0.2", "127.0.0.3"]
+    assert b.allocate() == "127.0.0.4"  # held by the other pool: skipped
+    a.release("127.0.0.2")
+    assert b.allocate() == "127.0.0.2"  # freed: reused, lowest first
+    assert a.allocate() == "127.0.0.5"
+    assert a.in_use() == ["127.0.0.3", "127.0.0.5"]
+    assert b.in_use() == ["127.0.0.2", "127.0.0.4"]
