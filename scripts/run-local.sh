@@ -24,8 +24,17 @@ fi
 if ! .venv/bin/python -c 'import patio.cli, uvloop, prometheus_client' 2>/dev/null \
     || [ ! -x .venv/bin/patio ]; then
     echo "run-local.sh: installing patio with its worker extras into .venv" >&2
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[worker]'
+    log="$(mktemp)"
+    # pip and setuptools are chatty even with --quiet; show their output only
+    # when the install fails.
+    if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
+            && .venv/bin/python -m pip install --quiet -e '.[worker]'; } >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "run-local.sh: installing patio failed (output above)" >&2
+        rm -f "$log"
+        exit 1
+    fi
+    rm -f "$log"
 fi
 
 exec .venv/bin/patio local "$@"

@@ -140,6 +140,9 @@ def free_port(host: str, preferred: int, taken: set[tuple[str, int]]) -> int:
         if (host, port) in taken:
             continue
         with socket.socket() as probe:
+            # As the worker's listener will: a port with only TIME_WAIT
+            # connections left on it is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError:
