@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -279,3 +280,19 @@ def test_json_log_lines() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert entry["msg"] == "hello x" and entry["level"] == "info"
     assert entry["logger"] == "patio.worker" and entry["ts"].endswith("Z")
+
+
+async def test_liveness_fails_when_the_heartbeat_is_stale() -> None:
+    from patio.worker.health import Heartbeat
+
+    beat = Heartbeat(interval=0.01)
+    assert beat.check(5.0) == (False, "heartbeat task is not running")
+    beat.start()
+    await asyncio.sleep(0.05)
+    assert beat.check(5.0)[0]
+    time.sleep(0.3)  # block the loop, as a stuck task would
+    ok, reason = beat.check(0.2)
+    assert not ok and "event loop heartbeat is 0.3s old" in reason
+    await asyncio.sleep(0.05)
+    assert beat.check(0.2)[0]  # recovered once the loop runs again
+    await beat.stop()
