@@ -85,6 +85,29 @@ def test_port_in_use_fails_fast(binaries: Binaries, tmp_path: Path, busy_port: i
     assert set(procs.live()) == before
 
 
+def test_port_taken_after_the_check_names_the_log(
+    binaries: Binaries, tmp_path: Path, busy_port: int
+) -> None:
+    """If the port is taken between the check and the bind, the component
+    exits: the error says so and names the log, which has the bind error."""
+    before = set(procs.live())
+    with pytest.raises(ComponentExitedError) as err:
+        start_etcd(
+            binaries.etcd,
+            tmp_path / "data",
+            tmp_path / "logs",
+            client_port=busy_port,
+            peer_port=free_port(),
+            timeout=30,
+            check_ports=False,
+        )
+    message = str(err.value)
+    assert "etcd exited with code" in message
+    assert str(tmp_path / "logs" / "etcd.log") in message
+    assert "address already in use" in message  # from the log's tail
+    assert set(procs.live()) == before
+
+
 def test_port_in_use_for_the_whole_plane(
     binaries: Binaries, tmp_path: Path, busy_port: int
 ) -> None:
