@@ -52,6 +52,7 @@ def test_missing_binaries_name_the_build_command(tmp_path: Path) -> None:
     assert str(tmp_path / "etcd") + "," not in message  # the one present is not listed
 
 
+@pytest.mark.kube
 def test_missing_binary_fails_start_and_cleans_up(binaries: Binaries, tmp_path: Path) -> None:
     broken = Binaries(
         etcd=binaries.etcd,
@@ -69,6 +70,7 @@ def test_missing_binary_fails_start_and_cleans_up(binaries: Binaries, tmp_path: 
     assert "etcd" in (tmp_path / "plane" / "logs" / "etcd.log").read_text()
 
 
+@pytest.mark.kube
 def test_port_in_use_fails_fast(binaries: Binaries, tmp_path: Path, busy_port: int) -> None:
     before = set(procs.live())
     started = time.monotonic()
@@ -85,6 +87,7 @@ def test_port_in_use_fails_fast(binaries: Binaries, tmp_path: Path, busy_port: i
     assert set(procs.live()) == before
 
 
+@pytest.mark.kube
 def test_port_taken_after_the_check_names_the_log(
     binaries: Binaries, tmp_path: Path, busy_port: int
 ) -> None:
@@ -108,6 +111,7 @@ def test_port_taken_after_the_check_names_the_log(
     assert set(procs.live()) == before
 
 
+@pytest.mark.kube
 def test_port_in_use_for_the_whole_plane(
     binaries: Binaries, tmp_path: Path, busy_port: int
 ) -> None:
@@ -117,6 +121,7 @@ def test_port_in_use_for_the_whole_plane(
     assert set(procs.live()) == before
 
 
+@pytest.mark.kube
 def test_apiserver_that_never_becomes_ready(binaries: Binaries, tmp_path: Path) -> None:
     """An API server whose etcd does not exist never gets ready: the wait stops at
     its timeout with the log file in the message, and the process is gone."""
