@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default bench/results; quick: bench/results/tmp/quick)")
     ap.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
+    ap.add_argument("--update-docs", action="store_true",
+                    help="copy latest.md into docs/benchmarks.md (full runs)")
     return ap.parse_args(argv)
 
 
@@ -62,6 +64,21 @@ def line_for(rec: dict[str, Any]) -> str:
             f"{rec.get('calls_per_s', 0):>10,.0f} calls/s  p50 {rec.get('p50_us') or 0:>8.0f} µs"
             f"  p99 {rec.get('p99_us') or 0:>8.0f} µs  {rec.get('completed')}/{rec.get('issued')}"
             f"  rss {rec.get('rss_mb')}")
+
+
+DOCS = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- latest:begin", "<!-- latest:end -->"
+
+
+def update_docs(md: str) -> None:
+    """Put ``md`` (headings moved two levels down) between the markers."""
+    text = DOCS.read_text()
+    start = text.index(BEGIN)
+    start = text.index("\n", start) + 1
+    end = text.index(END)
+    body = "\n".join("##" + line if line.startswith("#") else line
+                     for line in md.strip().splitlines())
+    DOCS.write_text(text[:start] + body + "\n" + text[end:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
         records = run_all(systems, scenarios, runs, use_uvloop, log_dir, sink)
         summaries = report.summarize(records)
-        ratio_rows = report.ratios(summaries)
+        ratio_rows = report.ratios(summaries, records)
         target_rows = report.targets(summaries) if not args.quick else []
         for row in [*summaries, *ratio_rows, *target_rows]:
             sink_fh.write(json.dumps(row) + "\n")
@@ -152,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                              chart_python(setup_log))
     if err:
         log(f"chart failed: {err}")
+    if args.update_docs and not args.quick:
+        update_docs(md)
     log(f"wrote {out / 'latest.jsonl'}, {out / 'latest.md'}, {out / 'latest.png'}")
     sys.stdout.write(md)
     return 0

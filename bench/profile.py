@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--memory", action="store_true",
+                    help="flood scenarios: live allocations by line in the caller (tracemalloc) "
+                         "while every call is pending, instead of py-spy")
     args = ap.parse_args(argv)
+    if args.memory:
+        return memory_profile(args)
     known = {s.name: s for s in FULL}
     sc: Scenario = known[args.scenario]
     if sc.kind not in ("pair", "fanout", "flood"):
@@ -145,6 +150,35 @@ def main(argv: list[str] | None = None) -> int:
     for role, raw, _ in spies:
         print(f"\n== {role} ({raw})")
         print(analyse(raw, args.top) if raw.exists() else "  (no profile written)")
+    return 0
+
+
+def memory_profile(args: argparse.Namespace) -> int:
+    sc = {s.name: s for s in FULL}[args.scenario]
+    if sc.kind != "flood":
+        raise SystemExit("--memory is for flood scenarios")
+    env = {"ours": ours_env, "original": original_env, "ceiling": ceiling_env}[args.system]()
+    script = RAW_SCRIPT if args.system == "ceiling" else PATIO_SCRIPT
+    OUT.mkdir(parents=True, exist_ok=True)
+    use_uvloop = not args.no_uvloop
+    with ProcGroup() as group:
+        port = free_port()
+        srv = group.add(Proc(env, script, _cfg(sc, use_uvloop, role="server", port=port),
+                             f"memprofile-{args.system}-executor", OUT))
+        srv.expect("ready", 60)
+        client = group.add(Proc(
+            env, script, _cfg(sc, use_uvloop, role="client", peers=[port], tracemalloc=True),
+            f"memprofile-{args.system}-caller", OUT))
+        result = client.expect("result", sc.max_seconds + 300)
+        srv.send("stop")
+    print(f"{sc.name} / {args.system}: {result.get('completed')}/{result.get('issued')} "
+          f"completed, {result.get('errors')} errors ({result.get('first_error')}), "
+          f"{result.get('elapsed_s', 0):.1f} s; caller peak RSS "
+          f"{result.get('usage', {}).get('maxrss_mb')} MB "
+          "(tracemalloc itself adds to it)")
+    print("  MB    bytes/call  where (live while all calls are pending)")
+    for row in result.get("allocations", [])[: args.top]:
+        print(f"  {row['mb']:6.1f} {row['bytes_per_call']:8.1f}  {row['where']}")
     return 0
 
 

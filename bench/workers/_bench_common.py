@@ -198,6 +198,10 @@ async def flood(
         task = asyncio.ensure_future(start(*args))
         task.add_done_callback(on_done)
         tasks.append(task)
+    memory_report: list[dict[str, Any]] | None = None
+    if tracemalloc_on():
+        await asyncio.sleep(0)  # every call ran up to its first suspension
+        memory_report = allocation_report(count)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(all_done), timeout=max_seconds)
     elapsed = time.perf_counter() - t0
@@ -215,7 +219,33 @@ async def flood(
         "first_error": first_error[0] if first_error else None,
         "elapsed_s": elapsed,
         "calls_per_s": completed / elapsed if elapsed > 0 else 0.0,
+        **({"allocations": memory_report} if memory_report is not None else {}),
     }
+
+
+def tracemalloc_on() -> bool:
+    import tracemalloc
+
+    return tracemalloc.is_tracing()
+
+
+def allocation_report(count: int, top: int = 25) -> list[dict[str, Any]]:
+    """Live allocations by source line while ``count`` calls are pending."""
+    import tracemalloc
+
+    snap = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)]
+    )
+    out = []
+    for stat in snap.statistics("lineno")[:top]:
+        frame = stat.traceback[0]
+        out.append({
+            "where": f"{frame.filename}:{frame.lineno}",
+            "mb": round(stat.size / 1e6, 2),
+            "bytes_per_call": round(stat.size / count, 1),
+            "blocks": stat.count,
+        })
+    return out
 
 
 async def echo(value: Any) -> Any:

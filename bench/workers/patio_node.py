@@ -269,6 +269,10 @@ async def main(cfg: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     config = json.loads(sys.argv[1])
+    if config.get("tracemalloc"):
+        import tracemalloc
+
+        tracemalloc.start(1)
     try:
         common.run(main(config), config["use_uvloop"])
     except Exception as exc:  # report, then fail
