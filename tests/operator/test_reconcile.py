@@ -28,6 +28,7 @@ class FakeKube:
         self.rv = itertools.count(1)
         self.writes: list[tuple[str, str, str]] = []
         self.missing_kinds: set[str] = set()
+        self.pods: list[Obj] = []
 
     def _key(self, kind: str, ns: str, name: str) -> tuple[str, str, str]:
         return (kind, ns, name)
@@ -45,7 +46,8 @@ class FakeKube:
         return copy.deepcopy(obj) if obj else None
 
     def list_objects(self, api_version: str, kind: str, ns: str, selector: str) -> list[Obj]:
-        return []
+        assert kind == "Pod" and selector == "patio.dev/cluster=demo"
+        return copy.deepcopy(self.pods)
 
     def apply(self, obj: Obj) -> Obj:
         if obj["kind"] in self.missing_kinds:
@@ -86,7 +88,7 @@ class FakeKube:
 
     def patch_status(self, ns: str, name: str, status: Obj) -> Obj:
         self.writes.append(("status", "PatioCluster", name))
-        self.status = copy.deepcopy(status)
+        self.objects[("PatioCluster", ns, name)]["status"] = copy.deepcopy(status)
         return {}
 
     def secret_data(self, name: str = "demo-auth") -> dict[str, str]:
@@ -121,13 +123,22 @@ class Harness:
             make_key=lambda: f"key-{next(counter)}",
             probe=lambda ip, port: self.reports.get(ip),
         )
-        self.pods = [
-            peers.pod_view(pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True)) for i in range(3)
-        ]
+        self.kube.pods = [pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True) for i in range(3)]
+        self.pods = [peers.pod_view(p) for p in self.kube.pods]
+
+    def store(self, c: Obj) -> None:
+        """Put the cluster (as the user last applied it) into the fake API."""
+        key = ("PatioCluster", "ns1", "demo")
+        old = self.kube.objects.get(key)
+        obj = copy.deepcopy(c)
+        if old is not None and "status" in old:
+            obj["status"] = old["status"]
+        self.kube.objects[key] = obj
 
     def run(self, c: Obj) -> Obj:
-        st = self.rec.reconcile(c, self.pods)
-        c["status"] = st  # what the API server now holds
+        self.store(c)
+        st = self.rec.reconcile("ns1", "demo")
+        assert st is not None
         return st
 
 
@@ -135,7 +146,7 @@ def test_first_pass_creates_everything_owned_and_writes_status() -> None:
     h = Harness()
     c = cluster()
     st = h.run(c)
-    kinds = sorted(k for k, _, _ in h.kube.objects)
+    kinds = sorted(k for k, _, _ in h.kube.objects if k != "PatioCluster")
     assert kinds == [
         "ConfigMap",
         "PodDisruptionBudget",
@@ -150,6 +161,17 @@ def test_first_pass_creates_everything_owned_and_writes_status() -> None:
     assert peers.parse(cm["data"]["peers"]) == [f"10.0.0.{i}:15383" for i in (1, 2, 3)]
     assert st["keyGeneration"] == 1 and st["peers"] == 3
     assert ("Normal", "AuthKeyCreated") in [(t, r) for t, r, _ in h.events]
+
+
+def test_gone_or_deleting_cluster_is_left_alone() -> None:
+    h = Harness()
+    assert h.rec.reconcile("ns1", "demo") is None
+    c = cluster()
+    c["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    h.store(c)
+    assert h.rec.reconcile("ns1", "demo") is None
+    assert h.rec.pods_changed("ns1", "demo") is None
+    assert h.kube.writes == []
 
 
 def test_second_pass_writes_nothing() -> None:
@@ -243,7 +265,7 @@ def test_concurrent_secret_writer_conflicts_instead_of_forking_keys() -> None:
 
     h.kube.get = stale_get  # type: ignore[method-assign]
     with pytest.raises(ApiException) as err:
-        h.rec.reconcile(c, h.pods)
+        h.run(c)
     assert err.value.status == 409
     assert h.kube.secret_data() == {"key": "key-1"}
 
@@ -266,10 +288,12 @@ def test_pod_events_republish_peers_without_touching_other_objects() -> None:
     c = cluster()
     h.run(c)
     writes = len(h.kube.writes)
-    moved = [*h.pods[:2], peers.pod_view(pod("demo-2", "10.0.0.9", ready=False))]
-    st = h.rec.pods_changed(c, moved)
+    h.kube.pods[2] = pod("demo-2", "10.0.0.9", ready=False)
+    st = h.rec.pods_changed("ns1", "demo")
+    assert st is not None
     new_writes = h.kube.writes[writes:]
     assert [w[1] for w in new_writes] == ["ConfigMap", "PatioCluster"]
+    assert st["keyGeneration"] == 1  # read from the Secret, not from a stale status
     cm = h.kube.objects[("ConfigMap", "ns1", "demo-peers")]
     assert "10.0.0.9:15383" in peers.parse(cm["data"]["peers"])
     assert st["readyReplicas"] == 2

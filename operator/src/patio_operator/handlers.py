@@ -6,8 +6,10 @@ wires them to a configured Reconciler and nothing happens at import time.
 - PatioCluster watch events: a full pass when the spec changed
   (generation != status.observedGeneration) or on the operator's initial
   listing (a restarted operator resumes every cluster at once).
-- An index of every pod carrying the cluster label, plus a pod event
-  handler: the peers file and status follow pods within a second.
+- Events of every pod carrying the cluster label: the peers file and status
+  follow pods within a second. Handlers pass only names; the Reconciler
+  re-reads everything under a per-cluster lock, so a queued event never
+  acts on a stale body.
 - No kopf timers: kopf puts a finalizer on objects that have timers, and a
   PatioCluster deleted while the operator is down (or uninstalled together
   with it) would then hang forever. The periodic level-based pass lives in
@@ -17,24 +19,14 @@ wires them to a configured Reconciler and nothing happens at import time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from patio_operator import names, peers
+from patio_operator import names
 from patio_operator.reconciler import Reconciler
 
 log = logging.getLogger("patio_operator")
-
-
-def to_plain(value: Any) -> Any:
-    """kopf bodies are read-only mapping views; the pure functions want dicts."""
-    if isinstance(value, Mapping):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
-    return value
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
@@ -47,38 +39,23 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         # the same credentials the reconciler's own client uses.
         return kopf.login_via_client(**kwargs)
 
-    def pods_for(index: Any, namespace: str, name: str) -> list[peers.PodView]:
-        return list(index.get((namespace, name), []))
-
-    @kopf.index(
-        "v1", "pods", id="patio_pods", labels={names.CLUSTER_LABEL: kopf.PRESENT}, registry=registry
-    )
-    def patio_pods(**kwargs: Any) -> Any:
-        key = (kwargs["namespace"], kwargs["labels"][names.CLUSTER_LABEL])
-        return {key: peers.pod_view(to_plain(kwargs["body"]))}
-
     @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, id="cluster_event", registry=registry)
     def cluster_event(**kwargs: Any) -> None:
-        body = to_plain(kwargs["body"])
+        body = kwargs["body"]
         meta = body.get("metadata") or {}
-        kind = kwargs["event"].get("type")
-        if kind == "DELETED":
+        if kwargs["event"].get("type") == "DELETED":
             reconciler.forget(meta.get("namespace", ""), meta.get("name", ""))
             return
         if meta.get("deletionTimestamp"):
             return
         observed = (body.get("status") or {}).get("observedGeneration")
-        if kind in (None, "ADDED") or observed != meta.get("generation"):
-            pods = pods_for(kwargs["patio_pods"], meta["namespace"], meta["name"])
-            reconciler.reconcile(body, pods)
+        # Our own status writes come back as events: only a new generation
+        # (spec change, /scale) or the operator's initial listing needs a pass.
+        if kwargs["event"].get("type") in (None, "ADDED") or observed != meta.get("generation"):
+            reconciler.reconcile(meta["namespace"], meta["name"])
 
     @kopf.on.event(
         "v1", "pods", id="pod_event", labels={names.CLUSTER_LABEL: kopf.PRESENT}, registry=registry
     )
     def pod_event(**kwargs: Any) -> None:
-        namespace = kwargs["namespace"]
-        cname = kwargs["labels"][names.CLUSTER_LABEL]
-        cluster = reconciler.kube.get(names.API_VERSION, names.KIND, namespace, cname)
-        if cluster is None or (cluster.get("metadata") or {}).get("deletionTimestamp"):
-            return
-        reconciler.pods_changed(cluster, pods_for(kwargs["patio_pods"], namespace, cname))
+        reconciler.pods_changed(kwargs["namespace"], kwargs["labels"][names.CLUSTER_LABEL])

@@ -25,7 +25,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -121,20 +121,33 @@ class Reconciler:
 
     # -- the full pass -------------------------------------------------------
 
-    def reconcile(self, cluster: Obj, pods: Iterable[peers.PodView] | None = None) -> Obj:
-        """One full, idempotent pass; returns the status written."""
-        meta = cluster["metadata"]
+    def _fresh(self, namespace: str, name: str) -> Obj | None:
+        """The cluster as the API server has it now; None when gone or being deleted.
+
+        Every pass re-reads under the cluster's lock instead of trusting the
+        body of the event that triggered it: two events queued behind each
+        other would otherwise each act on a stale view (e.g. publish an old
+        pod list over a newer one, or overwrite a newer status).
+        """
+        cluster = self.kube.get(names.API_VERSION, names.KIND, namespace, name)
+        if cluster is None or (cluster.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        return cluster
+
+    def reconcile(self, namespace: str, name: str) -> Obj | None:
+        """One full, idempotent pass; returns the status written (None: no cluster)."""
         started = time.monotonic()
         result = "error"
         try:
-            with self._lock(meta["namespace"], meta["name"]):
-                out = self._reconcile(cluster, pods)
+            with self._lock(namespace, name):
+                cluster = self._fresh(namespace, name)
+                out = self._reconcile(cluster) if cluster is not None else None
             result = "ok"
             return out
         finally:
             metrics.observe_reconcile(result, time.monotonic() - started)
 
-    def _reconcile(self, cluster: Obj, pods_in: Iterable[peers.PodView] | None) -> Obj:
+    def _reconcile(self, cluster: Obj) -> Obj:
         meta = cluster["metadata"]
         ns, cname = meta["namespace"], meta["name"]
         spec = desired.spec_of(cluster)
@@ -143,7 +156,7 @@ class Reconciler:
         for warning in want.warnings:
             self.emit(cluster, "Warning", "SpecIgnored", warning)
 
-        pod_list = list(pods_in) if pods_in is not None else self.list_pods(cluster)
+        pod_list = self.list_pods(cluster)
         key_state = self._sync_secret(cluster, pod_list, problems)
         if (
             spec.get("tls")
@@ -181,21 +194,22 @@ class Reconciler:
 
     # -- lighter pass for pod events ----------------------------------------
 
-    def pods_changed(self, cluster: Obj, pods: Iterable[peers.PodView]) -> Obj:
+    def pods_changed(self, namespace: str, name: str) -> Obj | None:
         """Re-publish peers and refresh status; no other object is touched.
 
-        Pod events are frequent (every probe flip), so this path costs three
-        or four requests instead of a full apply of every child object.
+        Pod events are frequent (every probe flip), so this path reads the
+        cluster, its pods, StatefulSet and Secret and writes at most the
+        ConfigMap and the status, instead of applying every child object.
         """
-        meta = cluster["metadata"]
-        with self._lock(meta["namespace"], meta["name"]):
-            pod_list = list(pods)
+        with self._lock(namespace, name):
+            cluster = self._fresh(namespace, name)
+            if cluster is None:
+                return None
+            pod_list = self.list_pods(cluster)
             published = self._sync_peers(cluster, pod_list)
-            sts = self.kube.get(
-                "apps/v1", "StatefulSet", meta["namespace"], names.statefulset_name(meta["name"])
-            )
+            sts = self.kube.get("apps/v1", "StatefulSet", namespace, names.statefulset_name(name))
             previous = cluster.get("status") or {}
-            rot = previous.get("rotation") or {}
+            # Problems found by the last full pass stay until the next one.
             problems = [
                 c.get("message", "")
                 for c in previous.get("conditions") or []
@@ -206,15 +220,23 @@ class Reconciler:
                 sts,
                 pods=pod_list,
                 published=published,
-                key_state=None,
+                key_state=self._read_key_state(cluster),
                 problems=problems,
-                rotation_fallback=(
-                    str(rot.get("phase") or "Idle"),
-                    str(rot.get("token") or ""),
-                    str(rot.get("since") or ""),
-                    int(previous.get("keyGeneration") or 0),
-                ),
             )
+
+    def _read_key_state(self, cluster: Obj) -> rotation.KeyState | None:
+        """The rotation state from the generated Secret (None for existingSecret or none yet)."""
+        if (desired.spec_of(cluster).get("auth") or {}).get("existingSecret"):
+            return None
+        meta = cluster["metadata"]
+        secret = self.kube.get(
+            "v1", "Secret", meta["namespace"], names.auth_secret_name(meta["name"])
+        )
+        if secret is None:
+            return None
+        return rotation.from_secret(
+            _decode(secret.get("data")), (secret.get("metadata") or {}).get("annotations") or {}
+        )
 
     # -- pieces ----------------------------------------------------------------
 
@@ -320,7 +342,6 @@ class Reconciler:
         published: list[str],
         key_state: rotation.KeyState | None,
         problems: list[str],
-        rotation_fallback: tuple[str, str, str, int] | None = None,
     ) -> Obj:
         meta = cluster["metadata"]
         previous = cluster.get("status") or {}
@@ -331,9 +352,7 @@ class Reconciler:
                 key_state.since,
                 key_state.generation,
             )
-        elif rotation_fallback is not None:
-            phase, token, since, gen = rotation_fallback
-        else:  # existingSecret: the user rotates; the operator does not count
+        else:  # existingSecret (the user rotates; nothing to count) or no Secret yet
             phase, token, since, gen = "Idle", "", "", int(previous.get("keyGeneration") or 0)
         observed = status.Observed(
             statefulset=sts,

@@ -52,7 +52,7 @@ async def resync_forever(reconciler: Reconciler, namespaces: list[str]) -> None:
                     continue
                 last[key] = now
                 try:
-                    await asyncio.to_thread(reconciler.reconcile, cluster)
+                    await asyncio.to_thread(reconciler.reconcile, *key)
                 except Exception:
                     log.exception("periodic reconcile of %s/%s failed", *key)
             for key in set(last) - seen:
