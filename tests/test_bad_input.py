@@ -24,7 +24,7 @@ import pytest
 
 from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
 from patio.broker.serializer import MsgpackSerializer
-from patio.errors import AuthenticationError
+from patio.errors import AuthenticationError, CallTimeoutError
 from patio.proto import Connection, KeySet, MessageType, Role
 from patio.proto.connection import State
 from patio.proto.messages import HEADER, MAGIC, NONCE_SIZE, PROTOCOL_VERSION
@@ -451,7 +451,7 @@ async def test_authenticated_peer_that_goes_silent_is_cut(
             elapsed = await wait_closed(reader, 5)  # reads the pings, answers nothing
         finally:
             close_raw(writer)
-    assert 3 * HEARTBEAT <= elapsed < 5 * HEARTBEAT + 1.0
+    assert 3 * HEARTBEAT - 0.1 <= elapsed < 5 * HEARTBEAT + 1.0
     assert "silent for" in warnings_text(caplog)
 
 
@@ -489,3 +489,57 @@ async def test_many_bad_peers_at_once(env: Env) -> None:
     assert failures["auth"] == 5
     assert failures["malformed"] == 10
     assert len(env.server.peers()) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker._send_call awaits link.wait_writable() before arming the "
+    "call's deadline timer, so a call to a peer that stopped reading ignores its "
+    "timeout until the link is cut (3 heartbeats later)",
+    raises=AssertionError,
+)
+async def test_call_to_a_peer_that_stopped_reading_honours_its_timeout() -> None:
+    rpc = Registry()
+    async with (
+        AsyncExecutor(rpc) as executor,
+        TCPServerBroker(executor, key=KEY, heartbeat_interval=5.0) as server,
+    ):
+        await server.listen("127.0.0.1", 0)
+        port = server.listening[0][1]
+        sock = small_buffer_socket()
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        _, writer, conn = await handshake(port, sock=sock)
+        background: list[asyncio.Task[Any]] = []
+        try:
+            writer.transport.pause_reading()  # the peer reads nothing from here on
+            conn.send_announce(["sink"], [], 4, 1024, False)
+            writer.write(conn.data_to_send())
+            await asyncio.wait_for(
+                _until(lambda: any("sink" in p.names for p in server.peers())), 3
+            )
+            (peer,) = server._peers
+            blob = b"s" * (256 * 1024)
+            async with asyncio.timeout(5):
+                while not peer.link.write_paused:
+                    background.append(asyncio.create_task(server.call("sink", blob, timeout=10)))
+                    await asyncio.sleep(0.005)
+            t0 = time.monotonic()
+            outcome: BaseException | None = None
+            try:
+                async with asyncio.timeout(1.5):
+                    await server.call("sink", b"", timeout=0.3)
+            except BaseException as exc:
+                outcome = exc
+            elapsed = time.monotonic() - t0
+            assert isinstance(outcome, CallTimeoutError), repr(outcome)
+            assert elapsed < 1.0
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            close_raw(writer)
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)

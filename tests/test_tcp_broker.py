@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections import Counter
@@ -686,3 +687,124 @@ async def test_stats_counters() -> None:
         assert s.bytes_sent > 0 and c.bytes_received > 0
         assert c.handshake_failures == Counter() and s.frames_rejected == Counter()
     assert client.stats.disconnects == 1
+
+
+# -- odd timeouts and oversized values ---------------------------------------------
+
+
+async def test_infinite_timeout_means_no_deadline() -> None:
+    async with serving(registry(mul=mul)) as (_, port), connected(("127.0.0.1", port)) as client:
+        assert await client.call("mul", 2, 3, timeout=math.inf) == 6
+
+
+async def finish(task: asyncio.Task[Any]) -> None:
+    """Never leave a call task behind, whatever the test saw."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def slow_task(started: asyncio.Event) -> Callable[[], Any]:
+    async def slow() -> str:
+        started.set()
+        await asyncio.sleep(0.5)
+        return "slow-ok"
+
+    return slow
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker.call() accepts timeout=nan: the NaN deadline goes into the "
+    "event loop's timer heap (every timer fires at once) and onto the wire, where the "
+    "peer rejects the frame and cuts the link with every other call on it",
+    raises=(PeerConnectionError, CallTimeoutError),
+)
+async def test_nan_timeout_is_refused_without_harming_other_calls() -> None:
+    started = asyncio.Event()
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        serving(registry(mul=mul, slow=slow_task(started))) as (_, port),
+        connected(("127.0.0.1", port)) as client,
+    ):
+        other = asyncio.create_task(client.call("slow", timeout=5))
+        stack.push_async_callback(finish, other)
+        await asyncio.wait_for(started.wait(), 2)
+        with pytest.raises(ValueError, match=r"(?i)timeout"):
+            await asyncio.wait_for(client.call("mul", 1, 2, timeout=math.nan), 2)
+        assert await asyncio.wait_for(other, 3) == "slow-ok"
+        assert client.stats.disconnects == 0
+
+
+FRAME_LIMIT = 1024 * 1024
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker sends a CALL larger than max_frame_size; the peer rejects "
+    "the frame and cuts the link, failing every other call on it with "
+    "PeerConnectionError instead of failing this one call with SerializationError",
+    raises=PeerConnectionError,
+)
+async def test_oversized_arguments_fail_only_that_call() -> None:
+    started = asyncio.Event()
+
+    def size(blob: bytes) -> int:
+        return len(blob)
+
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        serving(registry(size=size, slow=slow_task(started)), max_frame_size=FRAME_LIMIT) as (
+            _,
+            port,
+        ),
+        connected(("127.0.0.1", port), max_frame_size=FRAME_LIMIT) as client,
+    ):
+        other = asyncio.create_task(client.call("slow", timeout=5))
+        stack.push_async_callback(finish, other)
+        await asyncio.wait_for(started.wait(), 2)
+        with pytest.raises(SerializationError):
+            await client.call("size", b"a" * (2 * FRAME_LIMIT), timeout=5)
+        assert await asyncio.wait_for(other, 3) == "slow-ok"
+        assert client.stats.disconnects == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker._serve sends a RESULT larger than max_frame_size; the "
+    "caller rejects the frame and cuts the link, failing every other call on it "
+    "instead of replying ERROR/SERIALIZATION for this one call",
+    raises=PeerConnectionError,
+)
+async def test_oversized_result_fails_only_that_call() -> None:
+    started = asyncio.Event()
+
+    def big(n: int) -> bytes:
+        return b"r" * n
+
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        serving(registry(big=big, slow=slow_task(started)), max_frame_size=FRAME_LIMIT) as (
+            _,
+            port,
+        ),
+        connected(("127.0.0.1", port), max_frame_size=FRAME_LIMIT) as client,
+    ):
+        other = asyncio.create_task(client.call("slow", timeout=5))
+        stack.push_async_callback(finish, other)
+        await asyncio.wait_for(started.wait(), 2)
+        with pytest.raises(SerializationError):
+            await client.call("big", 2 * FRAME_LIMIT, timeout=5)
+        assert await asyncio.wait_for(other, 3) == "slow-ok"
+        assert client.stats.disconnects == 0
+
+
+async def test_arguments_just_under_the_frame_limit_work() -> None:
+    def size(blob: bytes) -> int:
+        return len(blob)
+
+    async with (
+        serving(registry(size=size), max_frame_size=FRAME_LIMIT) as (_, port),
+        connected(("127.0.0.1", port), max_frame_size=FRAME_LIMIT) as client,
+    ):
+        blob = b"a" * (FRAME_LIMIT - 4096)
+        assert await client.call("size", blob, timeout=5) == len(blob)
