@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--peer", required=True, metavar="HOST:PORT", help="a worker to dial")
     call.add_argument("--key-file", help="file holding the shared key")
     call.add_argument("--key", help="the shared key inline")
+    call.add_argument("--tls-cert", help="PEM client certificate (for a mesh with mutual TLS)")
+    call.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    call.add_argument("--tls-ca", help="PEM CA bundle that signed the workers' certificates")
     call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     call.add_argument(
         "--retryable",
@@ -163,6 +166,9 @@ def run_call_command(ns: argparse.Namespace) -> int:
         key_file=ns.key_file,
         timeout=ns.timeout,
         retryable=ns.retryable,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_ca=ns.tls_ca,
     )
     # The broker logs each failed dial attempt; a one-off call reports the
     # outcome once, on its own line, so only errors get through.

@@ -12,6 +12,8 @@ import asyncio
 import base64
 import json
 import logging
+import os
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -20,7 +22,7 @@ from patio.broker import TCPClientBroker
 from patio.executor import NullExecutor
 from patio.registry import Registry
 from patio.worker.config import ConfigError, parse_peer_address
-from patio.worker.runtime import read_key_file
+from patio.worker.runtime import build_ssl_contexts, read_key_file
 
 log = logging.getLogger("patio.worker.client")
 
@@ -36,6 +38,7 @@ class CallRequest:
     args: tuple[Any, ...]
     timeout: float
     retryable: bool
+    ssl_context: ssl.SSLContext | None = None
 
 
 def parse_argument(text: str) -> Any:
@@ -71,6 +74,9 @@ def make_request(
     key_file: str | None,
     timeout: float,
     retryable: bool,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
 ) -> CallRequest:
     if key is not None and key_file is not None:
         raise ConfigError("--key and --key-file are exclusive: give one of them")
@@ -78,6 +84,7 @@ def make_request(
     if timeout <= 0:
         raise ConfigError(f"--timeout must be positive, not {timeout:g}")
     return CallRequest(
+        ssl_context=client_ssl_context(tls_cert, tls_key, tls_ca),
         peer=parse_peer_address(peer, default_port=15383, what="--peer"),
         key=key_bytes,
         task=task,
@@ -85,6 +92,24 @@ def make_request(
         timeout=timeout,
         retryable=retryable,
     )
+
+
+def client_ssl_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """TLS for the caller: a certificate pair for mutual TLS, a CA to check the worker."""
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    if cert is not None and key is not None:
+        return build_ssl_contexts(cert, key, ca)[1]
+    if ca is None:
+        return None
+    if not os.path.isfile(ca):
+        raise ConfigError(f"TLS CA {ca} does not exist")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS CA {ca} cannot be used: {exc}") from None
+    context.check_hostname = False  # workers are dialled by IP, as in the mesh
+    return context
 
 
 def describe_error(exc: BaseException) -> str:
@@ -107,6 +132,7 @@ async def call_once(request: CallRequest) -> Any:
             key=request.key,
             allow_empty_key=True,
             connect_timeout=min(CONNECT_TIMEOUT, request.timeout),
+            ssl_context=request.ssl_context,
         )
         async with broker:
             await broker.connect(host, port)

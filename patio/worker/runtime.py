@@ -225,6 +225,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self._signals = 0
+        self._server_ssl: ssl.SSLContext | None = None
         self._tasks: list[asyncio.Future[Any]] = []
         self._cleanups: list[Callable[[], Awaitable[None] | None]] = []
 
@@ -255,6 +256,7 @@ class Worker:
         # nothing here uses them.
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         registry, key, accepted, server_ctx, client_ctx, file_peers = self.preflight()
+        self._server_ssl = server_ctx
         self.executor = make_executor(config.executor, registry, config.max_workers)
         async with self.executor:
             self.broker = self.broker_factory(
@@ -400,13 +402,22 @@ class Worker:
         )
 
     def _reload_tls(self) -> None:
+        """Validate the new files on fresh contexts, then load them into the live
+        server context: the running listener keeps the context it was created
+        with, so replacing the object would only affect listeners started later.
+        Dialled links get the new client context. Links already up keep theirs."""
         config = self.config
         assert config.tls_cert is not None and config.tls_key is not None
         try:
-            server_ctx, client_ctx = build_ssl_contexts(
-                config.tls_cert, config.tls_key, config.tls_ca
-            )
-        except ConfigError as exc:
+            _, client_ctx = build_ssl_contexts(config.tls_cert, config.tls_key, config.tls_ca)
+            server_ctx = self._server_ssl
+            if server_ctx is not None:
+                server_ctx.load_cert_chain(config.tls_cert, config.tls_key)
+                if config.tls_ca is not None:
+                    # OpenSSL can add CAs to a context, not remove them: a CA
+                    # dropped from the bundle stays trusted until a restart.
+                    server_ctx.load_verify_locations(cafile=config.tls_ca)
+        except (ConfigError, ssl.SSLError, OSError) as exc:
             log.error("TLS reload failed: %s; keeping the previous certificates", exc)
             return
         self.broker.set_ssl_contexts(server_ctx, client_ctx)

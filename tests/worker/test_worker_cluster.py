@@ -170,7 +170,12 @@ async def test_sigterm_under_load_drains_without_failing_a_call(
     assert executed([a], "sleep") + b_before <= ok
 
 
-def kube_secret(directory: Path, version: int, files: dict[str, str]) -> None:
+def kube_secret(
+    directory: Path,
+    version: int,
+    files: dict[str, str],
+    names: tuple[str, ...] = ("key", "next-key"),
+) -> None:
     """Publish ``files`` the way the kubelet updates a mounted Secret: a new
     ``..N`` directory, an atomic swap of the ``..data`` symlink, and per-file
     symlinks through it (a file missing from the new version dangles)."""
@@ -181,7 +186,7 @@ def kube_secret(directory: Path, version: int, files: dict[str, str]) -> None:
     tmp = directory / "..data_tmp"
     tmp.symlink_to(data.name)
     os.replace(tmp, directory / "..data")
-    for name in ("key", "next-key"):
+    for name in names:
         link = directory / name
         if not link.is_symlink():
             link.symlink_to(f"..data/{name}")
