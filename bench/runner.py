@@ -106,7 +106,7 @@ def _cfg(sc: Scenario, use_uvloop: bool, **extra: Any) -> dict[str, Any]:
         "task": sc.task,
         "workers": sc.executor_workers,
         "key": KEY,
-        "call_timeout": None,
+        "call_timeout": sc.call_timeout,
     }
     cfg.update(extra)
     return cfg

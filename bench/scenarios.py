@@ -19,6 +19,7 @@ class Scenario:
     executors: int = 1  # executing processes (fanout) / mesh size
     warmup: int = 500
     remote_only: bool = False  # mesh: every call goes to another process
+    call_timeout: float | None = None  # passed as call(..., timeout=) when set
 
     @property
     def executor_workers(self) -> int:
@@ -39,6 +40,9 @@ FULL: list[Scenario] = [
              "pair", 64, 80_000, 6.0),
     Scenario("tcp_c1024", "TCP, one caller -> one executor, concurrency 1024",
              "pair", 1024, 100_000, 6.0, warmup=2048),
+    Scenario("tcp_c64_timeout", "TCP, concurrency 64, every call with timeout=30 s "
+             "(the cost of a per-call deadline)",
+             "pair", 64, 80_000, 6.0, call_timeout=30.0),
     Scenario("tcp_64k_c64", "TCP, 64 KiB argument and result, concurrency 64",
              "pair", 64, 8_000, 6.0, payload=64 * 1024, warmup=200),
     Scenario("fanout2_c256", "TCP, one caller -> two executing processes, concurrency 256",

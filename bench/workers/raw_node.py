@@ -184,13 +184,35 @@ class Connection(asyncio.Protocol):
         self.send((REQUEST, msgid, name, args))
         return await fut
 
+    async def call_with_timeout(self, timeout: float, name: str, *args: Any) -> Any:
+        """A deadline as a plain timer handle on the loop (no task per call)."""
+        if self.can_write is not None:
+            await asyncio.shield(self.can_write)
+        msgid = next(self.ids)
+        fut = self.loop.create_future()
+        self.pending[msgid] = fut
+        self.send((REQUEST, msgid, name, args))
+        handle = self.loop.call_at(self.loop.time() + timeout, self._expire, msgid)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+
+    def _expire(self, msgid: int) -> None:
+        fut = self.pending.pop(msgid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError("call timed out"))
+
 
 class Client:
     """Round-robin over connections to one or more servers."""
 
-    def __init__(self, conns: list[Connection]) -> None:
+    def __init__(self, conns: list[Connection], timeout: float | None = None) -> None:
         self.conns = conns
         self.next = 0
+        self.timeout = timeout
+        if timeout is not None:
+            self.call = self._call_with_timeout  # type: ignore[method-assign]
 
     async def call(self, name: str, *args: Any) -> Any:
         conns = self.conns
@@ -198,14 +220,20 @@ class Client:
         self.next += 1
         return await conn.call(name, *args)
 
+    async def _call_with_timeout(self, name: str, *args: Any) -> Any:
+        conns = self.conns
+        conn = conns[self.next % len(conns)]
+        self.next += 1
+        return await conn.call_with_timeout(self.timeout, name, *args)  # type: ignore[arg-type]
 
-async def connect(ports: list[int], workers: int) -> Client:
+
+async def connect(ports: list[int], workers: int, timeout: float | None = None) -> Client:
     loop = asyncio.get_running_loop()
     conns: list[Connection] = []
     for port in ports:
         _, proto = await loop.create_connection(lambda: Connection(workers), HOST, port)
         conns.append(proto)
-    return Client(conns)
+    return Client(conns, timeout)
 
 
 async def listen(port: int, workers: int) -> asyncio.Server:
@@ -250,7 +278,7 @@ async def main(cfg: dict[str, Any]) -> None:
         common.emit("result", **result, **describe(), usage=common.usage())
         return
     if role == "client":
-        client = await connect(cfg["peers"], workers)
+        client = await connect(cfg["peers"], workers, cfg.get("call_timeout"))
         result = await run_load(cfg, client.call)
         common.emit("result", **result, **describe(), usage=common.usage())
         for conn in client.conns:
