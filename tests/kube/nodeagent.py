@@ -59,6 +59,7 @@ exec "$@"
 
 
 AGENT_ENV = "PATIO_TEST_NODE_AGENT"
+_NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 # Lines the agent itself writes into a container's log file start with this.
 MARK = "[patio-node]"
 
@@ -328,7 +329,10 @@ class NodeAgent:
             ready = [
                 c for c in node.get("status", {}).get("conditions", []) if c["type"] == "Ready"
             ]
-            if ready and ready[0]["status"] == "True" and not node["spec"].get("taints"):
+            taints = [
+                t for t in node["spec"].get("taints") or [] if t.get("key") in _NOT_READY_TAINTS
+            ]
+            if ready and ready[0]["status"] == "True" and not taints:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"node {self.node_name} did not become Ready without taints")
@@ -492,8 +496,12 @@ class NodeAgent:
         )
         # The node controller may have tainted a node created before its status.
         node = self.rest.get(f"/api/v1/nodes/{self.node_name}")
-        if node["spec"].get("taints"):
-            self.rest.merge_patch(f"/api/v1/nodes/{self.node_name}", {"spec": {"taints": None}})
+        taints = node["spec"].get("taints") or []
+        keep = [t for t in taints if t.get("key") not in _NOT_READY_TAINTS]
+        if len(keep) != len(taints):
+            self.rest.merge_patch(
+                f"/api/v1/nodes/{self.node_name}", {"spec": {"taints": keep or None}}
+            )
         lease_path = (
             f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node_name}"
         )
@@ -524,7 +532,7 @@ class NodeAgent:
             except Exception as exc:  # keep the node alive; the error is kept for tests
                 log.exception("node agent sync failed")
                 self.errors.append(repr(exc))
-                del self.errors[:-50]
+            del self.errors[:-50]
             self._wake.wait(self.sync_period)
             self._wake.clear()
 
@@ -551,7 +559,11 @@ class NodeAgent:
             run.pod["metadata"] = pod["metadata"]
             run.pod["spec"] = pod["spec"]
             run.pod["status"] = pod.get("status", {})
-            self._sync_pod(run, pod, cache, refresh_volumes)
+            try:
+                self._sync_pod(run, pod, cache, refresh_volumes)
+            except Exception as exc:  # one broken pod must not stop the others
+                log.exception("sync of pod %s failed", run.key)
+                self.errors.append(f"{run.key}: {exc!r}")
         with self._lock:
             gone = [run for uid, run in self.pods.items() if uid not in seen]
         for run in gone:  # deleted from the API without us (force delete)
