@@ -300,3 +300,39 @@ async def test_second_signal_exits_at_once(spawn: Spawner, tmp_path: Path) -> No
         assert "exiting without waiting" in worker.log()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pending, 5)
+
+
+@pytest.mark.slow
+def test_peers_from_dns_and_from_a_watched_file(spawn: Spawner, tmp_path: Path) -> None:
+    b = spawn.worker("--key", "k", node_id="dns-b")
+    b.wait_ready()
+    # localhost resolves to 127.0.0.1 (where b is) and maybe ::1 (nobody): ready
+    # needs half of the known peers, so one connected address is enough
+    a = spawn.worker("--key", "k", "--peers-dns", f"localhost:{b.port}", node_id="dns-a")
+    a.wait_ready()
+    assert sample_sum(scrape(a.metrics_url + "/metrics"), "patio_peers_connected") == 1
+
+    peers = tmp_path / "peers"
+    peers.write_text(f"# the mesh, so far\n{a.address}\n")
+    c = spawn.worker("--key", "k", "--peers-file", str(peers), "--ready-peer-ratio", "1",
+                     node_id="file-c")  # fmt: skip
+    c.wait_ready()
+
+    def connected() -> float:
+        return sample_sum(scrape(c.metrics_url + "/metrics"), "patio_peers_connected")
+
+    assert connected() == 1
+    tmp = tmp_path / "peers.tmp"
+    tmp.write_text(f"{a.address}\n{b.address}\n")
+    os.replace(tmp, peers)  # atomic, as a ConfigMap update
+    deadline = time.monotonic() + 10
+    while connected() != 2:
+        assert time.monotonic() < deadline, c.log()
+        time.sleep(0.2)
+    tmp.write_text("not an address:x\n")
+    os.replace(tmp, peers)
+    time.sleep(1.5)
+    assert connected() == 2  # the last good set stays
+    assert "keeping the last good peer list" in c.log()
+    result = run_patio("call", "--peer", c.address, "--key", "k", "mul", "3", "5")
+    assert result.stdout.strip() == "15", result.stderr
