@@ -873,6 +873,9 @@ class NodeAgent:
             return int(value)
 
         try:
+            if "sleep" in spec:  # lifecycle hooks only
+                time.sleep(min(float(spec["sleep"]["seconds"]), probe.timeout))
+                return True
             if "httpGet" in spec:
                 g = spec["httpGet"]
                 host = g.get("host") or run.ip
@@ -1028,9 +1031,36 @@ class NodeAgent:
         for c in run.all_containers():
             c.ready = False
             if c.running and c.proc is not None:
-                procs.signal_group(c.proc, signal.SIGTERM)
                 c.kill_at = deadline
+                hook = (c.spec.get("lifecycle") or {}).get("preStop")
+                if hook:
+                    # Like the kubelet: the preStop hook first (within the grace
+                    # period), then SIGTERM; SIGKILL at the deadline regardless.
+                    threading.Thread(
+                        target=self._pre_stop_then_term,
+                        args=(run, c, c.proc, hook, deadline),
+                        name=f"prestop-{run.name}-{c.name}",
+                        daemon=True,
+                    ).start()
+                else:
+                    procs.signal_group(c.proc, signal.SIGTERM)
         log.info("terminating pod %s (grace %ss)", run.key, grace)
+
+    def _pre_stop_then_term(
+        self,
+        run: PodRun,
+        c: Container,
+        proc: subprocess.Popen[bytes],
+        hook: Obj,
+        deadline: float,
+    ) -> None:
+        remaining = max(0.1, deadline - time.monotonic())
+        ok = self._run_probe(run, c, Probe(spec={**hook, "timeoutSeconds": remaining}, next_at=0))
+        verdict = "ok" if ok else "failed"
+        with c.log_path.open("ab") as f:
+            f.write(f"{MARK} {now_iso()} preStop hook of {c.name}: {verdict}\n".encode())
+        if proc.poll() is None:
+            procs.signal_group(proc, signal.SIGTERM)
 
     def _delete_pod(self, namespace: str, name: str, uid: str) -> None:
         body = {

@@ -204,3 +204,65 @@ def test_graceful_deletion_sigterm_then_sigkill(
     log = kube_node.pod_log(ns, "stubborn", "c")
     assert "got SIGTERM" in log
     assert 2.0 <= killed_after < 10, killed_after
+
+
+DRAINER = """
+import pathlib, signal, sys, time
+flag = pathlib.Path("/var/lib/patio-kube-drain/drained")
+def on_term(*_):
+    print("SIGTERM, drained before:", flag.exists(), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("serving", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_pre_stop_hook_runs_before_sigterm(
+    kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str
+) -> None:
+    """A preStop exec hook (in the pod's mount namespace) finishes before the
+    container gets SIGTERM, as the kubelet does it: how workers drain."""
+    plane, ns = kube_control_plane, kube_namespace
+    mount = {"name": "state", "mountPath": "/var/lib/patio-kube-drain"}
+    apply(
+        plane,
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "drainer"},
+            "spec": {
+                "terminationGracePeriodSeconds": 10,
+                "containers": [
+                    {
+                        "name": "c",
+                        "image": "x",
+                        "command": ["python", "-c", DRAINER],
+                        "volumeMounts": [mount],
+                        "lifecycle": {
+                            "preStop": {
+                                "exec": {
+                                    "command": [
+                                        "sh",
+                                        "-c",
+                                        "sleep 1; touch /var/lib/patio-kube-drain/drained",
+                                    ]
+                                }
+                            }
+                        },
+                    }
+                ],
+                "volumes": [{"name": "state", "emptyDir": {}}],
+            },
+        },
+    )
+    wait_until(lambda: "serving" in kube_node.pod_log(ns, "drainer"), timeout=30)
+    pid = kube_node.pids(ns, "drainer")["c"]
+    plane.kubectl("delete", "-n", ns, "pod/drainer", "--wait=true", "--timeout=30s")
+    assert not pid_alive(pid)
+    log = kube_node.pod_log(ns, "drainer")
+    assert "preStop hook of c: ok" in log
+    assert "SIGTERM, drained before: True" in log
+    assert "exited with code 0" in log
