@@ -140,6 +140,8 @@ class Operator:
             self.ns,
             "--operator-namespace",
             self.ns,
+            "--listen-address",
+            "127.0.0.1",
             "--metrics-port",
             str(self.metrics_port),
             "--health-port",

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of kopf's liveness endpoint /healthz (0 disables)",
     )
     p.add_argument(
+        "--listen-address",
+        default=os.environ.get("POD_IP") or "0.0.0.0",
+        help="address for /metrics and /healthz (default: $POD_IP, else all interfaces)",
+    )
+    p.add_argument(
         "--resync-seconds",
         type=float,
         default=30.0,
@@ -136,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
 
-    metrics.serve(args.metrics_port)
-    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    metrics.serve(args.metrics_port, args.listen_address)
+    host = f"[{args.listen_address}]" if ":" in args.listen_address else args.listen_address
+    liveness = f"http://{host}:{args.health_port}/healthz" if args.health_port else None
     asyncio.run(_run(reconciler, registry, settings, namespaces, liveness))
     return 0
 
