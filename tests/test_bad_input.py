@@ -543,3 +543,74 @@ async def test_call_to_a_peer_that_stopped_reading_honours_its_timeout() -> None
 async def _until(predicate: Any) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+CANCEL_BEFORE_START = (
+    "BUG: TCPBroker._on_call creates the _serve task and a CANCEL in the same chunk "
+    "cancels it before its first step, so _serve's finally never runs: the call stays "
+    "in peer.serving (and peer.cancelled) forever and is never counted in stats"
+)
+
+
+async def _reply_for(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: Connection,
+    call_id: int,
+    within: float,
+) -> list[Any] | None:
+    """Read (answering pings) until RESULT/ERROR for ``call_id``; None if it never comes."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return None
+                for event in conn.receive_data(data):
+                    kind = event[0]
+                    if kind in (MessageType.RESULT, MessageType.ERROR) and event[1] == call_id:
+                        return event
+                writer.write(conn.data_to_send())
+    except (TimeoutError, ConnectionError):
+        return None
+
+
+@pytest.mark.xfail(strict=True, reason=CANCEL_BEFORE_START, raises=AssertionError)
+async def test_call_cancelled_before_it_starts_is_forgotten(env: Env) -> None:
+    reader, writer, conn = await handshake(env.port)
+    try:
+        args = MsgpackSerializer().pack([[2, 3], {}])
+        conn.send_call(1, "mul", args, 5.0, False)
+        conn.send_cancel(1)  # same chunk: the server cancels the task it just created
+        conn.send_call(2, "mul", args, 5.0, False)
+        writer.write(conn.data_to_send())
+        reply = await _reply_for(reader, writer, conn, 2, 3)
+        assert reply is not None and reply[0] == MessageType.RESULT
+        await asyncio.sleep(0.1)
+        (peer,) = [p for p in env.server._peers if p.node_id == "raw-peer"]
+        assert peer.serving == {} and peer.cancelled == set()
+        assert env.server.stats.calls_finished[("mul", "executor", "cancelled")] == 1
+    finally:
+        close_raw(writer)
+
+
+@pytest.mark.xfail(strict=True, reason=CANCEL_BEFORE_START, raises=AssertionError)
+async def test_many_calls_cancelled_before_they_start_do_not_stall_the_link(env: Env) -> None:
+    """The leaked entries fill the window: the server stops reading that peer for good."""
+    reader, writer, conn = await handshake(env.port)
+    try:
+        args = MsgpackSerializer().pack([[2, 3], {}])
+        window = max(2 * env.server.executor.max_workers, 1024)
+        for call_id in range(1, window + 51):
+            conn.send_call(call_id, "mul", args, 5.0, False)
+            conn.send_cancel(call_id)
+        writer.write(conn.data_to_send())
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        conn.send_call(window + 100, "mul", args, 5.0, False)
+        writer.write(conn.data_to_send())
+        reply = await _reply_for(reader, writer, conn, window + 100, 2)
+        assert reply is not None, "the server never answered: it stopped reading this peer"
+        assert reply[0] == MessageType.RESULT
+    finally:
+        close_raw(writer)

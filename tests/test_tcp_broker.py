@@ -808,3 +808,38 @@ async def test_arguments_just_under_the_frame_limit_work() -> None:
     ):
         blob = b"a" * (FRAME_LIMIT - 4096)
         assert await client.call("size", blob, timeout=5) == len(blob)
+
+
+async def test_full_window_of_slow_calls_is_not_mistaken_for_a_silent_peer() -> None:
+    """The server stops reading a peer whose window is full; that is not the peer's silence."""
+    gate = asyncio.Event()
+
+    async def gated(i: int) -> int:
+        await gate.wait()
+        return i
+
+    heartbeat = 0.1
+    async with (
+        serving(registry(gated=gated), max_workers=1, heartbeat_interval=heartbeat) as (
+            server,
+            port,
+        ),
+        connected(("127.0.0.1", port)) as client,
+    ):
+        window = max(2 * server.executor.max_workers, 1024)
+        calls = [
+            asyncio.create_task(client.call("gated", i, timeout=10)) for i in range(window + 10)
+        ]
+        try:
+            await wait_until(lambda: any(p.read_paused for p in server._peers))
+            await asyncio.sleep(5 * heartbeat)  # well past 3 heartbeats of "silence"
+            gate.set()
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert failures == [], failures[:3]
+        assert results == list(range(window + 10))
+        assert client.stats.disconnects == 0

@@ -82,6 +82,7 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         self._write_paused = False
         self._write_paused_at = 0.0
+        self._reading_paused = False
         self._resume_waiters: list[asyncio.Future[None]] = []
         # Why the protocol rejected the peer, if it did: dial() raises it as is
         # so a wrong key surfaces as AuthenticationError, not a bare HandshakeError.
@@ -177,10 +178,14 @@ class Link(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self.closed:
+            self._reading_paused = True
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self._transport is not None and not self.closed:
+            self._reading_paused = False
+            # We were not listening: the time that passed is not the peer's silence.
+            self._last_received = self._loop.time()
             self._transport.resume_reading()
 
     # -- closing ------------------------------------------------------------
@@ -275,7 +280,9 @@ class Link(asyncio.Protocol):
             self.abort("handshake timed out")
             return
         interval = self.settings.heartbeat_interval
-        silent = now - self._last_received
+        # While the owner has paused reading (its window of calls is full) the
+        # peer's bytes wait in the socket: that is not silence on its part.
+        silent = 0.0 if self._reading_paused else now - self._last_received
         if silent > 3 * interval:
             log.warning("closing connection with %s: silent for %.1f s", self._describe(), silent)
             self.abort(f"peer silent for {silent:.1f} s")
