@@ -281,8 +281,12 @@ class Worker:
     async def _serve(self, registry: Any, file_peers: frozenset[PeerAddress]) -> int:
         config = self.config
         broker = self.broker
-        # The HTTP port first: if it is taken, fail before joining the mesh
-        # (peers would otherwise see a member appear and vanish).
+        # Signals first: a SIGTERM during start-up (a pod deleted right after
+        # it was scheduled) then drains a worker that has not served anything.
+        if self.install_signal_handlers:
+            self._install_signals()
+        # The HTTP port before the mesh port: if it is taken, fail before
+        # joining the mesh (peers would otherwise see a member appear and vanish).
         self.heartbeat.start()
         self._cleanups.append(self.heartbeat.stop)
         if config.metrics_enabled:
@@ -291,9 +295,8 @@ class Worker:
             await broker.listen(config.listen, config.port)
         except OSError as exc:
             raise ConfigError(_bind_error("mesh", config.listen, config.port, exc)) from None
-
-        if self.install_signal_handlers:
-            self._install_signals()
+        except ValueError as exc:  # the broker refusing an empty key on this address
+            raise ConfigError(str(exc)) from None
 
         self._start_membership(file_peers)
         if self.keys.paths:
