@@ -48,7 +48,7 @@ def test_default_render() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (c,) = pod["containers"]
-    assert c["command"] == ["python", "-m", "patio_operator"]
+    assert c["command"] == ["patio", "operator"]
     assert c["securityContext"] == {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,

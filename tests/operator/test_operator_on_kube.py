@@ -567,3 +567,40 @@ def test_deleting_the_cluster_cascades(
         timeout=60,
         what="children garbage-collected",
     )
+
+
+def test_helm_install_runs_the_operator_in_cluster(
+    kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str, crd: None
+) -> None:
+    """The chart as users install it: the operator runs as a pod with its
+    in-cluster ServiceAccount and namespaced Role, and reconciles the
+    PatioCluster the same release created."""
+    plane, ns = kube_control_plane, kube_namespace
+    plane.helm(
+        "install", "p", str(CHART), "-n", ns,
+        "--set", f"watchNamespace={ns}",
+        "--set", "crds.install=false",  # the session's CRD is already there
+        "--set", "tests.enabled=false",  # the test pod needs cluster DNS; this node has none
+        "--set", "operator.rotation.settleSeconds=2",
+        "--set", "cluster.enabled=true", "--set", "cluster.name=demo",
+        "--set", f"cluster.spec.registry={REGISTRY}", "--set", "cluster.spec.replicas=2",
+        "--set", "cluster.spec.drainTimeoutSeconds=2",
+        "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    try:
+        pc = wait_condition(plane, ns, "demo", "Ready", timeout=120)
+        assert pc["status"]["readyReplicas"] == 2
+        wait_condition(plane, ns, "demo", "MeshReady")
+        # The release owns the cluster (no hook: the CRD existed at install).
+        assert pc["metadata"]["annotations"]["meta.helm.sh/release-name"] == "p"
+        op_pod = get(plane, ns, "pods", "-l", "app.kubernetes.io/component=operator")["items"][0]
+        assert op_pod["spec"]["serviceAccountName"] == "p-patio-operator"
+        # Its metrics on the pod's own address (what the Service would serve).
+        import urllib.request
+
+        url = f"http://{op_pod['status']['podIP']}:8000/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert "patio_operator_clusters_ready 1.0" in resp.read().decode()
+    finally:
+        plane.helm("uninstall", "p", "-n", ns, "--wait", "--timeout", "60s", check=False)
+        plane.kubectl("delete", "ptc", "--all", "-n", ns, "--wait=false", check=False)
