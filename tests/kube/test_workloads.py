@@ -266,3 +266,36 @@ def test_pre_stop_hook_runs_before_sigterm(
     assert "preStop hook of c: ok" in log
     assert "SIGTERM, drained before: True" in log
     assert "exited with code 0" in log
+
+
+def test_job_runs_to_completion(
+    kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str
+) -> None:
+    """A Job's pod exits 0: phase Succeeded, the Job completes (its pod
+    finalizer is handled by the real job controller), the logs stay readable."""
+    plane, ns = kube_control_plane, kube_namespace
+    apply(
+        plane,
+        ns,
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "once"},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {"name": "c", "image": "x", "command": ["python", "-c", "print(6 * 7)"]}
+                        ],
+                    }
+                },
+            },
+        },
+    )
+    plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "job/once", "--timeout=60s")
+    (job_pod,) = pods(plane, ns, "job-name=once")
+    assert job_pod["status"]["phase"] == "Succeeded"
+    assert "42" in kube_node.pod_log(ns, job_pod["metadata"]["name"]).splitlines()
+    assert plane.kubectl("logs", "-n", ns, job_pod["metadata"]["name"]).stdout == "42\n"
