@@ -24,7 +24,12 @@ import pytest
 
 from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
 from patio.broker.serializer import MsgpackSerializer
-from patio.errors import AuthenticationError, CallTimeoutError
+from patio.errors import (
+    AuthenticationError,
+    CallTimeoutError,
+    NoRouteError,
+    PeerConnectionError,
+)
 from patio.proto import Connection, KeySet, MessageType, Role
 from patio.proto.connection import State
 from patio.proto.messages import HEADER, MAGIC, NONCE_SIZE, PROTOCOL_VERSION
@@ -612,5 +617,29 @@ async def test_many_calls_cancelled_before_they_start_do_not_stall_the_link(env:
         reply = await _reply_for(reader, writer, conn, window + 100, 2)
         assert reply is not None, "the server never answered: it stopped reading this peer"
         assert reply[0] == MessageType.RESULT
+    finally:
+        close_raw(writer)
+
+
+async def test_call_routed_while_the_link_is_being_rejected(env: Env) -> None:
+    """A link is closed for routing the moment its peer is rejected, not a tick later."""
+    _, writer, conn = await handshake(env.port)
+    try:
+        conn.send_announce(["sink"], [], 4, 1024, False)
+        writer.write(conn.data_to_send())
+        await asyncio.wait_for(
+            _until(lambda: any("sink" in p.names for p in env.server.peers())), 3
+        )
+        (peer,) = [p for p in env.server._peers if p.node_id == "raw-peer"]
+        # The peer's next chunk is invalid; a call is made in the same loop iteration,
+        # before the transport has reported the connection lost.
+        peer.link.data_received(frame([99]))
+        outcome: BaseException | None = None
+        try:
+            await env.server.call("sink", timeout=1)
+        except BaseException as exc:
+            outcome = exc
+        assert isinstance(outcome, PeerConnectionError | NoRouteError), repr(outcome)
+        assert peer.pending == {}
     finally:
         close_raw(writer)

@@ -202,14 +202,19 @@ class Link(asyncio.Protocol):
             self._finish(reason)
 
     def abort(self, reason: str) -> None:
-        """Drop the connection now, discarding anything unsent."""
+        """Drop the connection now, discarding anything unsent.
+
+        The link is finished (``closed``, owner told) before this returns, not
+        when the transport reports the loss an iteration later: in between the
+        protocol is already CLOSED, and an owner still routing to the link
+        would be sending into it.
+        """
         if self.closed:
             return
         self.close_reason = self.close_reason or reason
         if self._transport is not None:
             self._transport.abort()
-        else:
-            self._finish(reason)
+        self._finish(self.close_reason)
 
     def _finish(self, reason: str) -> None:
         if self.closed:
