@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default bench/results; quick: bench/results/tmp/quick)")
     ap.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
+    ap.add_argument("--report-only", type=Path, default=None, metavar="JSONL",
+                    help="do not measure: redraw latest.md/png from a latest.jsonl")
     ap.add_argument("--update-docs", action="store_true",
                     help="copy latest.md into docs/benchmarks.md (full runs)")
     return ap.parse_args(argv)
@@ -81,6 +83,45 @@ def update_docs(md: str) -> None:
     DOCS.write_text(text[:start] + body + "\n" + text[end:])
 
 
+def render(out: Path, meta: dict[str, Any], records: list[dict[str, Any]],
+           extra: list[dict[str, Any]], titles: dict[str, str], tool_log: Path,
+           update: bool) -> tuple[str, list[dict[str, Any]]]:
+    """Summaries, ratios, targets; latest.md and latest.png. Returns the
+    Markdown and the derived rows (for latest.jsonl)."""
+    summaries = report.summarize(records)
+    ratio_rows = report.ratios(summaries, records)
+    target_rows = report.targets(summaries) if meta["mode"] != "quick" else []
+    md = report.markdown(meta, summaries, ratio_rows, target_rows, titles)
+    if extra:
+        from bench import alternatives
+
+        md += "\n" + alternatives.markdown(extra, summaries)
+    (out / "latest.md").write_text(md)
+    err = report.write_chart(summaries, out / "latest.png",
+                             f"patio benchmark ({meta['mode']}, {meta['loop_policy']}, "
+                             f"{meta['started']})", chart_python(tool_log))
+    if err:
+        log(f"chart failed: {err}")
+    if update and meta["mode"] != "quick":
+        update_docs(md)
+    return md, [*summaries, *ratio_rows, *target_rows]
+
+
+def report_only(jsonl: Path, out: Path, tool_log: Path, update: bool) -> int:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    meta = next(r for r in rows if r.get("type") == "meta")
+    records = [r for r in rows if r.get("type") == "run"]
+    extra = [r for r in rows if r.get("type") == "alternative"]
+    titles = {s["name"]: s["title"] for s in meta.get("scenarios", [])}
+    md, derived = render(out, meta, records, extra, titles, tool_log, update)
+    # rows are all in memory: rewriting the same file is safe
+    with open(out / "latest.jsonl", "w") as fh:
+        for row in [meta, *records, *derived, *extra]:
+            fh.write(json.dumps(row) + "\n")
+    sys.stdout.write(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick and args.alternatives:
@@ -91,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = (out / "tmp" / "logs") if out == DEFAULT_OUT else (out / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     setup_log = log_dir / "setup.log"
+    if args.report_only is not None:
+        return report_only(args.report_only, out, setup_log, args.update_docs)
     runs = args.runs or (1 if args.quick else 3)
     scenarios = select(args.quick, [s for s in args.scenarios.split(",") if s])
     wanted = [s for s in args.systems.split(",") if s]
@@ -143,34 +186,16 @@ def main(argv: list[str] | None = None) -> int:
             log(line_for(rec))
 
         records = run_all(systems, scenarios, runs, use_uvloop, log_dir, sink)
-        summaries = report.summarize(records)
-        ratio_rows = report.ratios(summaries, records)
-        target_rows = report.targets(summaries) if not args.quick else []
-        for row in [*summaries, *ratio_rows, *target_rows]:
-            sink_fh.write(json.dumps(row) + "\n")
         extra: list[dict[str, Any]] = []
         if args.alternatives:
             from bench import alternatives
 
             extra = alternatives.run_alternatives(log_dir, use_uvloop, log)
-            for row in extra:
-                sink_fh.write(json.dumps(row) + "\n")
+        titles = {s.name: s.title for s in scenarios}
+        md, derived = render(out, meta, records, extra, titles, setup_log, args.update_docs)
+        for row in [*derived, *extra]:
+            sink_fh.write(json.dumps(row) + "\n")
     jsonl_tmp.replace(out / "latest.jsonl")
-
-    titles = {s.name: s.title for s in scenarios}
-    md = report.markdown(meta, summaries, ratio_rows, target_rows, titles)
-    if extra:
-        from bench import alternatives
-
-        md += "\n" + alternatives.markdown(extra, summaries)
-    (out / "latest.md").write_text(md)
-    err = report.write_chart(summaries, out / "latest.png",
-                             f"patio benchmark ({meta['mode']}, {meta['loop_policy']}, {started})",
-                             chart_python(setup_log))
-    if err:
-        log(f"chart failed: {err}")
-    if args.update_docs and not args.quick:
-        update_docs(md)
     log(f"wrote {out / 'latest.jsonl'}, {out / 'latest.md'}, {out / 'latest.png'}")
     sys.stdout.write(md)
     return 0
