@@ -68,6 +68,7 @@ async def serving(
     host: str = "127.0.0.1",
     *,
     max_workers: int | None = None,
+    port: int = 0,
     **kwargs: Any,
 ) -> AsyncIterator[tuple[TCPServerBroker, int]]:
     kwargs.setdefault("key", KEY)
@@ -75,7 +76,7 @@ async def serving(
         AsyncExecutor(rpc, max_workers=max_workers) as executor,
         TCPServerBroker(executor, **kwargs) as broker,
     ):
-        await broker.listen(host, 0)
+        await broker.listen(host, port)
         yield broker, broker.listening[0][1]
 
 
@@ -578,6 +579,39 @@ async def test_client_reconnects_after_link_loss() -> None:
             peer.link.abort("test kills the link")
         await wait_until(lambda: client.stats.reconnects == 1)
         assert await client.call("mul", 3, 5, timeout=5) == 15
+
+
+async def test_caller_going_away_cancels_its_remote_work() -> None:
+    started, finished = asyncio.Event(), asyncio.Event()
+    rpc = registry(forever=forever_task(started, finished))
+    async with serving(rpc) as (server, port):
+        async with connected(("127.0.0.1", port)) as client:
+            call = asyncio.create_task(client.call("forever"))
+            await asyncio.wait_for(started.wait(), 2)
+        with pytest.raises(PeerConnectionError):
+            await call
+        await asyncio.wait_for(finished.wait(), 2)
+        await wait_until(lambda: server.peers() == [])
+
+
+async def test_client_reconnects_to_a_restarted_server(port: int) -> None:
+    def first() -> str:
+        return "first"
+
+    def second() -> str:
+        return "second"
+
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(serving(registry(who=first), port=port))
+        async with connected(("127.0.0.1", port)) as client:
+            assert await client.call("who", timeout=2) == "first"
+            await stack.aclose()  # the server goes away...
+            with pytest.raises((PeerConnectionError, NoRouteError)):
+                await client.call("who", timeout=0.5)
+            async with serving(registry(who=second), port=port):  # ...and comes back
+                await wait_announced(client, "who")
+                assert await client.call("who", timeout=2) == "second"
+            assert client.stats.reconnects >= 1
 
 
 # -- keys --------------------------------------------------------------------------
