@@ -95,7 +95,10 @@ async def env(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Env]:
             TCPClientBroker(client_executor, key=KEY) as client,
         ):
             await client.connect("127.0.0.1", port)
-            yield Env(server, port, client)
+            env = Env(server, port, client)
+            # Whatever a test does, a well-behaved client is served all along and after.
+            async with steady_load(env):
+                yield env
 
 
 @contextlib.asynccontextmanager
