@@ -29,21 +29,42 @@ DEFAULT_OUT = REPO / "bench" / "results"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: tiny counts, 1 run, a few scenarios (< 60 s)")
-    ap.add_argument("--alternatives", action="store_true",
-                    help="also measure Ray and Celery+Redis (not with --quick)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny counts, 1 run, a few scenarios (< 60 s)",
+    )
+    ap.add_argument(
+        "--alternatives",
+        action="store_true",
+        help="also measure Ray and Celery+Redis (not with --quick)",
+    )
     ap.add_argument("--runs", type=int, default=None, help="runs per system (full: 3)")
     ap.add_argument("--scenarios", default="", help="comma-separated scenario names")
-    ap.add_argument("--systems", default="ours,original,ceiling",
-                    help="comma-separated subset of ours,original,ceiling")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="output folder (default bench/results; quick: bench/results/tmp/quick)")
+    ap.add_argument(
+        "--systems",
+        default="ours,original,ceiling",
+        help="comma-separated subset of ours,original,ceiling",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default bench/results; quick: bench/results/tmp/quick)",
+    )
     ap.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
-    ap.add_argument("--report-only", type=Path, default=None, metavar="JSONL",
-                    help="do not measure: redraw latest.md/png from a latest.jsonl")
-    ap.add_argument("--update-docs", action="store_true",
-                    help="copy latest.md into docs/benchmarks.md (full runs)")
+    ap.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="JSONL",
+        help="do not measure: redraw latest.md/png from a latest.jsonl",
+    )
+    ap.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="copy latest.md into docs/benchmarks.md (full runs)",
+    )
     return ap.parse_args(argv)
 
 
@@ -60,12 +81,16 @@ def chart_python(log_file: Path) -> str:
 
 def line_for(rec: dict[str, Any]) -> str:
     if rec.get("status") in ("unavailable", "error"):
-        return f"{rec['scenario']:<14} {rec['system']:<9} run {rec['run']}: {rec['status']}: " \
-               f"{str(rec.get('error'))[:200]}"
-    return (f"{rec['scenario']:<14} {rec['system']:<9} run {rec['run']}: "
-            f"{rec.get('calls_per_s', 0):>10,.0f} calls/s  p50 {rec.get('p50_us') or 0:>8.0f} µs"
-            f"  p99 {rec.get('p99_us') or 0:>8.0f} µs  {rec.get('completed')}/{rec.get('issued')}"
-            f"  rss {rec.get('rss_mb')}")
+        return (
+            f"{rec['scenario']:<14} {rec['system']:<9} run {rec['run']}: {rec['status']}: "
+            f"{str(rec.get('error'))[:200]}"
+        )
+    return (
+        f"{rec['scenario']:<14} {rec['system']:<9} run {rec['run']}: "
+        f"{rec.get('calls_per_s', 0):>10,.0f} calls/s  p50 {rec.get('p50_us') or 0:>8.0f} µs"
+        f"  p99 {rec.get('p99_us') or 0:>8.0f} µs  {rec.get('completed')}/{rec.get('issued')}"
+        f"  rss {rec.get('rss_mb')}"
+    )
 
 
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -78,14 +103,21 @@ def update_docs(md: str) -> None:
     start = text.index(BEGIN)
     start = text.index("\n", start) + 1
     end = text.index(END)
-    body = "\n".join("##" + line if line.startswith("#") else line
-                     for line in md.strip().splitlines())
+    body = "\n".join(
+        "##" + line if line.startswith("#") else line for line in md.strip().splitlines()
+    )
     DOCS.write_text(text[:start] + body + "\n" + text[end:])
 
 
-def render(out: Path, meta: dict[str, Any], records: list[dict[str, Any]],
-           extra: list[dict[str, Any]], titles: dict[str, str], tool_log: Path,
-           update: bool) -> tuple[str, list[dict[str, Any]]]:
+def render(
+    out: Path,
+    meta: dict[str, Any],
+    records: list[dict[str, Any]],
+    extra: list[dict[str, Any]],
+    titles: dict[str, str],
+    tool_log: Path,
+    update: bool,
+) -> tuple[str, list[dict[str, Any]]]:
     """Summaries, ratios, targets; latest.md and latest.png. Returns the
     Markdown and the derived rows (for latest.jsonl)."""
     summaries = report.summarize(records)
@@ -97,9 +129,12 @@ def render(out: Path, meta: dict[str, Any], records: list[dict[str, Any]],
 
         md += "\n" + alternatives.markdown(extra, summaries)
     (out / "latest.md").write_text(md)
-    err = report.write_chart(summaries, out / "latest.png",
-                             f"patio benchmark ({meta['mode']}, {meta['loop_policy']}, "
-                             f"{meta['started']})", chart_python(tool_log))
+    err = report.write_chart(
+        summaries,
+        out / "latest.png",
+        f"patio benchmark ({meta['mode']}, {meta['loop_policy']}, {meta['started']})",
+        chart_python(tool_log),
+    )
     if err:
         log(f"chart failed: {err}")
     if update and meta["mode"] != "quick":
@@ -149,13 +184,22 @@ def main(argv: list[str] | None = None) -> int:
         "original": "pickle (package default, RestrictedPickleSerializer)",
         "ceiling": "msgpack",
     }
-    labels = {"ours": "our patio", "original": f"patio=={ORIGINAL_VERSION}",
-              "ceiling": "raw asyncio+msgpack RPC"}
+    labels = {
+        "ours": "our patio",
+        "original": f"patio=={ORIGINAL_VERSION}",
+        "ceiling": "raw asyncio+msgpack RPC",
+    }
     systems = [
-        System(name, labels[name], envs[name],
-               RAW_SCRIPT if name == "ceiling" else PATIO_SCRIPT,
-               serializers[name], caps[name])
-        for name in ("ours", "original", "ceiling") if name in wanted
+        System(
+            name,
+            labels[name],
+            envs[name],
+            RAW_SCRIPT if name == "ceiling" else PATIO_SCRIPT,
+            serializers[name],
+            caps[name],
+        )
+        for name in ("ours", "original", "ceiling")
+        if name in wanted
     ]
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     meta: dict[str, Any] = {
@@ -169,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         "original_version": ORIGINAL_VERSION,
         "capabilities": caps,
         "python": {name: env.python for name, env in envs.items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
         "scenarios": [s.__dict__ for s in scenarios],
         "order": "for each scenario, for each run, every system in turn (ABCABC...)",
     }

@@ -52,13 +52,17 @@ def run_ray(log_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     except (WorkerError, OSError) as exc:
         return _record("ray", ok=False, error=str(exc)[:1500])
     log(f"ray: {result.get('calls_per_s', 0):,.0f} tasks/s, p50 {result.get('p50_us', 0):,.0f} µs")
-    return _record("ray", ok=result.get("completed") == BURST, **_fields(result),
-                   version=result.get("ray_version"), setup="ray.init(num_cpus=2), local")
+    return _record(
+        "ray",
+        ok=result.get("completed") == BURST,
+        **_fields(result),
+        version=result.get("ray_version"),
+        setup="ray.init(num_cpus=2), local",
+    )
 
 
 def _fields(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("issued", "completed", "elapsed_s", "calls_per_s", "p50_us", "p99_us",
-            "latency_calls")
+    keys = ("issued", "completed", "elapsed_s", "calls_per_s", "p50_us", "p99_us", "latency_calls")
     out = {k: result.get(k) for k in keys}
     out["caller_rss_mb"] = (result.get("usage") or {}).get("maxrss_mb")
     return out
@@ -68,9 +72,11 @@ def _redis_server() -> str | None:
     path = shutil.which("redis-server")
     if path:
         return path
-    for cmd in (["apt-get", "install", "-y", "-q", "redis-server"],
-                ["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "redis-server"]):
+    for cmd in (
+        ["apt-get", "install", "-y", "-q", "redis-server"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "redis-server"],
+    ):
         subprocess.run(cmd, capture_output=True, timeout=600, check=False)
         path = shutil.which("redis-server")
         if path:
@@ -94,34 +100,67 @@ def run_celery(log_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     if redis is None:
         return _record("celery", ok=False, error="redis-server could not be installed")
     try:
-        python = ensure_venv("bench-venv-celery", ["celery", "redis", "packaging"],
-                             log=log_dir / "celery-setup.log")
+        python = ensure_venv(
+            "bench-venv-celery", ["celery", "redis", "packaging"], log=log_dir / "celery-setup.log"
+        )
     except (subprocess.SubprocessError, OSError) as exc:
         return _record("celery", ok=False, error=f"Celery could not be installed: {exc}")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    env = PythonEnv(str(python), {"BENCH_REDIS_URL": url, "PYTHONPATH": str(WORKERS)},
-                    isolated=False)
+    env = PythonEnv(
+        str(python), {"BENCH_REDIS_URL": url, "PYTHONPATH": str(WORKERS)}, isolated=False
+    )
     server = worker = None
     cfg = {"burst": BURST, "latency_calls": LATENCY_CALLS, "max_seconds": MAX_SECONDS}
     try:
-        with open(log_dir / "alt-redis.log", "wb") as redis_log, \
-                open(log_dir / "alt-celery-worker.log", "wb") as worker_log:
+        with (
+            open(log_dir / "alt-redis.log", "wb") as redis_log,
+            open(log_dir / "alt-celery-worker.log", "wb") as worker_log,
+        ):
             server = subprocess.Popen(
-                [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no"],
-                stdout=redis_log, stderr=redis_log, start_new_session=True)
+                [
+                    redis,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=redis_log,
+                stderr=redis_log,
+                start_new_session=True,
+            )
             if not _wait_port(port, 20):
                 return _record("celery", ok=False, error="redis-server did not start")
             worker = subprocess.Popen(
-                [str(python), "-m", "celery", "-A", "celery_app", "worker",
-                 "--concurrency=2", "--loglevel=WARNING", "--without-gossip",
-                 "--without-mingle", "--without-heartbeat"],
-                cwd=WORKERS, env=env.environ(), stdout=worker_log, stderr=worker_log,
-                start_new_session=True)
+                [
+                    str(python),
+                    "-m",
+                    "celery",
+                    "-A",
+                    "celery_app",
+                    "worker",
+                    "--concurrency=2",
+                    "--loglevel=WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                cwd=WORKERS,
+                env=env.environ(),
+                stdout=worker_log,
+                stderr=worker_log,
+                start_new_session=True,
+            )
             with ProcGroup() as group:
-                proc = group.add(Proc(env, WORKERS / "celery_client.py", cfg, "alt-celery",
-                                      log_dir))
+                proc = group.add(
+                    Proc(env, WORKERS / "celery_client.py", cfg, "alt-celery", log_dir)
+                )
                 result = proc.expect("result", MAX_SECONDS * 3)
     except (WorkerError, OSError) as exc:
         return _record("celery", ok=False, error=str(exc)[:1500])
@@ -130,15 +169,22 @@ def run_celery(log_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
             _stop_group(worker)
         if server is not None:
             _stop_group(server)
-    log(f"celery: {result.get('calls_per_s', 0):,.0f} tasks/s, "
-        f"p50 {result.get('p50_us', 0):,.0f} µs")
-    return _record("celery", ok=result.get("completed") == BURST, **_fields(result),
-                   version=result.get("celery_version"),
-                   setup="Celery prefork worker (concurrency 2), Redis broker+backend")
+    log(
+        f"celery: {result.get('calls_per_s', 0):,.0f} tasks/s, "
+        f"p50 {result.get('p50_us', 0):,.0f} µs"
+    )
+    return _record(
+        "celery",
+        ok=result.get("completed") == BURST,
+        **_fields(result),
+        version=result.get("celery_version"),
+        setup="Celery prefork worker (concurrency 2), Redis broker+backend",
+    )
 
 
-def run_alternatives(log_dir: Path, use_uvloop: bool,
-                     log: Callable[[str], None]) -> list[dict[str, Any]]:
+def run_alternatives(
+    log_dir: Path, use_uvloop: bool, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     del use_uvloop  # neither Ray nor Celery runs on our loop
     out = []
     for runner in (run_ray, run_celery):
@@ -166,16 +212,20 @@ def markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> str
         lines.append(
             f"| {r['system']} {r.get('version') or ''} | {r.get('setup')} "
             f"| {r['calls_per_s']:,.0f} | {r['p50_us']:,.0f} | {r['p99_us']:,.0f} "
-            f"| {r['completed']}/{r['issued']} completed |")
+            f"| {r['completed']}/{r['issued']} completed |"
+        )
     for system in ("ours", "original", "ceiling"):
         burst = idx.get(("tcp_c1024", system), {}).get("calls_per_s")
         lat = idx.get(("tcp_c1", system), {})
         if burst is None and not lat:
             continue
+
         def fmt(v: Any) -> str:
             return "—" if v is None else f"{v:,.0f}"
 
-        lines.append(f"| {system} | TCP pair, see main table | {fmt(burst)} "
-                     f"| {fmt(lat.get('p50_us'))} | {fmt(lat.get('p99_us'))} | |")
+        lines.append(
+            f"| {system} | TCP pair, see main table | {fmt(burst)} "
+            f"| {fmt(lat.get('p50_us'))} | {fmt(lat.get('p99_us'))} | |"
+        )
     lines.append("")
     return "\n".join(lines)

@@ -55,8 +55,9 @@ def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_venv(name: str, requirements: list[str], log: Path | None = None,
-                timeout: float = 900) -> Path:
+def ensure_venv(
+    name: str, requirements: list[str], log: Path | None = None, timeout: float = 900
+) -> Path:
     """Create ``<cache>/<name>`` with ``requirements`` unless it already has them.
 
     A marker file records what was installed; a venv whose marker matches is
@@ -74,12 +75,27 @@ def ensure_venv(name: str, requirements: list[str], log: Path | None = None,
     out = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
         if not _venv_python(venv).exists():
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
-                           stdout=out, stderr=out, timeout=timeout)
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(venv)],
+                check=True,
+                stdout=out,
+                stderr=out,
+                timeout=timeout,
+            )
         subprocess.run(
-            [str(_venv_python(venv)), "-m", "pip", "install", "-q",
-             "--disable-pip-version-check", *requirements],
-            check=True, stdout=out, stderr=out, timeout=timeout,
+            [
+                str(_venv_python(venv)),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                *requirements,
+            ],
+            check=True,
+            stdout=out,
+            stderr=out,
+            timeout=timeout,
         )
     finally:
         if log:

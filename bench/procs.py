@@ -30,8 +30,9 @@ def free_port() -> int:
 class Proc:
     """A worker process (in its own session, so the whole group can be ended)."""
 
-    def __init__(self, env: PythonEnv, script: Path, cfg: dict[str, Any], label: str,
-                 log_dir: Path) -> None:
+    def __init__(
+        self, env: PythonEnv, script: Path, cfg: dict[str, Any], label: str, log_dir: Path
+    ) -> None:
         self.label = label
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{label}.stderr.log"

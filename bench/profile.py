@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--no-uvloop", action="store_true")
-    ap.add_argument("--memory", action="store_true",
-                    help="flood scenarios: live allocations by line in the caller (tracemalloc) "
-                         "while every call is pending, instead of py-spy")
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="flood scenarios: live allocations by line in the caller (tracemalloc) "
+        "while every call is pending, instead of py-spy",
+    )
     args = ap.parse_args(argv)
     if args.memory:
         return memory_profile(args)
@@ -124,29 +127,68 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{sc.name}-{args.system}"
     with ProcGroup() as group:
         ports = [free_port() for _ in range(sc.executors)]
-        servers = [group.add(Proc(env, script, _cfg(sc, use_uvloop, role="server", port=p),
-                                  f"profile-{tag}-executor{i}", OUT))
-                   for i, p in enumerate(ports)]
+        servers = [
+            group.add(
+                Proc(
+                    env,
+                    script,
+                    _cfg(sc, use_uvloop, role="server", port=p),
+                    f"profile-{tag}-executor{i}",
+                    OUT,
+                )
+            )
+            for i, p in enumerate(ports)
+        ]
         for srv in servers:
             srv.expect("ready", 60)
-        client = group.add(Proc(env, script, _cfg(sc, use_uvloop, role="client", peers=ports),
-                                f"profile-{tag}-caller", OUT))
+        client = group.add(
+            Proc(
+                env,
+                script,
+                _cfg(sc, use_uvloop, role="client", peers=ports),
+                f"profile-{tag}-caller",
+                OUT,
+            )
+        )
         time.sleep(1.5)  # past connect and warm-up
         targets = [("caller", client), *((f"executor{i}", s) for i, s in enumerate(servers))]
         spies = []
         for role, proc in targets:
             raw = OUT / f"{tag}-{role}.txt"
-            spies.append((role, raw, subprocess.Popen(
-                [spy, "record", "-p", str(proc.pid), "-d", str(int(args.seconds)),
-                 "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            spies.append(
+                (
+                    role,
+                    raw,
+                    subprocess.Popen(
+                        [
+                            spy,
+                            "record",
+                            "-p",
+                            str(proc.pid),
+                            "-d",
+                            str(int(args.seconds)),
+                            "-r",
+                            str(args.rate),
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(raw),
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
+            )
         for _, _, sp in spies:
             sp.wait(timeout=args.seconds + 60)
         result = client.expect("result", args.seconds + 120)
         for srv in servers:
             srv.send("stop")
-    print(f"{tag}: {result.get('calls_per_s', 0):,.0f} calls/s during profiling "
-          f"(py-spy slows it down somewhat)")
+    print(
+        f"{tag}: {result.get('calls_per_s', 0):,.0f} calls/s during profiling "
+        f"(py-spy slows it down somewhat)"
+    )
     for role, raw, _ in spies:
         print(f"\n== {role} ({raw})")
         print(analyse(raw, args.top) if raw.exists() else "  (no profile written)")
@@ -163,19 +205,34 @@ def memory_profile(args: argparse.Namespace) -> int:
     use_uvloop = not args.no_uvloop
     with ProcGroup() as group:
         port = free_port()
-        srv = group.add(Proc(env, script, _cfg(sc, use_uvloop, role="server", port=port),
-                             f"memprofile-{args.system}-executor", OUT))
+        srv = group.add(
+            Proc(
+                env,
+                script,
+                _cfg(sc, use_uvloop, role="server", port=port),
+                f"memprofile-{args.system}-executor",
+                OUT,
+            )
+        )
         srv.expect("ready", 60)
-        client = group.add(Proc(
-            env, script, _cfg(sc, use_uvloop, role="client", peers=[port], tracemalloc=True),
-            f"memprofile-{args.system}-caller", OUT))
+        client = group.add(
+            Proc(
+                env,
+                script,
+                _cfg(sc, use_uvloop, role="client", peers=[port], tracemalloc=True),
+                f"memprofile-{args.system}-caller",
+                OUT,
+            )
+        )
         result = client.expect("result", sc.max_seconds + 300)
         srv.send("stop")
-    print(f"{sc.name} / {args.system}: {result.get('completed')}/{result.get('issued')} "
-          f"completed, {result.get('errors')} errors ({result.get('first_error')}), "
-          f"{result.get('elapsed_s', 0):.1f} s; caller peak RSS "
-          f"{result.get('usage', {}).get('maxrss_mb')} MB "
-          "(tracemalloc itself adds to it)")
+    print(
+        f"{sc.name} / {args.system}: {result.get('completed')}/{result.get('issued')} "
+        f"completed, {result.get('errors')} errors ({result.get('first_error')}), "
+        f"{result.get('elapsed_s', 0):.1f} s; caller peak RSS "
+        f"{result.get('usage', {}).get('maxrss_mb')} MB "
+        "(tracemalloc itself adds to it)"
+    )
     print("  MB    bytes/call  where (live while all calls are pending)")
     for row in result.get("allocations", [])[: args.top]:
         print(f"  {row['mb']:6.1f} {row['bytes_per_call']:8.1f}  {row['where']}")

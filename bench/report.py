@@ -13,7 +13,7 @@ from typing import Any
 SYSTEMS = ("ours", "original", "ceiling")
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: list[Any]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(vals) if vals else None
 
@@ -45,8 +45,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "system": system,
             "runs": len(recs),
             "runs_measured": len(good),
-            "status": ("ok" if good and all(r.get("ok") for r in recs)
-                       else (recs[0].get("status") if not good else "incomplete")),
+            "status": (
+                "ok"
+                if good and all(r.get("ok") for r in recs)
+                else (recs[0].get("status") if not good else "incomplete")
+            ),
             "calls_per_s": _median([r.get("calls_per_s") for r in good]),
             "p50_us": _median([r.get("p50_us") for r in good]),
             "p99_us": _median([r.get("p99_us") for r in good]),
@@ -58,8 +61,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "serializer": recs[0].get("serializer"),
             "loop_policy": recs[0].get("loop_policy"),
         }
-        errors = [r.get("error") or r.get("first_error") for r in recs
-                  if r.get("error") or r.get("first_error")]
+        errors = [
+            r.get("error") or r.get("first_error")
+            for r in recs
+            if r.get("error") or r.get("first_error")
+        ]
         if errors:
             summary["error"] = errors[0]
         if good and good[0].get("mesh_arrangement"):
@@ -80,20 +86,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def _paired(records: list[dict[str, Any]], scenario: str, a: str, b: str,
-            key: str = "calls_per_s") -> float | None:
+def _paired(
+    records: list[dict[str, Any]], scenario: str, a: str, b: str, key: str = "calls_per_s"
+) -> float | None:
     """Median over runs of the ratio a/b within the same run (same conditions)."""
     by_run: dict[int, dict[str, float]] = {}
     for r in records:
-        if r.get("type") == "run" and r["scenario"] == scenario and r.get(key) is not None \
-                and r.get("status") == "ok":
+        if (
+            r.get("type") == "run"
+            and r["scenario"] == scenario
+            and r.get(key) is not None
+            and r.get("status") == "ok"
+        ):
             by_run.setdefault(int(r["run"]), {})[r["system"]] = float(r[key])
     vals = [v[a] / v[b] for v in by_run.values() if a in v and b in v and v[b]]
     return statistics.median(vals) if vals else None
 
 
-def ratios(summaries: list[dict[str, Any]],
-           records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def ratios(
+    summaries: list[dict[str, Any]], records: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     idx = _index(summaries)
     records = records or []
     scenarios = list(dict.fromkeys(s["scenario"] for s in summaries))
@@ -102,22 +114,31 @@ def ratios(summaries: list[dict[str, Any]],
         ours = idx.get((sc, "ours"), {})
         orig = idx.get((sc, "original"), {})
         ceil = idx.get((sc, "ceiling"), {})
-        out.append({
-            "type": "ratio",
-            "scenario": sc,
-            "ours_over_original": _ratio(ours.get("calls_per_s"), orig.get("calls_per_s")),
-            "ours_over_ceiling": _ratio(ours.get("calls_per_s"), ceil.get("calls_per_s")),
-            "p50_ours_over_ceiling": _ratio(ours.get("p50_us"), ceil.get("p50_us")),
-            "paired_ours_over_original": _paired(records, sc, "ours", "original"),
-            "paired_ours_over_ceiling": _paired(records, sc, "ours", "ceiling"),
-        })
+        out.append(
+            {
+                "type": "ratio",
+                "scenario": sc,
+                "ours_over_original": _ratio(ours.get("calls_per_s"), orig.get("calls_per_s")),
+                "ours_over_ceiling": _ratio(ours.get("calls_per_s"), ceil.get("calls_per_s")),
+                "p50_ours_over_ceiling": _ratio(ours.get("p50_us"), ceil.get("p50_us")),
+                "paired_ours_over_original": _paired(records, sc, "ours", "original"),
+                "paired_ours_over_ceiling": _paired(records, sc, "ours", "ceiling"),
+            }
+        )
     return out
 
 
-def _target(name: str, met: bool | None, value: str, threshold: str,
-            reference: str = "") -> dict[str, Any]:
-    return {"type": "target", "name": name, "met": met, "value": value, "threshold": threshold,
-            "reference": reference}
+def _target(
+    name: str, met: bool | None, value: str, threshold: str, reference: str = ""
+) -> dict[str, Any]:
+    return {
+        "type": "target",
+        "name": name,
+        "met": met,
+        "value": value,
+        "threshold": threshold,
+        "reference": reference,
+    }
 
 
 def _fmt_x(v: float | None) -> str:
@@ -138,49 +159,94 @@ def targets(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r_orig = _ratio(get(sc, "ours", "calls_per_s"), get(sc, "original", "calls_per_s"))
         r_ceil = _ratio(get(sc, "ours", "calls_per_s"), get(sc, "ceiling", "calls_per_s"))
         c_orig = _ratio(get(sc, "ceiling", "calls_per_s"), get(sc, "original", "calls_per_s"))
-        out.append(_target(f"{sc}: throughput >= 5x original", None if r_orig is None
-                           else r_orig >= 5.0, _fmt_x(r_orig), ">= 5x",
-                           f"ceiling/original {_fmt_x(c_orig)}"))
-        out.append(_target(f"{sc}: throughput >= 70% of ceiling", None if r_ceil is None
-                           else r_ceil >= 0.70,
-                           "n/a" if r_ceil is None else f"{r_ceil * 100:.0f}%", ">= 70%"))
+        out.append(
+            _target(
+                f"{sc}: throughput >= 5x original",
+                None if r_orig is None else r_orig >= 5.0,
+                _fmt_x(r_orig),
+                ">= 5x",
+                f"ceiling/original {_fmt_x(c_orig)}",
+            )
+        )
+        out.append(
+            _target(
+                f"{sc}: throughput >= 70% of ceiling",
+                None if r_ceil is None else r_ceil >= 0.70,
+                "n/a" if r_ceil is None else f"{r_ceil * 100:.0f}%",
+                ">= 70%",
+            )
+        )
     if ("tcp_c1", "ours") in idx:
         r = _ratio(get("tcp_c1", "ours", "p50_us"), get("tcp_c1", "ceiling", "p50_us"))
-        out.append(_target("tcp_c1: p50 latency <= 1.5x ceiling's",
-                           None if r is None else r <= 1.5, _fmt_x(r), "<= 1.5x"))
+        out.append(
+            _target(
+                "tcp_c1: p50 latency <= 1.5x ceiling's",
+                None if r is None else r <= 1.5,
+                _fmt_x(r),
+                "<= 1.5x",
+            )
+        )
     if ("tcp_64k_c64", "ours") in idx:
-        r = _ratio(get("tcp_64k_c64", "ours", "calls_per_s"),
-                   get("tcp_64k_c64", "original", "calls_per_s"))
-        c = _ratio(get("tcp_64k_c64", "ceiling", "calls_per_s"),
-                   get("tcp_64k_c64", "original", "calls_per_s"))
-        out.append(_target("tcp_64k_c64: throughput >= 3x original",
-                           None if r is None else r >= 3.0, _fmt_x(r), ">= 3x",
-                           f"ceiling/original {_fmt_x(c)}"))
-    flood = next((s for s in summaries if s["system"] == "ours"
-                  and s["scenario"].startswith("flood")), None)
+        r = _ratio(
+            get("tcp_64k_c64", "ours", "calls_per_s"), get("tcp_64k_c64", "original", "calls_per_s")
+        )
+        c = _ratio(
+            get("tcp_64k_c64", "ceiling", "calls_per_s"),
+            get("tcp_64k_c64", "original", "calls_per_s"),
+        )
+        out.append(
+            _target(
+                "tcp_64k_c64: throughput >= 3x original",
+                None if r is None else r >= 3.0,
+                _fmt_x(r),
+                ">= 3x",
+                f"ceiling/original {_fmt_x(c)}",
+            )
+        )
+    flood = next(
+        (s for s in summaries if s["system"] == "ours" and s["scenario"].startswith("flood")), None
+    )
     if flood is not None:
         rss = flood.get("rss_max_mb") or {}
         caller, executor = rss.get("caller"), rss.get("executor")
-        met = (flood.get("all_completed") and caller is not None and executor is not None
-               and caller < 150 and executor < 150)
-        out.append(_target(
-            f"{flood['scenario']}: all calls complete, caller and executor < 150 MB RSS",
-            bool(met) if flood.get("runs_measured") else None,
-            f"{flood.get('completed')}/{flood.get('issued')} completed, caller "
-            f"{caller} MB, executor {executor} MB", "all; < 150 MB each",
-            "ceiling: caller {c} MB, executor {e} MB".format(
-                c=(idx.get((flood["scenario"], "ceiling"), {}).get("rss_max_mb") or {}).get(
-                    "caller"),
-                e=(idx.get((flood["scenario"], "ceiling"), {}).get("rss_max_mb") or {}).get(
-                    "executor"))))
+        met = (
+            flood.get("all_completed")
+            and caller is not None
+            and executor is not None
+            and caller < 150
+            and executor < 150
+        )
+        out.append(
+            _target(
+                f"{flood['scenario']}: all calls complete, caller and executor < 150 MB RSS",
+                bool(met) if flood.get("runs_measured") else None,
+                f"{flood.get('completed')}/{flood.get('issued')} completed, caller "
+                f"{caller} MB, executor {executor} MB",
+                "all; < 150 MB each",
+                "ceiling: caller {c} MB, executor {e} MB".format(
+                    c=(idx.get((flood["scenario"], "ceiling"), {}).get("rss_max_mb") or {}).get(
+                        "caller"
+                    ),
+                    e=(idx.get((flood["scenario"], "ceiling"), {}).get("rss_max_mb") or {}).get(
+                        "executor"
+                    ),
+                ),
+            )
+        )
     for mesh in ("mesh4_c64", "mesh4_remote_c64"):
         if (mesh, "ours") not in idx:
             continue
         r = _ratio(get(mesh, "ours", "calls_per_s"), get("tcp_c64", "ours", "calls_per_s"))
         c = _ratio(get(mesh, "ceiling", "calls_per_s"), get("tcp_c64", "ceiling", "calls_per_s"))
-        out.append(_target(f"{mesh}: aggregate >= 1.5x a single pair (tcp_c64)",
-                           None if r is None else r >= 1.5, _fmt_x(r), ">= 1.5x",
-                           f"ceiling's mesh/pair {_fmt_x(c)}"))
+        out.append(
+            _target(
+                f"{mesh}: aggregate >= 1.5x a single pair (tcp_c64)",
+                None if r is None else r >= 1.5,
+                _fmt_x(r),
+                ">= 1.5x",
+                f"ceiling's mesh/pair {_fmt_x(c)}",
+            )
+        )
     return out
 
 
@@ -223,9 +289,13 @@ def _cell(s: dict[str, Any] | None) -> str:
     return text
 
 
-def markdown(meta: dict[str, Any], summaries: list[dict[str, Any]],
-             ratio_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]],
-             titles: dict[str, str]) -> str:
+def markdown(
+    meta: dict[str, Any],
+    summaries: list[dict[str, Any]],
+    ratio_rows: list[dict[str, Any]],
+    target_rows: list[dict[str, Any]],
+    titles: dict[str, str],
+) -> str:
     idx = _index(summaries)
     lines = [
         f"# patio benchmark — {meta.get('mode')} run, {meta.get('started')}",
@@ -263,30 +333,39 @@ def markdown(meta: dict[str, Any], summaries: list[dict[str, Any]],
     lines += ["", "Scenarios:", ""]
     for sc in dict.fromkeys(s["scenario"] for s in summaries):
         lines.append(f"- `{sc}`: {titles.get(sc, sc)}")
-    arrangements = {s["system"]: s["mesh_arrangement"] for s in summaries
-                    if s.get("mesh_arrangement")}
+    arrangements = {
+        s["system"]: s["mesh_arrangement"] for s in summaries if s.get("mesh_arrangement")
+    }
     for system, how in arrangements.items():
         lines.append(f"- mesh arrangement ({system}): {how}")
     problems = [s for s in summaries if s.get("status") != "ok"]
     if problems:
         lines += ["", "Not measured / problems:", ""]
         for s in problems:
-            lines.append(f"- {s['scenario']} / {s['system']}: {s['status']}: "
-                         f"{str(s.get('error', ''))[:300]}")
+            lines.append(
+                f"- {s['scenario']} / {s['system']}: {s['status']}: {str(s.get('error', ''))[:300]}"
+            )
     if target_rows:
-        lines += ["", "## Targets (our package)", "",
-                  "| target | value | threshold | met | for reference, same run |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Targets (our package)",
+            "",
+            "| target | value | threshold | met | for reference, same run |",
+            "|---|---|---|---|---|",
+        ]
         for t in target_rows:
             met = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-            lines.append(f"| {t['name']} | {t['value']} | {t['threshold']} | {met} "
-                         f"| {t.get('reference', '')} |")
+            lines.append(
+                f"| {t['name']} | {t['value']} | {t['threshold']} | {met} "
+                f"| {t.get('reference', '')} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
 
-def write_chart(summaries: list[dict[str, Any]], path: Path, title: str,
-                tool_python: str | None = None) -> str | None:
+def write_chart(
+    summaries: list[dict[str, Any]], path: Path, title: str, tool_python: str | None = None
+) -> str | None:
     """Render the PNG with matplotlib (here, or in a tools venv). Returns an
     error text, or None on success."""
     payload = json.dumps({"summaries": summaries, "title": title})
@@ -295,8 +374,13 @@ def write_chart(summaries: list[dict[str, Any]], path: Path, title: str,
     script = Path(__file__).resolve().parent / "chart.py"
     python = tool_python or sys.executable
     try:
-        proc = subprocess.run([python, str(script), str(data_path), str(path)],
-                              capture_output=True, text=True, timeout=180, check=False)
+        proc = subprocess.run(
+            [python, str(script), str(data_path), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
     finally:
         data_path.unlink(missing_ok=True)
     if proc.returncode != 0:

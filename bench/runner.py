@@ -86,7 +86,11 @@ def probe(env: PythonEnv) -> dict[str, Any]:
 
     proc = subprocess.run(
         [env.python, *(["-E", "-s"] if env.isolated else []), "-c", PROBE],
-        env=env.environ(), capture_output=True, text=True, timeout=120, check=False,
+        env=env.environ(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     try:
         return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -120,13 +124,19 @@ def _usage(msg: dict[str, Any]) -> dict[str, float]:
     return dict(msg.get("usage") or {})
 
 
-def measure(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path,
-            run: int) -> dict[str, Any]:
+def measure(
+    system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, run: int
+) -> dict[str, Any]:
     """One measurement of ``sc`` on ``system``; never raises for worker failures."""
     tag = f"{sc.name}-{system.name}-r{run}"
     record: dict[str, Any] = {
-        "type": "run", "system": system.name, "scenario": sc.name, "run": run,
-        "kind": sc.kind, "concurrency": sc.concurrency, "payload_bytes": sc.payload,
+        "type": "run",
+        "system": system.name,
+        "scenario": sc.name,
+        "run": run,
+        "kind": sc.kind,
+        "concurrency": sc.concurrency,
+        "payload_bytes": sc.payload,
         "loop_policy": "uvloop" if use_uvloop else "asyncio",
         "serializer": system.serializer,
     }
@@ -156,15 +166,31 @@ def measure(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path,
 
 
 def _pick(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("issued", "completed", "errors", "first_error", "elapsed_s", "calls_per_s",
-            "p50_us", "p99_us", "timed_out", "loop", "patio_version", "patio_file")
+    keys = (
+        "issued",
+        "completed",
+        "errors",
+        "first_error",
+        "elapsed_s",
+        "calls_per_s",
+        "p50_us",
+        "p99_us",
+        "timed_out",
+        "loop",
+        "patio_version",
+        "patio_file",
+    )
     return {k: result[k] for k in keys if k in result}
 
 
-def _run_memory(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag: str,
-                group: ProcGroup) -> dict[str, Any]:
-    proc = group.add(Proc(system.env, system.script, _cfg(sc, use_uvloop, role="memory"),
-                          f"{tag}-memory", log_dir))
+def _run_memory(
+    system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag: str, group: ProcGroup
+) -> dict[str, Any]:
+    proc = group.add(
+        Proc(
+            system.env, system.script, _cfg(sc, use_uvloop, role="memory"), f"{tag}-memory", log_dir
+        )
+    )
     result = proc.expect("result", _result_timeout(sc))
     usage = _usage(result)
     body = _pick(result)
@@ -179,18 +205,33 @@ def _per_call(cpu_s: float | None, calls: int | None) -> float | None:
     return round(cpu_s / calls * 1e6, 2)
 
 
-def _run_client_server(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path,
-                       tag: str, group: ProcGroup) -> dict[str, Any]:
+def _run_client_server(
+    system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag: str, group: ProcGroup
+) -> dict[str, Any]:
     ports = [free_port() for _ in range(sc.executors)]
     servers: list[Proc] = []
     for i, port in enumerate(ports):
-        servers.append(group.add(Proc(
-            system.env, system.script, _cfg(sc, use_uvloop, role="server", port=port),
-            f"{tag}-executor{i}", log_dir)))
+        servers.append(
+            group.add(
+                Proc(
+                    system.env,
+                    system.script,
+                    _cfg(sc, use_uvloop, role="server", port=port),
+                    f"{tag}-executor{i}",
+                    log_dir,
+                )
+            )
+        )
     ready = [srv.expect("ready", 60) for srv in servers]
-    client = group.add(Proc(
-        system.env, system.script, _cfg(sc, use_uvloop, role="client", peers=ports),
-        f"{tag}-caller", log_dir))
+    client = group.add(
+        Proc(
+            system.env,
+            system.script,
+            _cfg(sc, use_uvloop, role="client", peers=ports),
+            f"{tag}-caller",
+            log_dir,
+        )
+    )
     result = client.expect("result", _result_timeout(sc) + 20)
     rss: dict[str, Any] = {"caller": _usage(result).get("maxrss_mb")}
     server_cpu = 0.0
@@ -200,15 +241,13 @@ def _run_client_server(system: System, sc: Scenario, use_uvloop: bool, log_dir: 
         stats = srv.expect("stats", 30)
         usage = _usage(stats)
         rss[f"executor{i}" if sc.executors > 1 else "executor"] = usage.get("maxrss_mb") or hwm
-        server_cpu += float(usage.get("cpu_s", 0.0)) - float(
-            _usage(ready[i]).get("cpu_s", 0.0))
+        server_cpu += float(usage.get("cpu_s", 0.0)) - float(_usage(ready[i]).get("cpu_s", 0.0))
     body = _pick(result)
     body["rss_mb"] = rss
     done = int(result.get("completed") or 0)
     total = done + (sc.warmup if sc.kind != "flood" else 0)
     server_share = server_cpu * (done / total) if total else 0.0
-    body["cpu_us_per_call"] = _per_call(
-        float(result.get("load_cpu_s") or 0.0) + server_share, done)
+    body["cpu_us_per_call"] = _per_call(float(result.get("load_cpu_s") or 0.0) + server_share, done)
     body["cpu_us_per_call_by_role"] = {
         "caller": _per_call(result.get("load_cpu_s"), done),
         "executors": _per_call(server_share, done),
@@ -218,17 +257,33 @@ def _run_client_server(system: System, sc: Scenario, use_uvloop: bool, log_dir: 
     return body
 
 
-def _run_mesh(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag: str,
-              group: ProcGroup) -> dict[str, Any]:
+def _run_mesh(
+    system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag: str, group: ProcGroup
+) -> dict[str, Any]:
     ports = [free_port() for _ in range(sc.executors)]
     nodes: list[Proc] = []
     for i, port in enumerate(ports):
         peers = [p for p in ports if p != port]
-        nodes.append(group.add(Proc(
-            system.env, system.script,
-            _cfg(sc, use_uvloop, role="mesh", port=port, peers=peers, index=i,
-                 nodes=sc.executors, remote_only=sc.remote_only),
-            f"{tag}-node{i}", log_dir)))
+        nodes.append(
+            group.add(
+                Proc(
+                    system.env,
+                    system.script,
+                    _cfg(
+                        sc,
+                        use_uvloop,
+                        role="mesh",
+                        port=port,
+                        peers=peers,
+                        index=i,
+                        nodes=sc.executors,
+                        remote_only=sc.remote_only,
+                    ),
+                    f"{tag}-node{i}",
+                    log_dir,
+                )
+            )
+        )
     ready = [n.expect("ready", 60) for n in nodes]
     for n in nodes:
         n.send("go")
@@ -246,8 +301,10 @@ def _run_mesh(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag
     start = min(float(r["wall_start"]) for r in results)
     end = max(float(r["wall_end"]) for r in results)
     span = max(end - start, 1e-9)
-    cpu = sum(float(_usage(s).get("cpu_s", 0.0)) - float(_usage(r0).get("cpu_s", 0.0))
-              for s, r0 in zip(stats, ready, strict=True))
+    cpu = sum(
+        float(_usage(s).get("cpu_s", 0.0)) - float(_usage(r0).get("cpu_s", 0.0))
+        for s, r0 in zip(stats, ready, strict=True)
+    )
     body: dict[str, Any] = {
         "issued": issued,
         "completed": completed,
@@ -262,8 +319,9 @@ def _run_mesh(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag
         "loop": results[0].get("loop"),
         "mesh_arrangement": ready[0].get("mesh"),
         "rss_mb": {f"node{i}": _usage(s).get("maxrss_mb") for i, s in enumerate(stats)},
-        "cpu_us_per_call": _per_call(cpu * completed / max(completed + 4 * sc.warmup, 1),
-                                     completed),
+        "cpu_us_per_call": _per_call(
+            cpu * completed / max(completed + 4 * sc.warmup, 1), completed
+        ),
     }
     for key in ("patio_version", "patio_file"):
         if key in results[0]:
@@ -271,8 +329,14 @@ def _run_mesh(system: System, sc: Scenario, use_uvloop: bool, log_dir: Path, tag
     return body
 
 
-def run_all(systems: list[System], scenarios: list[Scenario], runs: int, use_uvloop: bool,
-            log_dir: Path, sink: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+def run_all(
+    systems: list[System],
+    scenarios: list[Scenario],
+    runs: int,
+    use_uvloop: bool,
+    log_dir: Path,
+    sink: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
     """ABCABC: for each scenario, every run visits the systems in turn."""
     records: list[dict[str, Any]] = []
     for sc in scenarios:

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _records(out: Path) -> list[dict[str, object]]:
+def _records(out: Path) -> list[dict[str, Any]]:
     lines = (out / "latest.jsonl").read_text().splitlines()
     assert lines, "latest.jsonl is empty"
     return [json.loads(line) for line in lines]
@@ -54,14 +55,14 @@ def test_jsonl_well_formed(quick_run: Path) -> None:
     meta = records[0]
     assert meta["mode"] == "quick"
     assert meta["loop_policy"] in ("uvloop", "asyncio")
-    assert set(meta["serializers"]) == SYSTEMS  # type: ignore[arg-type]
+    assert set(meta["serializers"]) == SYSTEMS
     runs = [r for r in records if r["type"] == "run"]
     summaries = [r for r in records if r["type"] == "summary"]
-    scenario_names = {s["name"] for s in meta["scenarios"]}  # type: ignore[attr-defined,index]
+    scenario_names = {s["name"] for s in meta["scenarios"]}
     assert {r["system"] for r in runs} == SYSTEMS
     assert {r["scenario"] for r in runs} == scenario_names
     # one record per system x scenario x run, one summary per system x scenario
-    assert len(runs) == len(SYSTEMS) * len(scenario_names) * int(meta["runs"])  # type: ignore[call-overload]
+    assert len(runs) == len(SYSTEMS) * len(scenario_names) * int(meta["runs"])
     assert len(summaries) == len(SYSTEMS) * len(scenario_names)
     for rec in runs:
         for key in ("system", "scenario", "run", "status", "loop_policy", "serializer"):
@@ -85,5 +86,5 @@ def test_markdown_table(quick_run: Path) -> None:
     md = (quick_run / "latest.md").read_text()
     assert "| scenario | ours | original | ceiling | ours/original | ours/ceiling |" in md
     records = _records(quick_run)
-    for name in {s["name"] for s in records[0]["scenarios"]}:  # type: ignore[attr-defined]
+    for name in {s["name"] for s in records[0]["scenarios"]}:
         assert f"| {name} |" in md

@@ -48,7 +48,7 @@ def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | 
         return None
     import uvloop
 
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def run(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
@@ -71,9 +71,7 @@ class Control:
         if self._reader is None:
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader()
-            await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-            )
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
             self._reader = reader
         return self._reader
 
@@ -239,12 +237,14 @@ def allocation_report(count: int, top: int = 25) -> list[dict[str, Any]]:
     out = []
     for stat in snap.statistics("lineno")[:top]:
         frame = stat.traceback[0]
-        out.append({
-            "where": f"{frame.filename}:{frame.lineno}",
-            "mb": round(stat.size / 1e6, 2),
-            "bytes_per_call": round(stat.size / count, 1),
-            "blocks": stat.count,
-        })
+        out.append(
+            {
+                "where": f"{frame.filename}:{frame.lineno}",
+                "mb": round(stat.size / 1e6, 2),
+                "bytes_per_call": round(stat.size / count, 1),
+                "blocks": stat.count,
+            }
+        )
     return out
 
 

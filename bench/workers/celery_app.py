@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery  # type: ignore[import-not-found]
 
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 app = Celery("bench", broker=URL, backend=URL)
@@ -18,6 +18,6 @@ app.conf.update(
 )
 
 
-@app.task(name="echo")
+@app.task(name="echo")  # type: ignore[untyped-decorator]
 def echo(value: Any) -> Any:
     return value

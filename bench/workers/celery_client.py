@@ -7,8 +7,8 @@ import sys
 import time
 from typing import Any
 
-import _bench_common as common
-from celery_app import app, echo
+import _bench_common as common  # type: ignore[import-not-found]
+from celery_app import app, echo  # type: ignore[import-not-found]
 
 
 def main(cfg: dict[str, Any]) -> None:
@@ -36,13 +36,20 @@ def main(cfg: dict[str, Any]) -> None:
         echo.delay(7).get(timeout=30)
         lat.append(time.perf_counter() - s)
     lat.sort()
-    import celery
+    import celery  # type: ignore[import-not-found]
 
-    common.emit("result", issued=burst, completed=completed, elapsed_s=elapsed,
-                calls_per_s=completed / elapsed, latency_calls=len(lat),
-                p50_us=common.percentile(lat, 0.5) * 1e6,
-                p99_us=common.percentile(lat, 0.99) * 1e6,
-                celery_version=celery.__version__, usage=common.usage())
+    common.emit(
+        "result",
+        issued=burst,
+        completed=completed,
+        elapsed_s=elapsed,
+        calls_per_s=completed / elapsed,
+        latency_calls=len(lat),
+        p50_us=common.percentile(lat, 0.5) * 1e6,
+        p99_us=common.percentile(lat, 0.99) * 1e6,
+        celery_version=celery.__version__,
+        usage=common.usage(),
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-import _bench_common as common
+import _bench_common as common  # type: ignore[import-not-found]
 
 import patio
 from patio import Registry
@@ -40,7 +40,7 @@ def _tcp_classes() -> tuple[Any, Any]:
     try:
         from patio.broker.tcp import TCPClientBroker, TCPServerBroker
     except ImportError:
-        from patio.broker import (  # type: ignore[attr-defined,no-redef]
+        from patio.broker import (
             TCPClientBroker,
             TCPServerBroker,
         )
@@ -87,11 +87,14 @@ def describe() -> dict[str, Any]:
 
 def make_call(broker: Any, name: str, timeout: float | None) -> common.CallFn:
     if timeout is None:
+
         async def call(*args: Any) -> Any:
             return await broker.call(name, *args)
     else:
+
         async def call(*args: Any) -> Any:
             return await broker.call(name, *args, timeout=timeout)
+
     return call
 
 
@@ -99,11 +102,13 @@ async def run_load(cfg: dict[str, Any], broker: Any) -> dict[str, Any]:
     args = (common.make_payload(cfg.get("payload", 0)),)
     if cfg["mode"] == "flood":
         start = functools.partial(broker.call, cfg["task"])
-        return await common.flood(start, args, cfg["count"], cfg["max_seconds"])
+        flooded: dict[str, Any] = await common.flood(start, args, cfg["count"], cfg["max_seconds"])
+        return flooded
     call = make_call(broker, cfg["task"], cfg.get("call_timeout"))
-    return await common.closed_loop(
+    looped: dict[str, Any] = await common.closed_loop(
         call, args, cfg["concurrency"], cfg["count"], cfg["max_seconds"], cfg["warmup"]
     )
+    return looped
 
 
 async def close_quietly(*objs: Any) -> None:
@@ -122,8 +127,9 @@ async def role_memory(cfg: dict[str, Any]) -> None:
     await broker.__aenter__()
     try:
         result = await run_load(cfg, broker)
-        common.emit("result", **result, **describe(), serializer="none (in-process)",
-                    usage=common.usage())
+        common.emit(
+            "result", **result, **describe(), serializer="none (in-process)", usage=common.usage()
+        )
     finally:
         await close_quietly(broker, executor)
 
@@ -155,8 +161,13 @@ async def role_client(cfg: dict[str, Any]) -> None:
         for port in cfg["peers"]:
             await asyncio.wait_for(broker.connect(HOST, port), timeout=20)
         result = await run_load(cfg, broker)
-        common.emit("result", **result, **describe(), serializer=serializer_name(broker),
-                    usage=common.usage())
+        common.emit(
+            "result",
+            **result,
+            **describe(),
+            serializer=serializer_name(broker),
+            usage=common.usage(),
+        )
     finally:
         await close_quietly(broker, executor)
 
@@ -195,16 +206,22 @@ async def role_mesh(cfg: dict[str, Any], control: common.Control) -> None:
     await client.__aenter__()
     try:
         await server.listen(HOST, cfg["port"])
-        common.emit("ready", **describe(), serializer=serializer_name(server),
-                    mesh="server+client brokers")
+        common.emit(
+            "ready", **describe(), serializer=serializer_name(server), mesh="server+client brokers"
+        )
         await control.wait("go")
         for port in cfg["peers"]:
             await asyncio.wait_for(client.connect(HOST, port), timeout=20)
         common.emit("connected")
         await control.wait("start")
         result = await run_load(cfg, client)
-        common.emit("result", **result, **describe(), serializer=serializer_name(client),
-                    usage=common.usage())
+        common.emit(
+            "result",
+            **result,
+            **describe(),
+            serializer=serializer_name(client),
+            usage=common.usage(),
+        )
         await control.wait("stop")
         common.emit("stats", usage=common.usage())
     finally:
@@ -229,23 +246,30 @@ async def mesh_connect(broker: Any, ports: list[int]) -> None:
     raise TimeoutError(f"mesh: only {len(connected)} of {len(ports)} peers connected")
 
 
-async def mesh_native(cfg: dict[str, Any], control: common.Control, mesh_cls: Any,
-                      rpc: Registry) -> None:
+async def mesh_native(
+    cfg: dict[str, Any], control: common.Control, mesh_cls: Any, rpc: Registry
+) -> None:
     executor = AsyncExecutor(rpc, max_workers=cfg["workers"])
     await executor.__aenter__()
     broker = mesh_cls(executor, key=cfg["key"].encode())
     await broker.__aenter__()
     try:
         await broker.listen(HOST, cfg["port"])
-        common.emit("ready", **describe(), serializer=serializer_name(broker),
-                    mesh=mesh_cls.__name__)
+        common.emit(
+            "ready", **describe(), serializer=serializer_name(broker), mesh=mesh_cls.__name__
+        )
         await control.wait("go")
         await mesh_connect(broker, cfg["peers"])
         common.emit("connected")
         await control.wait("start")
         result = await run_load(cfg, broker)
-        common.emit("result", **result, **describe(), serializer=serializer_name(broker),
-                    usage=common.usage())
+        common.emit(
+            "result",
+            **result,
+            **describe(),
+            serializer=serializer_name(broker),
+            usage=common.usage(),
+        )
         await control.wait("stop")
         common.emit("stats", usage=common.usage())
     finally:

@@ -32,7 +32,7 @@ from importlib import metadata
 from itertools import count as counter
 from typing import Any, cast
 
-import _bench_common as common
+import _bench_common as common  # type: ignore[import-not-found]
 import msgpack
 
 HOST = "127.0.0.1"
@@ -254,15 +254,18 @@ async def run_load(cfg: dict[str, Any], call: common.CallFn) -> dict[str, Any]:
     task = cfg["task"]
     args = (common.make_payload(cfg.get("payload", 0)),)
     if cfg["mode"] == "flood":
-        return await common.flood(functools.partial(call, task), args, cfg["count"],
-                                  cfg["max_seconds"])
+        flooded: dict[str, Any] = await common.flood(
+            functools.partial(call, task), args, cfg["count"], cfg["max_seconds"]
+        )
+        return flooded
 
     async def one(*args: Any) -> Any:
         return await call(task, *args)
 
-    return await common.closed_loop(
+    looped: dict[str, Any] = await common.closed_loop(
         one, args, cfg["concurrency"], cfg["count"], cfg["max_seconds"], cfg["warmup"]
     )
+    return looped
 
 
 async def direct_call(name: str, *args: Any) -> Any:

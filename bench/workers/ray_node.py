@@ -8,18 +8,17 @@ import sys
 import time
 from typing import Any
 
-import _bench_common as common
-import ray
+import _bench_common as common  # type: ignore[import-not-found]
+import ray  # type: ignore[import-not-found]
 
 
-@ray.remote
+@ray.remote  # type: ignore[untyped-decorator]
 def echo(value: Any) -> Any:
     return value
 
 
 def main(cfg: dict[str, Any]) -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         ray.get([echo.remote(i) for i in range(200)])  # warm the worker pool
         burst = cfg["burst"]
@@ -37,11 +36,18 @@ def main(cfg: dict[str, Any]) -> None:
             ray.get(echo.remote(7))
             lat.append(time.perf_counter() - s)
         lat.sort()
-        common.emit("result", issued=burst, completed=completed, elapsed_s=elapsed,
-                    calls_per_s=completed / elapsed, latency_calls=len(lat),
-                    p50_us=common.percentile(lat, 0.5) * 1e6,
-                    p99_us=common.percentile(lat, 0.99) * 1e6,
-                    ray_version=ray.__version__, usage=common.usage())
+        common.emit(
+            "result",
+            issued=burst,
+            completed=completed,
+            elapsed_s=elapsed,
+            calls_per_s=completed / elapsed,
+            latency_calls=len(lat),
+            p50_us=common.percentile(lat, 0.5) * 1e6,
+            p99_us=common.percentile(lat, 0.99) * 1e6,
+            ray_version=ray.__version__,
+            usage=common.usage(),
+        )
     finally:
         ray.shutdown()
 
