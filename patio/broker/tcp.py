@@ -30,8 +30,10 @@ Failure semantics, in one place:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
+import math
 import os
 import random
 import socket
@@ -96,6 +98,9 @@ RECONNECT_MAX: Final = 2.0
 # Calls a peer may have outstanding on one link: at least this many, else
 # twice its capacity, so the pipe stays full while the executor queue is short.
 MIN_WINDOW: Final = 1024
+# Bytes a CALL/RESULT frame adds around its payload and name (type, ids,
+# timeout, msgpack headers), rounded up.
+FRAME_OVERHEAD: Final = 64
 # A retired link (duplicate, removed peer) that never quiets down is cut after this.
 RETIRE_TIMEOUT: Final = 30.0
 
@@ -533,8 +538,7 @@ class TCPBroker(AbstractBroker):
         elif kind == MessageType.CANCEL:
             task = peer.serving.get(message[1])
             if task is not None:
-                peer.cancelled.add(message[1])
-                task.cancel()
+                self._cancel_serving(peer, message[1], task)
         elif kind == MessageType.ANNOUNCE:
             _, names, routable, capacity, window, draining = message
             peer.names = frozenset(n for n in names if type(n) is str)
@@ -567,10 +571,21 @@ class TCPBroker(AbstractBroker):
             else:
                 log.info("disconnected from %s: %s", peer.node_id, reason)
         self._fail_pending(peer, reason)
-        for call_id, task in peer.serving.items():
-            peer.cancelled.add(call_id)
-            task.cancel()
+        for call_id, task in list(peer.serving.items()):
+            self._cancel_serving(peer, call_id, task)
         self._routing_changed()
+
+    @staticmethod
+    def _cancel_serving(peer: _Peer, call_id: int, task: asyncio.Task[None]) -> None:
+        """Cancel a call we execute for ``peer``; the caller wants no reply.
+
+        A task cancelled before its first step never runs its own ``finally``,
+        so one that has not started is not cancelled: it sees the mark at its
+        start, does its bookkeeping and returns.
+        """
+        peer.cancelled.add(call_id)
+        if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:  # type: ignore[arg-type]
+            task.cancel()
 
     # -- routing -------------------------------------------------------------
 
@@ -735,6 +750,10 @@ class TCPBroker(AbstractBroker):
         """
         name = func if type(func) is str else self.task_name(func)
         loop = self._running_loop()
+        if timeout is not None and not timeout < math.inf:
+            if math.isnan(timeout):  # NaN would poison the loop's timer heap
+                raise ValueError("timeout must be a number of seconds or None, not NaN")
+            timeout = None  # infinite: no deadline
         stats = self.stats
         stats.calls_started[(name, SIDE_CALLER)] += 1
         observer = stats.call_observer
@@ -832,8 +851,23 @@ class TCPBroker(AbstractBroker):
     ) -> bytes:
         loop = self._running_loop()
         link = peer.link
+        if len(payload) + len(name) + FRAME_OVERHEAD > self._settings.max_frame_size:
+            raise SerializationError(
+                f"arguments of {name!r} take {len(payload)} bytes, over the frame limit of "
+                f"{self._settings.max_frame_size} bytes"
+            )
         if link.write_paused:
-            await link.wait_writable()
+            # The peer is not reading: wait for room, but never past the deadline.
+            scope = asyncio.timeout_at(deadline)
+            try:
+                async with scope:
+                    await link.wait_writable()
+            except TimeoutError:
+                if scope.expired():
+                    raise CallTimeoutError(
+                        f"call to {name!r} timed out waiting for {peer.node_id} to read"
+                    ) from None
+                raise
             if link.closed:
                 raise _LinkLost(link.close_reason or "closed")
         call_id = peer.next_id
@@ -960,6 +994,9 @@ class TCPBroker(AbstractBroker):
         outcome = OUTCOME_ERROR
         link = peer.link
         try:
+            if peer.cancelled and call_id in peer.cancelled:
+                outcome = OUTCOME_CANCELLED
+                return
             if deadline is None:
                 reply = await self._serve_call(peer, name, payload, None, route)
             else:
@@ -1046,7 +1083,13 @@ class TCPBroker(AbstractBroker):
             queue_observer(name, self._running_loop().time() - queued_at)
         else:
             result = await self.executor.execute(name, *args, **kwargs)
-        return self._pack(name, result, "result")
+        data = self._pack(name, result, "result")
+        if len(data) + FRAME_OVERHEAD > self._settings.max_frame_size:
+            raise SerializationError(
+                f"result of {name!r} takes {len(data)} bytes, over the frame limit of "
+                f"{self._settings.max_frame_size} bytes"
+            )
+        return data
 
     # -- announcing, retiring, draining ---------------------------------------
 
