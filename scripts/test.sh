@@ -33,10 +33,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev,worker,kubernetes]"
 
-if [ -f hack/k8s/build.sh ]; then
-    step "Kubernetes test control plane (built from Go modules, cached)"
-    bash hack/k8s/build.sh
-fi
+step "Kubernetes test control plane (built from Go modules, cached in ~/.cache/patio)"
+bash hack/k8s/ensure.sh
 
 step "ruff"
 .venv/bin/ruff check .

@@ -16,6 +16,9 @@ import trustme
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The real Kubernetes control plane and node agent (tests/kube), for every folder.
+pytest_plugins = ["tests.kube.plugin"]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
