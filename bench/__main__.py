@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -157,7 +158,14 @@ def report_only(jsonl: Path, out: Path, tool_log: Path, update: bool) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # turn SIGTERM/SIGHUP into an exception so every ``finally`` stops its workers
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     args = parse_args(argv)
     if args.quick and args.alternatives:
         log("--alternatives is ignored in --quick mode")

@@ -29,7 +29,9 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,  # first run builds the original patio's venv; cached runs take < 60 s
+        # the first run builds the original patio's venv; cached runs take < 60 s.
+        # Below pytest's own 300 s timeout, so a hang fails here, with the output.
+        timeout=270,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
