@@ -69,6 +69,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def git_state() -> dict[str, Any]:
+    """The commit our package was measured at, and whether patio/ had local edits."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        proc = subprocess.run(
+            ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {
+        "head": git("rev-parse", "--short", "HEAD") or None,
+        "patio_dirty": bool(git("status", "--porcelain", "--", "patio")),
+    }
+
+
 def log(msg: str) -> None:
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()
@@ -218,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "loop_policy": "uvloop" if use_uvloop else "asyncio",
         "serializers": serializers,
         "ours_version": caps.get("ours", {}).get("version"),
+        "ours_git": git_state(),
         "original_version": ORIGINAL_VERSION,
         "capabilities": caps,
         "python": {name: env.python for name, env in envs.items()},

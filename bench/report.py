@@ -258,6 +258,14 @@ def _both(r: dict[str, Any], other: str) -> str:
     return text
 
 
+def _git(meta: dict[str, Any]) -> str:
+    state = meta.get("ours_git") or {}
+    if not state.get("head"):
+        return "an unknown commit"
+    dirty = " (with uncommitted changes in patio/)" if state.get("patio_dirty") else ""
+    return f"commit {state['head']}{dirty}"
+
+
 def _num(v: float | None, unit: str = "") -> str:
     if v is None:
         return "—"
@@ -305,7 +313,8 @@ def markdown(
         f"original **{meta['serializers']['original']}**, "
         f"ceiling **{meta['serializers']['ceiling']}**. "
         f"Runs per system: {meta.get('runs')} (interleaved ABCABC…; medians shown). "
-        f"Our patio: {meta.get('ours_version')}; original: patio=={meta.get('original_version')}. "
+        f"Our patio: {meta.get('ours_version')} at {_git(meta)}; "
+        f"original: patio=={meta.get('original_version')}. "
         f"Machine: {meta['machine']['cpus']} CPUs, load average at start "
         f"{meta['machine']['loadavg_at_start']} (other work on the machine adds noise; "
         "each record in latest.jsonl has the 1-minute load average before it).",
