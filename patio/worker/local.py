@@ -192,6 +192,7 @@ class LocalCluster:
         self.key_file = self.workdir / "key"
         self.workers: list[LocalWorker] = []
         self.keep_workdir = False
+        self.waiting_for_interrupt = False  # --keep-running: Ctrl-C is the normal way out
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -564,6 +565,7 @@ async def _main(cluster: LocalCluster, key: bytes) -> int:
             f"  curl {first.metrics_url}/metrics\n"
             "Ctrl-C stops it."
         )
+        cluster.waiting_for_interrupt = True
         while all(w.process is not None and w.process.poll() is None for w in cluster.workers):  # noqa: ASYNC110 - polling child processes, nothing to wait on
             await asyncio.sleep(0.5)
         say("patio local: a worker exited; stopping the cluster")
@@ -583,8 +585,16 @@ def run_local(options: LocalOptions, *, out: TextIO = sys.stdout) -> int:
         key = cluster.write_key()
         code = run_async(_main(cluster, key), event_loop=options.event_loop)
     except KeyboardInterrupt:
-        print("\npatio local: interrupted; stopping the workers", file=out, flush=True)
-        code = 130
+        if cluster.waiting_for_interrupt:
+            print("\npatio local: stopping the workers", file=out, flush=True)
+            code = 0
+        else:
+            print("\npatio local: interrupted; stopping the workers", file=out, flush=True)
+            code = 130
+    except Exception as exc:  # one clear line, and the workers' logs kept to look at
+        print(f"patio local: error: {describe_error(exc)}", file=out, flush=True)
+        cluster.keep_workdir = True
+        code = 1
     finally:
         signal.signal(signal.SIGTERM, _raise_interrupt)  # a signal during stop() still stops
         try:

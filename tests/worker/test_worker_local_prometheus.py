@@ -76,6 +76,7 @@ def test_patio_local_stops_its_workers_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
         assert "stopped all workers" in rest, rest
+        assert proc.returncode == 0  # Ctrl-C/SIGTERM is how --keep-running ends
         assert not any(listening(h, int(p)) for h, p in addresses)
     finally:
         if proc.poll() is None:
