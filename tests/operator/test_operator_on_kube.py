@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -637,3 +638,73 @@ def test_optional_objects_follow_the_spec(
     )
     wait_until(lambda: get(plane, ns, "hpa", "opt") is None, timeout=30, what="hpa gone")
     wait_condition(plane, ns, "opt", "Degraded", status="False", timeout=30)
+
+
+def test_spec_change_rolls_out_and_scale_down_drains(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+    tmp_path: Path,
+) -> None:
+    plane, ns = kube_control_plane, kube_namespace
+    # A drain long enough for the call below; SIGTERM lands mid-call (after
+    # the 3 s preStop pause), so only a real drain lets the call finish.
+    apply_obj(plane, ns, cluster_obj("roll", drainTimeoutSeconds=15))
+    wait_condition(plane, ns, "roll", "Ready")
+    before = {
+        p["metadata"]["name"]: p["metadata"]["uid"]
+        for p in get(plane, ns, "pods", "-l", "patio.dev/cluster=roll")["items"]
+    }
+
+    # A template change (executor) replaces every worker through a rolling update.
+    apply_obj(plane, ns, cluster_obj("roll", executor="thread", drainTimeoutSeconds=15))
+
+    def rolled() -> bool:
+        pods = get(plane, ns, "pods", "-l", "patio.dev/cluster=roll")["items"]
+        return len(pods) == 2 and all(
+            p["metadata"]["uid"] != before.get(p["metadata"]["name"])
+            and {"name": "PATIO_EXECUTOR", "value": "thread"} in p["spec"]["containers"][0]["env"]
+            for p in pods
+        )
+
+    wait_until(rolled, timeout=120, what="both workers replaced")
+    pc = wait_condition(plane, ns, "roll", "Ready")
+    assert condition(pc, "Progressing")["status"] == "False"
+    assert pc["status"]["observedGeneration"] == pc["metadata"]["generation"]
+
+    # Scale down while the leaving worker runs a call: the call still completes.
+    keys = secret_keys(plane, ns, "roll-auth")
+    assert keys is not None
+    key_file = tmp_path / "key"
+    key_file.write_text(keys["key"])
+    leaving = get(plane, ns, "pod", "roll-1")["status"]["podIP"]
+    call = subprocess.Popen(
+        [sys.executable, "-m", "patio", "call", "--peer", f"{leaving}:15383",
+         "--key-file", str(key_file), "--timeout", "30", "sleep", "6"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # let the call reach the worker before SIGTERM
+        plane.kubectl("scale", "-n", ns, "ptc/roll", "--replicas=1")
+
+        def terminating() -> bool:
+            pod = get(plane, ns, "pod", "roll-1")
+            return pod is None or bool(pod["metadata"].get("deletionTimestamp"))
+
+        wait_until(terminating, timeout=5, interval=0.1, what="roll-1 terminating")
+        assert call.poll() is None  # the call is still running on a terminating worker
+        out, err = call.communicate(timeout=40)
+    finally:
+        if call.poll() is None:
+            call.kill()
+            call.wait()
+    assert call.returncode == 0 and out.strip() in ("6", "6.0"), out + err
+    wait_until(
+        lambda: (
+            peers_of(plane, ns, "roll") == pod_addresses(plane, ns, "roll")
+            and len(peers_of(plane, ns, "roll")) == 1
+        ),
+        timeout=60,
+        what="1 peer left",
+    )
