@@ -499,13 +499,6 @@ async def test_many_bad_peers_at_once(env: Env) -> None:
     assert len(env.server.peers()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker._send_call awaits link.wait_writable() before arming the "
-    "call's deadline timer, so a call to a peer that stopped reading ignores its "
-    "timeout until the link is cut (3 heartbeats later)",
-    raises=AssertionError,
-)
 async def test_call_to_a_peer_that_stopped_reading_honours_its_timeout() -> None:
     rpc = Registry()
     async with (
@@ -553,13 +546,6 @@ async def _until(predicate: Any) -> None:
         await asyncio.sleep(0.01)
 
 
-CANCEL_BEFORE_START = (
-    "BUG: TCPBroker._on_call creates the _serve task and a CANCEL in the same chunk "
-    "cancels it before its first step, so _serve's finally never runs: the call stays "
-    "in peer.serving (and peer.cancelled) forever and is never counted in stats"
-)
-
-
 async def _reply_for(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -583,7 +569,6 @@ async def _reply_for(
         return None
 
 
-@pytest.mark.xfail(strict=True, reason=CANCEL_BEFORE_START, raises=AssertionError)
 async def test_call_cancelled_before_it_starts_is_forgotten(env: Env) -> None:
     reader, writer, conn = await handshake(env.port)
     try:
@@ -602,7 +587,6 @@ async def test_call_cancelled_before_it_starts_is_forgotten(env: Env) -> None:
         close_raw(writer)
 
 
-@pytest.mark.xfail(strict=True, reason=CANCEL_BEFORE_START, raises=AssertionError)
 async def test_many_calls_cancelled_before_they_start_do_not_stall_the_link(env: Env) -> None:
     """The leaked entries fill the window: the server stops reading that peer for good."""
     reader, writer, conn = await handshake(env.port)

@@ -614,6 +614,58 @@ async def test_client_reconnects_to_a_restarted_server(port: int) -> None:
             assert client.stats.reconnects >= 1
 
 
+async def test_retryable_call_with_no_server_left_fails_within_its_timeout() -> None:
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    async with contextlib.AsyncExitStack() as stack:
+        server, port = await stack.enter_async_context(serving(registry(work=work)))
+        client = await stack.enter_async_context(connected(("127.0.0.1", port)))
+        call = asyncio.create_task(client.call("work", timeout=1.0, retryable=True))
+        await asyncio.wait_for(started.wait(), 2)
+        t0 = time.monotonic()
+        await server.close()
+        with pytest.raises(TimeoutError):  # NoRouteError or CallTimeoutError, both are
+            await asyncio.wait_for(call, 3)
+        assert time.monotonic() - t0 < 1.5
+
+
+async def test_idle_link_survives_heartbeats() -> None:
+    heartbeat = 0.1
+    async with (
+        serving(registry(mul=mul), heartbeat_interval=heartbeat) as (server, port),
+        connected(("127.0.0.1", port), heartbeat_interval=heartbeat) as client,
+    ):
+        await asyncio.sleep(12 * heartbeat)
+        assert client.stats.disconnects == server.stats.disconnects == 0
+        assert await client.call("mul", 7, 6, timeout=2) == 42
+
+
+async def test_many_clients_one_server() -> None:
+    async with serving(registry(mul=mul)) as (server, port), contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(connected(("127.0.0.1", port))) for _ in range(8)
+        ]
+        results = await asyncio.gather(
+            *(c.call("mul", i, j, timeout=5) for i, c in enumerate(clients) for j in range(25))
+        )
+        assert results == [i * j for i in range(8) for j in range(25)]
+        assert len(server.peers()) == 8
+
+
+@pytest.mark.parametrize("address", ["[::1]", "localhost"])
+async def test_connect_by_bracketed_ipv6_or_name(address: str) -> None:
+    listen_on = "::1" if address.startswith("[") else "127.0.0.1"
+    async with (
+        serving(registry(mul=mul), listen_on) as (_, port),
+        connected((address, port)) as client,
+    ):
+        assert await client.call("mul", 5, 5, timeout=5) == 25
+
+
 # -- keys --------------------------------------------------------------------------
 
 
@@ -670,6 +722,32 @@ async def test_wrong_key_cannot_connect() -> None:
         assert time.monotonic() - t0 < 3
         assert server.stats.handshake_failures["auth"] >= 1
         assert server.peers() == []
+
+
+@pytest.mark.parametrize("host", ["::1", "localhost"])
+async def test_empty_key_on_other_loopback_names_warns(host: str) -> None:
+    async with (
+        AsyncExecutor(registry(mul=mul)) as executor,
+        TCPServerBroker(executor) as server,
+    ):
+        with pytest.warns(UserWarning, match="empty key"):
+            await server.listen(host, 0)
+
+
+async def test_set_keys_rotates_for_new_links_and_keeps_old_ones() -> None:
+    async with (
+        serving(registry(mul=mul), key=b"old") as (server, port),
+        connected(("127.0.0.1", port), key=b"old") as old_client,
+    ):
+        server.set_keys(b"new", accepted_keys=[b"old"])
+        async with connected(("127.0.0.1", port), key=b"new") as new_client:
+            assert await new_client.call("mul", 2, 2, timeout=5) == 4
+        assert await old_client.call("mul", 3, 3, timeout=5) == 9
+        server.set_keys(b"new")
+        with pytest.raises(PeerConnectionError):
+            async with connected(("127.0.0.1", port), key=b"old", connect_timeout=0.5):
+                pass
+        assert await old_client.call("mul", 4, 4, timeout=5) == 16  # still up
 
 
 async def test_key_rotation_between_brokers() -> None:
@@ -746,13 +824,6 @@ def slow_task(started: asyncio.Event) -> Callable[[], Any]:
     return slow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker.call() accepts timeout=nan: the NaN deadline goes into the "
-    "event loop's timer heap (every timer fires at once) and onto the wire, where the "
-    "peer rejects the frame and cuts the link with every other call on it",
-    raises=(PeerConnectionError, CallTimeoutError),
-)
 async def test_nan_timeout_is_refused_without_harming_other_calls() -> None:
     started = asyncio.Event()
     async with (
@@ -772,13 +843,6 @@ async def test_nan_timeout_is_refused_without_harming_other_calls() -> None:
 FRAME_LIMIT = 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker sends a CALL larger than max_frame_size; the peer rejects "
-    "the frame and cuts the link, failing every other call on it with "
-    "PeerConnectionError instead of failing this one call with SerializationError",
-    raises=PeerConnectionError,
-)
 async def test_oversized_arguments_fail_only_that_call() -> None:
     started = asyncio.Event()
 
@@ -802,13 +866,6 @@ async def test_oversized_arguments_fail_only_that_call() -> None:
         assert client.stats.disconnects == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker._serve sends a RESULT larger than max_frame_size; the "
-    "caller rejects the frame and cuts the link, failing every other call on it "
-    "instead of replying ERROR/SERIALIZATION for this one call",
-    raises=PeerConnectionError,
-)
 async def test_oversized_result_fails_only_that_call() -> None:
     started = asyncio.Event()
 
