@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib.util
 import os
 import secrets
@@ -55,6 +56,7 @@ STOP_TIMEOUT = 15.0
 CALL_TIMEOUT = 30.0
 PROGRESS_INTERVAL = 0.5
 DEMO_REGISTRY = "examples.local.demo_tasks:rpc"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,20 @@ class WorkloadResult:
     records: list[CallRecord] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)
     elapsed: float = 0.0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM when `patio local` dies.
+
+    Workers run in their own sessions so that Ctrl-C reaches only `patio local`,
+    which then stops them in order; if `patio local` itself is killed with
+    SIGKILL nothing would stop them, so ask the kernel to (a graceful drain).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def examples_dir() -> Path:
@@ -257,6 +273,8 @@ class LocalCluster:
                 worker.process = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True,
+                    # no threads run yet: the caller and to_thread start after this
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
                 )  # fmt: skip
 
     def log_tail(self, worker: LocalWorker, lines: int = 8) -> str:
