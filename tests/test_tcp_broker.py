@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
+from patio.broker.serializer import MsgpackSerializer
 from patio.errors import (
     CallTimeoutError,
     NoRouteError,
@@ -934,3 +935,62 @@ async def test_full_window_of_slow_calls_is_not_mistaken_for_a_silent_peer() -> 
         assert failures == [], failures[:3]
         assert results == list(range(window + 10))
         assert client.stats.disconnects == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker._serve packs a raised exception (message, args, traceback) "
+    "with no size bound; an ERROR frame over max_frame_size makes the caller cut the "
+    "link, failing every other call on it",
+    raises=PeerConnectionError,
+)
+async def test_huge_exception_fails_only_that_call() -> None:
+    started = asyncio.Event()
+
+    def boom(n: int) -> None:
+        raise ValueError("x" * n)
+
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        serving(registry(boom=boom, slow=slow_task(started)), max_frame_size=FRAME_LIMIT) as (
+            _,
+            port,
+        ),
+        connected(("127.0.0.1", port), max_frame_size=FRAME_LIMIT) as client,
+    ):
+        other = asyncio.create_task(client.call("slow", timeout=5))
+        stack.push_async_callback(finish, other)
+        await asyncio.wait_for(started.wait(), 2)
+        with pytest.raises((ValueError, RemoteError)):
+            await client.call("boom", 2 * FRAME_LIMIT, timeout=5)
+        assert await asyncio.wait_for(other, 3) == "slow-ok"
+        assert client.stats.disconnects == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker._send_call bounds the CALL frame with len(name), a count of "
+    "characters; a non-ASCII name is longer in UTF-8, so a call just under the computed "
+    "bound is over the real frame limit and the peer cuts the link",
+    raises=PeerConnectionError,
+)
+async def test_frame_bound_counts_name_bytes_not_characters() -> None:
+    def size(blob: bytes) -> int:
+        return len(blob)
+
+    name = "\N{LATIN SMALL LETTER E WITH ACUTE}" * 300  # 300 characters, 600 bytes
+    serializer = MsgpackSerializer()
+    target = FRAME_LIMIT - len(name) - 64  # just inside the broker's own bound
+    size_guess = target - 16
+    while len(serializer.pack([[b"a" * (size_guess + 1)], {}])) <= target:
+        size_guess += 1
+    blob = b"a" * size_guess
+    async with (
+        serving(registry(**{name: size}), max_frame_size=FRAME_LIMIT) as (_, port),
+        connected(("127.0.0.1", port), max_frame_size=FRAME_LIMIT) as client,
+    ):
+        # Refusing it locally is fine too; cutting the link is not.
+        with contextlib.suppress(SerializationError):
+            assert await client.call(name, blob, timeout=5) == len(blob)
+        assert client.stats.disconnects == 0
+        assert await client.call(name, b"small", timeout=5) == 5
