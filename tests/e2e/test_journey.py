@@ -491,11 +491,15 @@ def test_6_sigkill_a_worker_under_load(world: World) -> None:
     errors = w.load.errors("kill")
     assert not retry_failures, f"retryable calls failed: {retry_failures}; {errors[:10]}"
     assert set(plain_failures) <= {"PeerConnectionError"}, f"{plain_failures}; {errors[:10]}"
+    # Only plain calls fail, and only with the documented connection error:
+    # "connection to <node> lost" when the caller's own link to the killed
+    # worker dropped, or the bare reason (e.g. "closed by peer") when the
+    # call had been forwarded by the other worker (see docs/e2e.md).
     for e in errors:
-        assert e["kind"] == "plain" and "connection to" in e["error"] and "lost" in e["error"], e
+        assert e["kind"] == "plain" and e["error"].startswith("PeerConnectionError: "), e
+    messages = sorted({e["error"] for e in errors})
     JOURNEY.notes["SIGKILL plain-call failures"] = (
-        f"{plain_failures.get('PeerConnectionError', 0)}"
-        + (f", e.g. {errors[0]['error']!r}" if errors else "")
+        f"{plain_failures.get('PeerConnectionError', 0)}: {messages}"
     )
     assert w.load.stats().get("wrong_results") == 0
 
