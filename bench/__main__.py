@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     ap.add_argument(
+        "--ours-path",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="measure the patio package in DIR (another checkout) as 'ours'",
+    )
+    ap.add_argument(
         "--report-only",
         type=Path,
         default=None,
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s for s in args.systems.split(",") if s]
 
     log(f"preparing interpreters (original patio venv under the cache dir; log {setup_log})")
-    envs = {"ours": ours_env(), "ceiling": ceiling_env()}
+    envs = {"ours": ours_env(args.ours_path), "ceiling": ceiling_env()}
     if "original" in wanted:
         envs["original"] = original_env(log=setup_log)
     caps = {name: probe(env) for name, env in envs.items()}
@@ -235,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "serializers": serializers,
         "ours_version": caps.get("ours", {}).get("version"),
         "ours_git": git_state(),
+        "ours_path": str(args.ours_path or REPO),
         "original_version": ORIGINAL_VERSION,
         "capabilities": caps,
         "python": {name: env.python for name, env in envs.items()},

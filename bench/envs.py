@@ -104,11 +104,12 @@ def ensure_venv(
     return _venv_python(venv)
 
 
-def ours_env() -> PythonEnv:
-    """Our package from the work tree, run by the project's ``.venv``."""
+def ours_env(tree: Path | None = None) -> PythonEnv:
+    """Our package from the work tree (or from ``tree``, e.g. another checkout
+    to compare a change), run by the project's ``.venv``."""
     venv_python = REPO / ".venv" / "bin" / "python"
     python = str(venv_python if venv_python.exists() else Path(sys.executable))
-    return PythonEnv(python=python, extra_env={"PYTHONPATH": str(REPO)}, isolated=False)
+    return PythonEnv(python=python, extra_env={"PYTHONPATH": str(tree or REPO)}, isolated=False)
 
 
 def original_env(log: Path | None = None) -> PythonEnv:
