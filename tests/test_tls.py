@@ -159,3 +159,52 @@ async def test_tls_and_wrong_key_still_fails(
             async with tls_client(client_ssl, "127.0.0.1", port, key=b"other", connect_timeout=1.0):
                 pass
         assert server.stats.handshake_failures["auth"] >= 1
+
+
+async def _closed_within(reader: asyncio.StreamReader, within: float) -> float:
+    t0 = time.monotonic()
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                if not await reader.read(65536):
+                    break
+            except (ConnectionError, ssl.SSLError):
+                break
+    return time.monotonic() - t0
+
+
+async def test_silent_tcp_peer_on_tls_listener_is_closed(server_ssl: ssl.SSLContext) -> None:
+    """No TLS ClientHello at all: the TLS handshake timeout drops the socket."""
+    async with tls_server(server_ssl, handshake_timeout=0.5) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            assert await _closed_within(reader, 3) < 2
+        finally:
+            writer.transport.abort()
+
+
+async def test_garbage_on_tls_listener_is_closed(server_ssl: ssl.SSLContext) -> None:
+    async with tls_server(server_ssl, handshake_timeout=0.5) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"\x16\x03\x01" + b"\xff" * 4096)
+            assert await _closed_within(reader, 3) < 2
+        finally:
+            writer.transport.abort()
+
+
+async def test_tls_peer_that_never_says_hello_is_closed(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS completes but the patio HELLO never comes: the patio handshake timeout applies."""
+    async with tls_server(server_ssl, handshake_timeout=0.5) as (server, port):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ssl, server_hostname="127.0.0.1"
+        )
+        try:
+            await reader.readexactly(4)  # the server's HELLO arrives; we answer nothing
+            assert await _closed_within(reader, 3) < 2
+        finally:
+            writer.transport.abort()
+        assert server.stats.handshake_failures["timeout"] == 1
+        assert any("no handshake within" in r.getMessage() for r in caplog.records)
