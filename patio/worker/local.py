@@ -576,6 +576,7 @@ async def _main(cluster: LocalCluster, key: bytes) -> int:
     say(f"  Prometheus scrape targets: {targets}")
 
     if options.keep_running:
+        cluster.waiting_for_interrupt = True
         first = cluster.workers[0]
         say(
             "\ncluster is running; try:\n"
@@ -583,7 +584,6 @@ async def _main(cluster: LocalCluster, key: bytes) -> int:
             f"  curl {first.metrics_url}/metrics\n"
             "Ctrl-C stops it."
         )
-        cluster.waiting_for_interrupt = True
         while all(w.process is not None and w.process.poll() is None for w in cluster.workers):  # noqa: ASYNC110 - polling child processes, nothing to wait on
             await asyncio.sleep(0.5)
         say("patio local: a worker exited; stopping the cluster")
