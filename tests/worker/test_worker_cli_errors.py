@@ -133,3 +133,32 @@ def test_call_and_operator_and_keygen() -> None:
     assert run_patio("keygen").stdout != key.stdout
     unknown = run_patio("frobnicate")
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
+def test_operator_missing_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from patio import cli
+
+    def missing(name: str) -> None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    monkeypatch.setattr(cli.os.path, "isdir", lambda path: False)
+    assert cli.main(["operator", "--namespace", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "patio operator: error: the operator is not installed"
+    )
+
+
+def test_operator_gets_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from patio import cli
+
+    seen: list[list[str]] = []
+    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: fake)
+    assert cli.main(["operator", "--namespace", "x", "--help"]) == 0
+    assert seen == [["--namespace", "x", "--help"]]
