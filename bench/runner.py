@@ -235,15 +235,19 @@ def _run_client_server(
     result = client.expect("result", _result_timeout(sc) + 20)
     rss: dict[str, Any] = {"caller": _usage(result).get("maxrss_mb")}
     server_cpu = 0.0
+    per_executor: list[float] = []
     for i, srv in enumerate(servers):
         hwm = srv.vmhwm_mb()
         srv.send("stop")
         stats = srv.expect("stats", 30)
         usage = _usage(stats)
         rss[f"executor{i}" if sc.executors > 1 else "executor"] = usage.get("maxrss_mb") or hwm
-        server_cpu += float(usage.get("cpu_s", 0.0)) - float(_usage(ready[i]).get("cpu_s", 0.0))
+        used = float(usage.get("cpu_s", 0.0)) - float(_usage(ready[i]).get("cpu_s", 0.0))
+        per_executor.append(round(used, 3))
+        server_cpu += used
     body = _pick(result)
     body["rss_mb"] = rss
+    body["executor_cpu_s"] = per_executor  # shows how the work was spread (fanout)
     done = int(result.get("completed") or 0)
     total = done + (sc.warmup if sc.kind != "flood" else 0)
     server_share = server_cpu * (done / total) if total else 0.0
