@@ -271,7 +271,8 @@ class Worker:
             self.metrics = WorkerMetrics(
                 self.broker, version=patio_version(), executor=self.executor
             )
-            self.metrics.install(self.broker.stats)
+            if config.metrics_enabled:  # nobody can read the histograms otherwise
+                self.metrics.install(self.broker.stats)
             async with self.broker:
                 try:
                     return await self._serve(registry, file_peers)
