@@ -167,15 +167,20 @@ async def handshake(
         reader, writer = await asyncio.open_connection(sock=sock)
     conn = Connection(Role.DIALER, "raw-peer", "raw-instance", KeySet(key))
     writer.write(conn.data_to_send())
-    async with asyncio.timeout(3):
-        while conn.state is not State.OPEN:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("server closed during handshake")
-            try:
-                conn.receive_data(data)
-            finally:
-                writer.write(conn.data_to_send())  # our AUTH, even when theirs was bad
+    try:
+        async with asyncio.timeout(3):
+            while conn.state is not State.OPEN:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("server closed during handshake")
+                try:
+                    conn.receive_data(data)
+                finally:
+                    writer.write(conn.data_to_send())  # our AUTH, even when theirs was bad
+    except BaseException:
+        await asyncio.sleep(0.05)  # let our AUTH leave before the socket does
+        close_raw(writer)
+        raise
     return reader, writer, conn
 
 
