@@ -11,7 +11,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "operator" / "src"
@@ -22,25 +25,29 @@ for folder in (SRC, HERE):
         sys.path.insert(0, str(folder))
 
 
-# Worker pods mount an emptyDir at /tmp (their root filesystem is read-only).
-# The test node agent bind-mounts each pod's volumes from its work folder, so
-# that folder must not live under /tmp or the /tmp mount would hide it: put
-# the control plane's work folder elsewhere unless the caller chose one.
-_KUBE_WORKDIR_SET_HERE = "PATIO_KUBE_WORKDIR" not in os.environ
-if _KUBE_WORKDIR_SET_HERE:
-    os.environ["PATIO_KUBE_WORKDIR"] = tempfile.mkdtemp(prefix="patio-kube-", dir="/var/tmp")
-
-
-def pytest_unconfigure(config: object) -> None:
-    if _KUBE_WORKDIR_SET_HERE:
-        shutil.rmtree(os.environ.pop("PATIO_KUBE_WORKDIR", ""), ignore_errors=True)
-
-
-# The real control plane (tests/kube). Imported here rather than relying on
-# tests/kube/conftest.py, whose fixtures are only visible under tests/kube.
-# If tests/conftest.py ever registers `pytest_plugins = ["tests.kube.plugin"]`
-# these imports can go and both folders share one control plane.
 _ROOT = HERE.parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
-from tests.kube.plugin import kube_control_plane, kube_namespace, kube_node  # noqa: E402, F401
+
+# The real control plane comes from tests/kube. Its node and namespace
+# fixtures are reused as they are (tests/kube/conftest.py's copies are only
+# visible under tests/kube); the control plane fixture is our own, for one
+# reason: worker pods mount an emptyDir at /tmp (their root filesystem is
+# read-only) and the test node agent bind-mounts each pod's volumes from the
+# plane's work folder, so that folder must not live under /tmp -- where
+# pytest's tmp_path is -- or the /tmp mount hides it from the pod.
+from tests.kube.controlplane import ControlPlane  # noqa: E402
+from tests.kube.plugin import kube_namespace, kube_node  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def kube_control_plane() -> Iterator[ControlPlane]:
+    base = os.environ.get("PATIO_KUBE_WORKDIR") or "/var/tmp"
+    Path(base).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="patio-operator-kube-", dir=base))
+    plane = ControlPlane.start(workdir)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
