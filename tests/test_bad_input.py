@@ -635,3 +635,43 @@ async def test_call_routed_while_the_link_is_being_rejected(env: Env) -> None:
         assert peer.pending == {}
     finally:
         close_raw(writer)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker._on_call stores peer.serving[call_id] = task without checking "
+    "that call_id is free; a peer reusing an id orphans the first task, which then "
+    "outlives the link (never cancelled) and is missing from window and drain accounting",
+    raises=AssertionError,
+)
+async def test_reused_call_id_does_not_orphan_a_task() -> None:
+    started, finished = [], []
+
+    async def forever(tag: str) -> None:
+        started.append(tag)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            finished.append(tag)
+
+    rpc = Registry()
+    rpc.register(forever, "forever")
+    async with (
+        AsyncExecutor(rpc) as executor,
+        TCPServerBroker(executor, key=KEY) as server,
+    ):
+        await server.listen("127.0.0.1", 0)
+        port = server.listening[0][1]
+        _, writer, conn = await handshake(port)
+        serializer = MsgpackSerializer()
+        try:
+            conn.send_call(1, "forever", serializer.pack([["a"], {}]), None, False)
+            writer.write(conn.data_to_send())
+            await asyncio.wait_for(_until(lambda: started == ["a"]), 2)
+            conn.send_call(1, "forever", serializer.pack([["b"], {}]), None, False)
+            writer.write(conn.data_to_send())
+            await asyncio.sleep(0.2)
+        finally:
+            close_raw(writer)  # the caller is gone: nothing it started may keep running
+        await asyncio.sleep(0.3)
+        assert sorted(finished) == sorted(started), (started, finished)
