@@ -994,3 +994,16 @@ async def test_frame_bound_counts_name_bytes_not_characters() -> None:
             assert await client.call(name, blob, timeout=5) == len(blob)
         assert client.stats.disconnects == 0
         assert await client.call(name, b"small", timeout=5) == 5
+
+
+async def test_closing_the_broker_fails_calls_waiting_for_a_route() -> None:
+    async with connected(route_wait=10) as client:
+        waiting = asyncio.create_task(client.call("anything"))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        await client.close()
+        with pytest.raises(PeerConnectionError):
+            await asyncio.wait_for(waiting, 2)
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(PeerConnectionError):
+            await client.call("anything", timeout=1)
