@@ -1007,3 +1007,18 @@ async def test_closing_the_broker_fails_calls_waiting_for_a_route() -> None:
         assert time.monotonic() - t0 < 1.0
         with pytest.raises(PeerConnectionError):
             await client.call("anything", timeout=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: TCPBroker.__init__ accepts a node_id longer than MAX_NODE_ID_LENGTH (253); "
+    "every link then fails inside the protocol factory (ValueError): connect() just "
+    "times out with no reason and a server drops every client ('closed by peer')",
+    raises=pytest.fail.Exception,
+)
+async def test_overlong_node_id_is_refused_at_construction() -> None:
+    for cls in (TCPServerBroker, TCPClientBroker):
+        with pytest.raises(ValueError, match="node id"):
+            cls(NullExecutor(Registry()), key=KEY, node_id="n" * 300)
+    # 253 characters (a DNS name) is fine.
+    TCPClientBroker(NullExecutor(Registry()), key=KEY, node_id="n" * 253)
