@@ -86,6 +86,10 @@ def test_statefulset_shape() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    # The key files are 0440: readable only through the fsGroup.
+    assert pod_spec["securityContext"]["fsGroup"] == pod_spec["securityContext"]["runAsUser"]
+    vols = {v["name"]: v for v in pod_spec["volumes"]}
+    assert vols["auth"]["secret"]["defaultMode"] == 0o440
     assert pod_spec["automountServiceAccountToken"] is False
     ref = s["metadata"]["ownerReferences"][0]
     assert ref == {
@@ -129,6 +133,12 @@ def test_pod_template_overrides_are_merged_without_breaking_the_selector() -> No
     assert {e["name"]: e.get("value") for e in cont["env"]}["PATIO_LOG_FORMAT"] == "plain"
     assert "EXTRA" in env_names
     assert {"name": "data", "mountPath": "/data"} in cont["volumeMounts"]
+
+
+def test_pod_security_context_can_be_replaced() -> None:
+    ctx = {"runAsUser": 1000, "fsGroup": 1000}
+    s = sts_of(cluster(podTemplate={"securityContext": ctx}))
+    assert s["spec"]["template"]["spec"]["securityContext"] == ctx
 
 
 def test_reserved_volume_names_are_refused_with_a_warning() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from patio_operator import desired, handlers, kube, metrics, names, resync
+from patio_operator import desired, handlers, kube, metrics, resync
 from patio_operator.reconciler import Config, Reconciler
 from patio_operator.rotation import MODES
 
@@ -131,11 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Least privilege: no cluster-wide CRD/namespace scanning, so a
     # namespace-scoped install needs no ClusterRole at all.
     settings.scanning.disabled = True
-    settings.persistence.finalizer = f"{names.GROUP}/operator"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=names.GROUP, key="last-handled-configuration"
-    )
+    # Only watch-event handlers are registered: kopf stores no progress or
+    # diff-base annotations and adds no finalizer to PatioClusters.
     settings.posting.level = logging.WARNING  # only warnings become k8s Events from logs
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -27,6 +27,9 @@ Obj = dict[str, Any]
 #: these names would silently replace a key or the peers file.
 RESERVED_VOLUMES = frozenset({"auth", "peers", "tmp", "tls"})
 
+#: The user the project's image runs as (Dockerfile: USER 10001:10001).
+WORKER_UID = 10001
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -242,8 +245,15 @@ def statefulset(cluster: Obj, settings: Settings, warnings: list[str]) -> Obj:
         # Workers never call the Kubernetes API: membership comes from the peers file.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
+        # The image's non-root user. fsGroup makes the kubelet give the
+        # mounted key files (mode 0440) to that group: without it they are
+        # root-owned and the worker could not read its own key.
+        "securityContext": copy.deepcopy(tmpl.get("securityContext"))
+        or {
             "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
