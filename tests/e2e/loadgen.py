@@ -11,11 +11,13 @@ test keeps current, and it re-reads them when they change:
   copied from the cluster's auth Secret (so it follows a key rotation as the
   workers do);
 - ``phase``: a label; every outcome is counted under the phase that was
-  current when the call started. The phase ``pause`` stops new calls.
+  current when the call started. The phase ``pause`` stops new calls;
+- ``sleep`` (optional): seconds each ``sleep`` call takes (default 0.05).
 
 It writes ``stats.json`` (atomically, a few times a second and on exit):
 outcome counts per phase, split into retryable and plain calls, the number
-of calls in flight, wrong results and the last error messages. SIGTERM or
+of calls in flight, calls re-sent after a lost connection (``retried``),
+wrong results and the last error messages. SIGTERM or
 SIGINT stops it.
 
 Calls alternate between ``mul`` (checked against the product) and
@@ -76,10 +78,12 @@ class Load:
         self.wrong = 0
         self.phase = ""
         self.seen: dict[str, str] = {}
+        self.retried = 0
         self.stopping = asyncio.Event()
 
     def refresh(self, broker: TCPClientBroker) -> None:
-        files = {n: read_text(self.dir / n) for n in ("peers", "key", "next-key", "phase")}
+        names = ("peers", "key", "next-key", "phase", "sleep")
+        files = {n: read_text(self.dir / n) for n in names}
         if files["key"] and (
             files["key"] != self.seen.get("key") or files["next-key"] != self.seen.get("next-key")
         ):
@@ -88,6 +92,9 @@ class Load:
         if files["peers"] != self.seen.get("peers"):
             broker.set_peers("file", parse_peers(files["peers"]))
         self.phase = files["phase"].strip() or "start"
+        if files["sleep"].strip():
+            self.sleep = float(files["sleep"])
+        self.retried = broker.stats.calls_retried
         self.seen = files
 
     def snapshot(self) -> dict[str, Any]:
@@ -97,6 +104,7 @@ class Load:
             "phase": self.phase,
             "in_flight": self.in_flight,
             "wrong_results": self.wrong,
+            "retried": self.retried,
             "phases": {
                 p: {k: dict(v) for k, v in kinds.items()} for p, kinds in self.counts.items()
             },
@@ -125,8 +133,8 @@ class Load:
                     result = await broker.call("mul", a, b, timeout=20, retryable=retryable)
                     expected: Any = a * b
                 else:
-                    result = await broker.call("sleep", self.sleep, timeout=20, retryable=retryable)
                     expected = self.sleep
+                    result = await broker.call("sleep", expected, timeout=20, retryable=retryable)
                 if result != expected:
                     self.wrong += 1
                     outcome = "wrong_result"

@@ -55,6 +55,7 @@ from tests.e2e.journey import (
     processes_with_env,
     rest_client,
     wait_until,
+    write_if_changed,
 )
 from tests.kube.controlplane import ControlPlane, free_port
 from tests.kube.nodeagent import NodeAgent
@@ -157,11 +158,18 @@ class World:
             return f"(known, connected) peers per worker {mesh}"
         return True
 
-    def wait_settled(self, replicas: int, timeout: float = 90) -> float:
+    def wait_settled(self, replicas: int, timeout: float = 90, step: str = "") -> float:
+        """Wait for :meth:`settled`; with ``step``, record when the status
+        first showed the new replica, peer and ready counts."""
         start = time.monotonic()
         last: list[str | bool] = []
+        firsts: dict[str, float] = {}
 
         def check() -> bool:
+            st = self.status()
+            for field in ("replicas", "peers", "readyReplicas"):
+                if field not in firsts and st.get(field) == replicas:
+                    firsts[field] = time.monotonic() - start
             last.append(self.settled(replicas))
             del last[:-1]
             return last[-1] is True
@@ -170,6 +178,10 @@ class World:
             wait_until(check, timeout, f"{replicas} settled workers")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last: {last[-1] if last else None}") from None
+        if step:
+            JOURNEY.notes[f"{step}: status reached"] = ", ".join(
+                f"{k}={replicas} after {v:.1f} s" for k, v in firsts.items()
+            )
         return time.monotonic() - start
 
     def close(self) -> None:
@@ -351,13 +363,13 @@ def test_3_scale_up_and_down_under_load(world: World) -> None:
 
     started = time.monotonic()
     w.kubectl("scale", f"patiocluster/{CLUSTER}", "--replicas=5")
-    w.wait_settled(5)
+    w.wait_settled(5, step="3a")
     record("3a scale 2 -> 5 (status, peers, full mesh)", started)
     w.load.wait_calls("scale", w.load.ok_count("scale") + 200)
 
     started = time.monotonic()
     w.kubectl("scale", f"patiocluster/{CLUSTER}", "--replicas=2")
-    w.wait_settled(2)
+    w.wait_settled(2, step="3b")
     record("3b scale 5 -> 2 (status, peers, full mesh)", started)
     w.load.wait_calls("scale", w.load.ok_count("scale") + 200)
     w.load.set_phase("between")
@@ -430,6 +442,8 @@ def test_5_key_rotation_under_load_then_old_key_refused(world: World) -> None:
     JOURNEY.notes["rotation phases seen"] = " -> ".join(phases)
     secret = w.secret()
     assert secret["key"] != old and not secret.get("next-key")
+    # The load follows the Secret as the workers do (through the syncer).
+    wait_until(lambda: (w.load.dir / "key").read_text() == secret["key"], 10, "the load's new key")
     w.load.wait_calls("rotate", w.load.ok_count("rotate") + 200)
 
     old_file = w.workdir / "old-key"
@@ -459,6 +473,10 @@ def test_6_sigkill_a_worker_under_load(world: World) -> None:
     w = world
     w.load.set_phase("kill")
     w.load.wait_calls("kill", 100)
+    # Long `sleep` calls, so that the killed worker surely holds some.
+    write_if_changed(w.load.dir / "sleep", "1.5\n")
+    time.sleep(2.5)
+    retried_before = w.load.stats()["retried"]
     victim = sorted(p["metadata"]["name"] for p in w.pods())[0]
     pod = next(p for p in w.pods() if p["metadata"]["name"] == victim)
     restarts = pod["status"]["containerStatuses"][0]["restartCount"]
@@ -478,6 +496,7 @@ def test_6_sigkill_a_worker_under_load(world: World) -> None:
         )
 
     wait_until(restarted, 60, f"{victim} restarted and Ready")
+    write_if_changed(w.load.dir / "sleep", "0.05\n")
     w.wait_settled(2)
     record("6 SIGKILL worker -> restarted, mesh full again", started)
     new_pid = w.node.pids(w.ns, victim)["worker"]
@@ -498,9 +517,13 @@ def test_6_sigkill_a_worker_under_load(world: World) -> None:
     for e in errors:
         assert e["kind"] == "plain" and e["error"].startswith("PeerConnectionError: "), e
     messages = sorted({e["error"] for e in errors})
-    JOURNEY.notes["SIGKILL plain-call failures"] = (
-        f"{plain_failures.get('PeerConnectionError', 0)}: {messages}"
+    retried = w.load.stats()["retried"] - retried_before
+    failed = plain_failures.get("PeerConnectionError", 0)
+    JOURNEY.notes["SIGKILL"] = (
+        f"{retried} retryable calls re-sent (all succeeded), {failed} plain calls failed: "
+        f"{messages}"
     )
+    assert retried + failed > 0, "the killed worker held no call: the kill proved nothing"
     assert w.load.stats().get("wrong_results") == 0
 
 
