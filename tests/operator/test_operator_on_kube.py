@@ -37,9 +37,11 @@ CRD_FILE = CHART / "files" / "crd-patioclusters.yaml"
 REGISTRY = "examples.k8s.tasks:rpc"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def crd(kube_control_plane: ControlPlane) -> None:
-    kube_control_plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    # Per test and forced: test_first_helm_install_... deletes the CRD and
+    # re-creates it through Helm, whose field manager then owns its fields.
+    kube_control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
     kube_control_plane.kubectl(
         "wait", "--for=condition=Established", "crd/patioclusters.patio.dev", "--timeout=60s"
     )
@@ -708,3 +710,40 @@ def test_spec_change_rolls_out_and_scale_down_drains(
         timeout=60,
         what="1 peer left",
     )
+
+
+def test_first_helm_install_creates_crd_and_cluster_then_upgrade_adopts_it(
+    kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str
+) -> None:
+    """On a cluster without the CRD, one `helm install` creates the CRD, the
+    operator and the PatioCluster (as a post-install hook, since Helm cannot
+    map the kind before its CRD exists); `helm upgrade` then adopts the
+    cluster as a release object without re-creating it, and `helm uninstall`
+    deletes the cluster but keeps the CRD."""
+    plane, ns = kube_control_plane, kube_namespace
+    plane.kubectl("delete", "crd", "patioclusters.patio.dev", "--ignore-not-found", "--wait=true")
+    values = [
+        "--set", f"watchNamespace={ns}", "--set", "tests.enabled=false",
+        "--set", "cluster.enabled=true", "--set", "cluster.name=first",
+        "--set", f"cluster.spec.registry={REGISTRY}", "--set", "cluster.spec.replicas=1",
+        "--set", "cluster.spec.drainTimeoutSeconds=2",
+    ]  # fmt: skip
+    try:
+        plane.helm("install", "p", str(CHART), "-n", ns, *values, "--wait", "--timeout", "120s")
+        pc = get(plane, ns, "ptc", "first")
+        assert pc["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
+        uid = pc["metadata"]["uid"]
+        wait_condition(plane, ns, "first", "Ready", timeout=120)
+
+        plane.helm("upgrade", "p", str(CHART), "-n", ns, *values, "--wait", "--timeout", "120s")
+        manifest = plane.helm("get", "manifest", "p", "-n", ns).stdout
+        assert "kind: PatioCluster" in manifest
+        assert get(plane, ns, "ptc", "first")["metadata"]["uid"] == uid  # adopted, not replaced
+
+        plane.helm("uninstall", "p", "-n", ns, "--wait", "--timeout", "60s")
+        wait_until(lambda: get(plane, ns, "ptc", "first") is None, timeout=60, what="cluster gone")
+        crd = plane.kubectl_json("get", "crd", "patioclusters.patio.dev")
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    finally:
+        plane.helm("uninstall", "p", "-n", ns, "--wait", "--timeout", "60s", check=False)
+        plane.kubectl("delete", "ptc", "--all", "-n", ns, "--wait=false", check=False)
