@@ -10,8 +10,10 @@ It does the least an RPC over TCP must do, the fast way:
   (no task, no timer per call on the caller side);
 - the frames produced in one loop iteration are written with one
   ``writelines`` (coalesced writes), with transport flow control honoured;
-- the executing side runs each call as a task, at most ``workers`` at once
-  (the rest wait in a FIFO), like a bounded executor;
+- the executing side runs each call's first step inline (a task only for
+  calls that suspend, like the flood's sleeping task), at most ``workers`` at
+  once (the rest wait in a FIFO), like a bounded executor; replies produced
+  while handling a read are written at the end of that read;
 - uvloop when the orchestrator asks for it.
 
 No authentication, no deadlines, no reconnects: it stands for what the
@@ -133,6 +135,8 @@ class Connection(asyncio.Protocol):
                     fut.set_result(msg[2])
                 else:
                     fut.set_exception(RuntimeError(msg[2]))
+        if self.out:  # replies of calls that finished inline: write them now
+            self.flush()
 
     # --- writing ---
     def send(self, obj: Any) -> None:
@@ -151,24 +155,38 @@ class Connection(asyncio.Protocol):
 
     # --- executing ---
     def start(self, msg: list[Any]) -> None:
+        """Run the call's first step inline; only a call that suspends gets a
+        task (which goes on driving the already started coroutine)."""
         self.running += 1
         msgid = msg[1]
         try:
             name = msg[2]
             func = TASKS.get(name) or (common.echo if name.startswith("echo") else TASKS[name])
             coro = func(*msg[3])
-        except Exception as exc:
-            self.finish(msgid, None, exc)
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            self.reply(msgid, stop.value, None)
             return
-        task = self.loop.create_task(coro)
-        task.add_done_callback(lambda t: self.finish(msgid, t, None))
+        except Exception as exc:
+            self.reply(msgid, None, exc)
+            return
+        task = self.loop.create_task(_resume(coro, yielded))
+        task.add_done_callback(lambda t: self.finish(msgid, t))
 
-    def finish(self, msgid: int, task: asyncio.Task[Any] | None, exc: Exception | None) -> None:
+    def finish(self, msgid: int, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self.reply(msgid, None, RuntimeError("cancelled"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.reply(msgid, None, exc)
+        else:
+            self.reply(msgid, task.result(), None)
+
+    def reply(self, msgid: int, value: Any, exc: BaseException | None) -> None:
         self.running -= 1
-        if task is not None:
-            exc = task.exception()  # type: ignore[assignment]
-        if exc is None and task is not None:
-            self.send((RESULT, msgid, task.result()))
+        if exc is None:
+            self.send((RESULT, msgid, value))
         else:
             self.send((ERROR, msgid, repr(exc)))
         if self.backlog and self.running < self.workers:
@@ -202,6 +220,37 @@ class Connection(asyncio.Protocol):
         fut = self.pending.pop(msgid, None)
         if fut is not None and not fut.done():
             fut.set_exception(TimeoutError("call timed out"))
+
+
+class _Resume:
+    """Awaitable that goes on driving a coroutine whose first step already ran
+    (a hand-made eager start; Python 3.12 has ``asyncio.eager_task_factory``)."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Any, yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Any:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                yield yielded
+            except BaseException as exc:  # e.g. cancellation: pass it in
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            try:
+                yielded = coro.send(None)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _resume(coro: Any, yielded: Any) -> Any:
+    return await _Resume(coro, yielded)
 
 
 class Client:
