@@ -747,3 +747,49 @@ def test_first_helm_install_creates_crd_and_cluster_then_upgrade_adopts_it(
     finally:
         plane.helm("uninstall", "p", "-n", ns, "--wait", "--timeout", "60s", check=False)
         plane.kubectl("delete", "ptc", "--all", "-n", ns, "--wait=false", check=False)
+
+
+def test_user_secrets_for_key_and_mutual_tls(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+) -> None:
+    """auth.existingSecret and tls.existingSecret: the operator mounts the
+    user's Secrets, never generates or writes one, and reports them missing."""
+    import trustme
+
+    plane, ns = kube_control_plane, kube_namespace
+    spec = {"auth": {"existingSecret": "my-key"}, "tls": {"existingSecret": "my-tls"}}
+    apply_obj(plane, ns, cluster_obj("tls", **spec))
+    degraded = wait_condition(plane, ns, "tls", "Degraded", timeout=30)
+    message = condition(degraded, "Degraded")["message"]
+    assert "spec.auth.existingSecret 'my-key' not found" in message
+    assert "spec.tls.existingSecret 'my-tls' not found" in message
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("patio-mesh")
+    secrets = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "my-key"},
+         "stringData": {"key": "a-key-the-user-manages-0123456789"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "my-tls"},
+         "type": "kubernetes.io/tls",
+         "stringData": {
+             "tls.crt": cert.cert_chain_pems[0].bytes().decode(),
+             "tls.key": cert.private_key_pem.bytes().decode(),
+             "ca.crt": ca.cert_pem.bytes().decode(),
+         }},
+    ]  # fmt: skip
+    for s in secrets:
+        assert apply_obj(plane, ns, s).returncode == 0
+    pc = wait_condition(plane, ns, "tls", "Ready", timeout=120)
+    wait_condition(plane, ns, "tls", "MeshReady")
+    wait_condition(plane, ns, "tls", "Degraded", status="False", timeout=30)
+    assert pc["status"]["keyGeneration"] == 0  # the user's key: nothing counted
+    assert get(plane, ns, "secret", "tls-auth") is None  # nothing generated
+    log = kube_node.pod_log(ns, "tls-0", "worker")
+    assert "plaintext" not in log, log
+    fp = rotation.fingerprint("a-key-the-user-manages-0123456789")
+    from patio_operator.keyprobe import fetch_report
+
+    assert fetch_report(get(plane, ns, "pod", "tls-0")["status"]["podIP"], 9383) == fp
