@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rotation-settle-seconds",
         type=float,
         default=float(os.environ.get("PATIO_OPERATOR_ROTATION_SETTLE_SECONDS", "90")),
-        help="per-step wait in settle mode; floor when no baseline report exists",
+        help="wait for rotation steps workers cannot report (every step in settle mode)",
     )
     p.add_argument(
         "--rotation-tick-seconds",

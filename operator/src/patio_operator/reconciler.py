@@ -45,9 +45,12 @@ log = logging.getLogger("patio_operator")
 
 @dataclass(frozen=True)
 class Config:
+    """The operator's flags, as the reconciler needs them."""
+
     settings: desired.Settings
+    #: "metrics" or "settle": how a rotation step is confirmed (rotation.py).
     rotation_mode: str = "metrics"
-    #: Per-step wait in settle mode, and the floor when there is no baseline.
+    #: Wait for the steps workers cannot report (all steps in settle mode).
     settle_seconds: float = 90.0
     resync_seconds: float = 30.0
     rotation_tick_seconds: float = 5.0
