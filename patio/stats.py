@@ -33,6 +33,7 @@ OUTCOMES = (
 # Which side of a call a counter speaks of.
 SIDE_CALLER = "caller"
 SIDE_EXECUTOR = "executor"
+SIDE_FORWARDER = "forwarder"  # a member handing an outside caller's call to another member
 
 CallObserver = Callable[[str, str, str, float], None]
 """``observer(task, side, outcome, seconds)`` called once per finished call."""

@@ -637,13 +637,6 @@ async def test_call_routed_while_the_link_is_being_rejected(env: Env) -> None:
         close_raw(writer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker._on_call stores peer.serving[call_id] = task without checking "
-    "that call_id is free; a peer reusing an id orphans the first task, which then "
-    "outlives the link (never cancelled) and is missing from window and drain accounting",
-    raises=AssertionError,
-)
 async def test_reused_call_id_does_not_orphan_a_task() -> None:
     started, finished = [], []
 

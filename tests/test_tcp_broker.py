@@ -937,13 +937,6 @@ async def test_full_window_of_slow_calls_is_not_mistaken_for_a_silent_peer() -> 
         assert client.stats.disconnects == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker._serve packs a raised exception (message, args, traceback) "
-    "with no size bound; an ERROR frame over max_frame_size makes the caller cut the "
-    "link, failing every other call on it",
-    raises=PeerConnectionError,
-)
 async def test_huge_exception_fails_only_that_call() -> None:
     started = asyncio.Event()
 
@@ -967,13 +960,6 @@ async def test_huge_exception_fails_only_that_call() -> None:
         assert client.stats.disconnects == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker._send_call bounds the CALL frame with len(name), a count of "
-    "characters; a non-ASCII name is longer in UTF-8, so a call just under the computed "
-    "bound is over the real frame limit and the peer cuts the link",
-    raises=PeerConnectionError,
-)
 async def test_frame_bound_counts_name_bytes_not_characters() -> None:
     def size(blob: bytes) -> int:
         return len(blob)
@@ -1009,13 +995,6 @@ async def test_closing_the_broker_fails_calls_waiting_for_a_route() -> None:
             await client.call("anything", timeout=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TCPBroker.__init__ accepts a node_id longer than MAX_NODE_ID_LENGTH (253); "
-    "every link then fails inside the protocol factory (ValueError): connect() just "
-    "times out with no reason and a server drops every client ('closed by peer')",
-    raises=pytest.fail.Exception,
-)
 async def test_overlong_node_id_is_refused_at_construction() -> None:
     for cls in (TCPServerBroker, TCPClientBroker):
         with pytest.raises(ValueError, match="node id"):

@@ -38,6 +38,7 @@ import os
 import random
 import socket
 import ssl
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -61,9 +62,14 @@ from patio.errors import (
     SerializationError,
     TaskNotFoundError,
 )
-from patio.executor import AbstractExecutor
+from patio.executor import AbstractExecutor, ProcessPoolExecutor
 from patio.proto import KeySet, Role
-from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE, ErrorKind, MessageType
+from patio.proto.messages import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_NODE_ID_LENGTH,
+    ErrorKind,
+    MessageType,
+)
 from patio.stats import (
     OUTCOME_CANCELLED,
     OUTCOME_CONNECTION,
@@ -74,6 +80,7 @@ from patio.stats import (
     OUTCOME_TIMEOUT,
     SIDE_CALLER,
     SIDE_EXECUTOR,
+    SIDE_FORWARDER,
 )
 from patio.transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -255,6 +262,11 @@ class TCPBroker(AbstractBroker):
         super().__init__(executor, serializer=serializer)
         self.instance = os.urandom(8).hex()
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{self.instance[:6]}"
+        if len(self.node_id) > MAX_NODE_ID_LENGTH:
+            raise ValueError(
+                f"node id is {len(self.node_id)} characters; at most {MAX_NODE_ID_LENGTH} "
+                "(a DNS name) fit in the handshake"
+            )
         self._settings = LinkSettings(
             node_id=self.node_id,
             instance=self.instance,
@@ -437,9 +449,11 @@ class TCPBroker(AbstractBroker):
                     ssl_context=self._client_ssl,
                     timeout=self.connect_timeout,
                 )
-            except (OSError, TimeoutError, HandshakeError, ssl.SSLError) as exc:
+            except Exception as exc:
                 target.last_error = f"{type(exc).__name__}: {exc}"
-                if isinstance(exc, AuthenticationError | HandshakeError):
+                if not isinstance(exc, OSError | TimeoutError | HandshakeError | ssl.SSLError):
+                    log.exception("unexpected error dialling %s:%s", host, port)
+                elif isinstance(exc, AuthenticationError | HandshakeError):
                     if target.last_error != logged_error:
                         log.warning("cannot join %s:%s: %s", host, port, exc)
                         logged_error = target.last_error
@@ -451,8 +465,18 @@ class TCPBroker(AbstractBroker):
             peer = link.state
             if target.is_self:
                 return
+            if isinstance(peer, _Peer) and not await self._accepted_by(peer):
+                target.last_error = (
+                    "the peer closed the connection right after the handshake: it does not "
+                    "accept our key, or it is shutting down"
+                )
+                if target.last_error != logged_error:
+                    log.warning("cannot join %s:%s: %s", host, port, target.last_error)
+                    logged_error = target.last_error
+                peer = None
             if not isinstance(peer, _Peer):
                 await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, RECONNECT_MAX)
                 continue
             target.node_id = peer.node_id
             target.last_error = ""
@@ -464,6 +488,27 @@ class TCPBroker(AbstractBroker):
                 target.connected.set_result(None)
             backoff = RECONNECT_INITIAL
             await asyncio.shield(link.finished)
+
+    async def _accepted_by(self, peer: _Peer) -> bool:
+        """Wait for the peer's first announcement: the sign it accepted our proof.
+
+        The dialer checks the acceptor's proof before the acceptor has checked
+        the dialer's, so a finished handshake on this side alone does not mean
+        the peer let us in.
+        """
+        loop = self._running_loop()
+        limit = loop.time() + self.connect_timeout
+        if peer.retiring:
+            return True  # a second link to a node we already reach: the first one serves
+        while not peer.announced and not peer.link.closed and loop.time() < limit:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._route_waiters.append(waiter)
+            handle = loop.call_at(limit, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                handle.cancel()
+        return peer.announced and not peer.link.closed
 
     # -- LinkHandler -----------------------------------------------------------
 
@@ -554,6 +599,10 @@ class TCPBroker(AbstractBroker):
             self._routing_changed()
         elif kind == MessageType.GOODBYE:
             peer.goodbye_received = True
+            if not peer.retiring and not self.draining and not peer.draining:
+                # The peer stopped using this link (duplicate, removed from its
+                # membership, closing): stop using it too, close when quiet.
+                self._retire(peer, "peer said goodbye")
             self._maybe_close(peer)
 
     def link_lost(self, link: Link, reason: str) -> None:
@@ -851,7 +900,9 @@ class TCPBroker(AbstractBroker):
     ) -> bytes:
         loop = self._running_loop()
         link = peer.link
-        if len(payload) + len(name) + FRAME_OVERHEAD > self._settings.max_frame_size:
+        if len(payload) + 4 * len(name) + FRAME_OVERHEAD > self._settings.max_frame_size and (
+            len(payload) + len(name.encode()) + FRAME_OVERHEAD > self._settings.max_frame_size
+        ):
             raise SerializationError(
                 f"arguments of {name!r} take {len(payload)} bytes, over the frame limit of "
                 f"{self._settings.max_frame_size} bytes"
@@ -963,6 +1014,15 @@ class TCPBroker(AbstractBroker):
             self._reply_error(peer, call_id, ErrorKind.TIMEOUT, "deadline passed before start")
             self.stats.calls_finished[(name, SIDE_EXECUTOR, OUTCOME_TIMEOUT)] += 1
             return
+        if call_id in peer.serving:
+            self.stats.frames_rejected["malformed"] += 1
+            log.warning(
+                "closing connection with %s: it reused call id %d while that call runs",
+                peer.node_id,
+                call_id,
+            )
+            peer.link.abort(f"peer reused call id {call_id} while it was in flight")
+            return
         deadline = None if timeout is None else loop.time() + timeout
         task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
         peer.serving[call_id] = task
@@ -989,7 +1049,13 @@ class TCPBroker(AbstractBroker):
     ) -> None:
         loop = self._running_loop()
         stats = self.stats
-        stats.calls_started[(name, SIDE_EXECUTOR)] += 1
+        # An outside caller's call that a member hands on is counted as
+        # forwarded, not executed, so summing executions over members is exact.
+        target: _Peer | _Local | None = LOCAL
+        if route and self.forwarding:
+            target = self._choose(name, {peer.node_id})
+        side = SIDE_EXECUTOR if target is LOCAL else SIDE_FORWARDER
+        stats.calls_started[(name, side)] += 1
         started = loop.time()
         outcome = OUTCOME_ERROR
         link = peer.link
@@ -997,13 +1063,15 @@ class TCPBroker(AbstractBroker):
             if peer.cancelled and call_id in peer.cancelled:
                 outcome = OUTCOME_CANCELLED
                 return
-            if deadline is None:
-                reply = await self._serve_call(peer, name, payload, None, route)
+            if target is not LOCAL:
+                reply = await self._forward(peer, name, payload, deadline, target)
+            elif deadline is None:
+                reply = await self._serve_call(peer, name, payload)
             else:
                 scope = asyncio.timeout_at(deadline)
                 try:
                     async with scope:
-                        reply = await self._serve_call(peer, name, payload, deadline, route)
+                        reply = await self._serve_call(peer, name, payload)
                 except TimeoutError:
                     if not scope.expired():
                         raise
@@ -1024,6 +1092,9 @@ class TCPBroker(AbstractBroker):
         except NoRouteError as exc:
             outcome = OUTCOME_NO_ROUTE
             self._reply_error(peer, call_id, ErrorKind.NO_ROUTE, str(exc))
+        except CallTimeoutError as exc:
+            outcome = OUTCOME_TIMEOUT
+            self._reply_error(peer, call_id, ErrorKind.TIMEOUT, str(exc))
         except TaskNotFoundError as exc:
             outcome = OUTCOME_NO_ROUTE
             self._reply_error(peer, call_id, ErrorKind.NOT_FOUND, f"{exc} (on {self.node_id})")
@@ -1037,52 +1108,81 @@ class TCPBroker(AbstractBroker):
             if call_id not in peer.cancelled:
                 self._reply_error(peer, call_id, ErrorKind.CANCELLED, "cancelled by the executor")
         except Exception as exc:
-            description = exception_to_payload(exc, self.serializer)
-            try:
-                data = self.serializer.pack(description)
-            except Exception:
-                description["args"] = []
-                data = self.serializer.pack(description)
-            self._reply_error(peer, call_id, ErrorKind.EXCEPTION, data)
+            self._reply_error(peer, call_id, ErrorKind.EXCEPTION, self._describe_error(exc))
         finally:
             peer.serving.pop(call_id, None)
             peer.cancelled.discard(call_id)
-            stats.calls_finished[(name, SIDE_EXECUTOR, outcome)] += 1
+            stats.calls_finished[(name, side, outcome)] += 1
             if stats.call_observer is not None:
-                stats.call_observer(name, SIDE_EXECUTOR, outcome, loop.time() - started)
+                stats.call_observer(name, side, outcome, loop.time() - started)
             if peer.read_paused and len(peer.serving) <= self._window // 2:
                 peer.read_paused = False
                 link.resume_reading()
             if peer.retiring or self.draining:
                 self._maybe_close(peer)
 
-    async def _serve_call(
+    def _describe_error(self, exc: BaseException) -> bytes:
+        """The exception as an ERROR payload that always fits in one frame."""
+        description = exception_to_payload(exc, self.serializer)
+        limit = self._settings.max_frame_size - FRAME_OVERHEAD
+        try:
+            data = self.serializer.pack(description)
+        except Exception:
+            data = b""
+        if 0 < len(data) <= limit:
+            return data
+        # Too large (or unpackable): drop the arguments, then cut the texts.
+        description["args"] = []
+        text_limit = max(limit // 4, 256)
+        for field in ("traceback", "message"):
+            text = str(description.get(field, ""))
+            if len(text) > text_limit:
+                description[field] = text[:text_limit] + f"... [{len(text)} characters]"
+        return self.serializer.pack(description)
+
+    async def _forward(
         self,
-        peer: _Peer,
+        origin: _Peer,
         name: str,
         payload: bytes,
         deadline: float | None,
-        route: bool,
+        target: _Peer | _Local | None,
     ) -> bytes:
-        if route and self.forwarding:
-            exclude = {peer.node_id}
-            target = self._choose(name, exclude)
-            if target is None:
-                target = await self._wait_for_route(name, deadline, exclude)
-            if isinstance(target, _Peer):
-                self.stats.calls_forwarded += 1
+        """Hand an outside caller's call to the best member; bytes pass through as they are."""
+        if target is None:
+            target = await self._wait_for_route(name, deadline, {origin.node_id})
+        if isinstance(target, _Local):
+            return await self._serve_call(origin, name, payload)
+        self.stats.calls_forwarded += 1
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
                 return await self._send_call(target, name, payload, deadline, None)
+        except TimeoutError:
+            if scope.expired():
+                raise CallTimeoutError(f"forwarded call to {name!r} passed its deadline") from None
+            raise
+
+    async def _serve_call(self, peer: _Peer, name: str, payload: bytes) -> bytes:
         try:
             args, kwargs = self.serializer.unpack(payload)
         except (SerializationError, TypeError, ValueError) as exc:
             raise SerializationError(f"arguments of {name!r} could not be decoded: {exc}") from None
-        queue_observer = self.stats.queue_observer
-        if queue_observer is not None and self.executor.busy >= self.executor.max_workers:
-            queued_at = self._running_loop().time()
+        observer = self.stats.queue_observer
+        if observer is None or isinstance(self.executor, ProcessPoolExecutor):
             result = await self.executor.execute(name, *args, **kwargs)
-            queue_observer(name, self._running_loop().time() - queued_at)
         else:
-            result = await self.executor.execute(name, *args, **kwargs)
+            # Time from arrival to the moment the function really starts: the
+            # wrapper runs only once the executor has given the call a slot.
+            func = self.registry.resolve(name)
+            loop = self._running_loop()
+            arrived = loop.time()
+
+            def started(*args: Any, **kwargs: Any) -> Any:
+                observer(name, time.monotonic() - arrived)
+                return func(*args, **kwargs)
+
+            result = await self.executor.submit(started, *args, **kwargs)
         data = self._pack(name, result, "result")
         if len(data) + FRAME_OVERHEAD > self._settings.max_frame_size:
             raise SerializationError(
