@@ -41,5 +41,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     """Remember a failed journey step: the steps after it build on it."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and getattr(item.module, "JOURNEY", None) is not None:
-        item.module.JOURNEY.failed.append(item.name)
+    journey = getattr(getattr(item, "module", None), "JOURNEY", None)
+    if report.failed and journey is not None:
+        journey.failed.append(item.name)

@@ -223,11 +223,11 @@ class LoadProcess:
         return sum(kinds.get(k, {}).get("ok", 0) for k in ("plain", "retryable"))
 
     def wait_calls(self, phase: str, at_least: int, timeout: float = 60) -> None:
-        wait_until(
-            lambda: self.check_alive() or self.ok_count(phase) >= at_least,
-            timeout,
-            f"{at_least} successful calls in load phase {phase}",
-        )
+        def enough() -> bool:
+            self.check_alive()
+            return self.ok_count(phase) >= at_least
+
+        wait_until(enough, timeout, f"{at_least} successful calls in load phase {phase}")
 
     def pause(self, timeout: float = 30) -> dict[str, Any]:
         """Stop new calls and wait until none is in flight; return the stats."""
@@ -325,7 +325,7 @@ class Prometheus:
                 )
             try:
                 with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as resp:
-                    return resp.status == 200
+                    return bool(resp.status == 200)
             except OSError:
                 return False
 
