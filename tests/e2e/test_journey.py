@@ -335,7 +335,7 @@ def test_2_cluster_from_example_forms_a_mesh_and_answers(world: World) -> None:
     record("2 apply PatioCluster -> Ready full mesh of 2", started)
     st = w.status()
     assert st["peers"] == 2 and st["readyReplicas"] == 2
-    printed = w.kubectl("get", "patiocluster", CLUSTER).stdout
+    printed = w.kubectl("get", "ptc", CLUSTER).stdout  # the CRD's short name
     print(printed)
     assert "AllWorkersReady" in printed
 
