@@ -793,3 +793,40 @@ def test_user_secrets_for_key_and_mutual_tls(
     from patio_operator.keyprobe import fetch_report
 
     assert fetch_report(get(plane, ns, "pod", "tls-0")["status"]["podIP"], 9383) == fp
+
+
+def test_rotation_resumes_after_an_operator_crash(
+    kube_control_plane: ControlPlane,
+    kube_node: NodeAgent,
+    kube_namespace: str,
+    operator: Operator,
+) -> None:
+    """SIGKILL the operator in the middle of a rotation: the restarted one
+    finishes the same rotation with the same new key (the state is in the
+    Secret, not in the dead process)."""
+    plane, ns = kube_control_plane, kube_namespace
+    apply_obj(plane, ns, cluster_obj("crash"))
+    wait_condition(plane, ns, "crash", "Ready")
+    old = secret_keys(plane, ns, "crash-auth")
+    assert old is not None
+    apply_obj(plane, ns, cluster_obj("crash", auth={"rotation": "r1"}))
+
+    def step_one() -> dict[str, str] | None:
+        keys = secret_keys(plane, ns, "crash-auth")
+        return keys if keys and "next-key" in keys else None
+
+    step1 = wait_until(step_one, timeout=30, interval=0.1, what="step 1 written")
+    operator.stop(signal.SIGKILL)
+    new_key = step1["next-key"] if step1["key"] == old["key"] else step1["key"]
+    time.sleep(4)  # past the settle time: the dead operator would have moved on
+    assert secret_keys(plane, ns, "crash-auth") == step1  # nobody advanced it
+    operator.start()
+
+    def done() -> dict[str, Any] | None:
+        pc = get(plane, ns, "ptc", "crash")
+        st = pc["status"]
+        return pc if st.get("keyGeneration") == 2 and st["rotation"]["phase"] == "Idle" else None
+
+    wait_until(done, timeout=90, what="rotation finished after restart")
+    assert secret_keys(plane, ns, "crash-auth") == {"key": new_key}
+    wait_condition(plane, ns, "crash", "Ready")
