@@ -135,6 +135,16 @@ def test_pod_template_overrides_are_merged_without_breaking_the_selector() -> No
     assert {"name": "data", "mountPath": "/data"} in cont["volumeMounts"]
 
 
+def test_service_account_token_only_for_a_chosen_account() -> None:
+    plain = sts_of(cluster())["spec"]["template"]["spec"]
+    assert plain["automountServiceAccountToken"] is False
+    chosen = sts_of(cluster(podTemplate={"serviceAccountName": "tasks"}))["spec"]["template"][
+        "spec"
+    ]
+    assert chosen["serviceAccountName"] == "tasks"
+    assert chosen["automountServiceAccountToken"] is True
+
+
 def test_pod_security_context_can_be_replaced() -> None:
     ctx = {"runAsUser": 1000, "fsGroup": 1000}
     s = sts_of(cluster(podTemplate={"securityContext": ctx}))

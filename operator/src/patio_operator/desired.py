@@ -242,8 +242,10 @@ def statefulset(cluster: Obj, settings: Settings, warnings: list[str]) -> Obj:
     pod_labels.update(names.labels(cname))  # ours win: the selector depends on them
     pod_spec: Obj = {
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
-        # Workers never call the Kubernetes API: membership comes from the peers file.
-        "automountServiceAccountToken": False,
+        # Workers never call the Kubernetes API (membership comes from the
+        # peers file); a token is mounted only for a ServiceAccount the user
+        # chose, whose tasks presumably need it.
+        "automountServiceAccountToken": bool(tmpl.get("serviceAccountName")),
         "enableServiceLinks": False,
         # The image's non-root user. fsGroup makes the kubelet give the
         # mounted key files (mode 0440) to that group: without it they are
