@@ -69,6 +69,7 @@ OPERATOR = "patio-operator"  # the chart's full name for release "patio"
 CLUSTER = "journey"
 MESH_PORT = 15383
 SETTLE_SECONDS = 5
+OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
 
 JOURNEY = Journey()
 
@@ -233,7 +234,7 @@ def world(
 @pytest.fixture(autouse=True)
 def _in_order(request: pytest.FixtureRequest) -> None:
     if JOURNEY.failed and not request.node.name.startswith("test_8"):
-        pytest.fail(f"an earlier step failed ({', '.join(JOURNEY.failed)}); not attempted")
+        pytest.fail(f"an earlier step failed ({JOURNEY.failed[0]}); not attempted")
 
 
 def record(step: str, started: float) -> None:
@@ -284,7 +285,7 @@ def test_1_helm_install_operator_with_its_own_service_account(world: World) -> N
         "--timeout",
         "120s",
     )
-    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+    selector = OPERATOR_SELECTOR
     pods = wait_until(
         lambda: [p for p in w.pods(selector) if is_ready(p)], 60, "a Ready operator pod"
     )
@@ -299,6 +300,15 @@ def test_1_helm_install_operator_with_its_own_service_account(world: World) -> N
     assert not [e for e in environ if e.startswith(b"KUBECONFIG=")]
     assert b"KUBERNETES_SERVICE_HOST=127.0.0.1" in environ
     sa = f"system:serviceaccount:{w.ns}:{OPERATOR}"
+    # The token it sees (through its own mount namespace) is the pod's
+    # ServiceAccount token, bound to this pod.
+    # (/var/run is a symlink to /run: resolve it on this side.)
+    mount = Path("/var/run/secrets/kubernetes.io/serviceaccount").resolve()
+    token = Path(f"/proc/{pid}/root{mount}/token")
+    payload = token.read_text().split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sub"] == sa, claims
+    assert claims["kubernetes.io"]["pod"]["name"] == pod["metadata"]["name"], claims
     can = {
         (verb, res): w.plane.kubectl(
             "auth", "can-i", verb, res, "--as", sa, check=False
@@ -615,6 +625,10 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     reconciles = prom.scalar('sum(patio_operator_reconcile_total{result="ok"})')
     assert reconciles is not None and reconciles > 0
     assert prom.scalar('sum(up{job="patio-workers"})') == 2
+    # The operator never hit its RBAC's limits on the way.
+    operator_pod = w.pods(OPERATOR_SELECTOR)[0]["metadata"]["name"]
+    operator_log = w.node.pod_log(w.ns, operator_pod)
+    assert "Forbidden" not in operator_log and " 403" not in operator_log, operator_log[-3000:]
     # A full mesh: every worker is connected to the other one (the load's
     # client connection, when up, counts as a peer too).
     connected = {r["metric"]["pod"]: r["value"][1] for r in prom.query("patio_peers_connected")}
