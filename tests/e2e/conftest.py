@@ -32,8 +32,11 @@ if not os.environ.get("PATIO_KUBE_WORKDIR"):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _OWN_WORKDIR is not None and exitstatus == 0:
-        shutil.rmtree(_OWN_WORKDIR / f"session-{os.getpid()}", ignore_errors=True)
+    if _OWN_WORKDIR is None:
+        return
+    own = _OWN_WORKDIR / f"session-{os.getpid()}"
+    if exitstatus == 0 or (own.is_dir() and not any(own.iterdir())):
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
