@@ -54,7 +54,9 @@ if [ $status -eq 5 ]; then
     status=1
 fi
 step "done (pytest exit $status)"
-leftover=$(pgrep -f "$root/.venv/bin/" | grep -v "^$$\$" || true)
+# A process of this checkout's virtualenv that outlived the run and lost its
+# parent was left behind by a test.
+leftover=$(ps -eo pid=,ppid=,args= | awk -v venv="$root/.venv/bin/" '$2 == 1 && index($0, venv) { print $1 }')
 if [ -n "$leftover" ]; then
     echo "processes left behind by the tests:" >&2
     ps -o pid,args -p $leftover >&2 || true
