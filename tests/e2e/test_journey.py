@@ -181,6 +181,9 @@ class World:
             JOURNEY.notes[f"{step}: status reached"] = ", ".join(
                 f"{k}={replicas} after {v:.1f} s" for k, v in firsts.items()
             )
+            # The status follows the pods within seconds, not a resync period.
+            slow = {k: v for k, v in firsts.items() if v > 20}
+            assert not slow, f"status followed slowly: {firsts}"
         return time.monotonic() - start
 
     def close(self) -> None:
