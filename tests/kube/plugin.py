@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -43,13 +44,17 @@ from .nodeagent import NodeAgent
 from .rest import ApiError, RestClient
 
 
-def _workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = os.environ.get("PATIO_KUBE_WORKDIR")
-    if base:
-        path = Path(base) / f"session-{os.getpid()}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp("kube")
+def _workdir() -> Path:
+    """A fresh folder for this session's control plane, never under /tmp.
+
+    Worker pods mount an emptyDir at /tmp in their private mount namespace,
+    and the node agent bind-mounts each pod's Secret/ConfigMap volumes from
+    this folder: under /tmp the pods' own /tmp would hide them.
+    """
+    base = os.environ.get("PATIO_KUBE_WORKDIR") or f"/var/tmp/patio-kube-{os.getuid()}"
+    path = Path(base) / f"session-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -57,7 +62,7 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @pytest.fixture(scope="session")
-def kube_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def kube_control_plane() -> Iterator[ControlPlane]:
     # A SIGTERM to the test process runs the teardowns (like Ctrl-C) instead
     # of leaving the control plane and the pods' processes behind.
     previous = None
@@ -65,11 +70,14 @@ def kube_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Con
     if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        plane = ControlPlane.start(_workdir(tmp_path_factory))
+        workdir = _workdir()
+        plane = ControlPlane.start(workdir)
         try:
             yield plane
         finally:
             plane.stop()
+            if not os.environ.get("PATIO_KEEP_KUBE_WORKDIR"):
+                shutil.rmtree(workdir, ignore_errors=True)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
