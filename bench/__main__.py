@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 import platform
 import signal
+import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from bench import report
 from bench.envs import (
     ORIGINAL_VERSION,
     REPO,
+    cache_dir,
     ceiling_env,
     ensure_venv,
     original_env,
@@ -62,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure the patio package in DIR (another checkout) as 'ours'",
     )
     ap.add_argument(
+        "--ours-commit",
+        default=None,
+        metavar="REV",
+        help="measure our package as committed at REV (exported with git archive)",
+    )
+    ap.add_argument(
         "--report-only",
         type=Path,
         default=None,
@@ -76,16 +86,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def git_state() -> dict[str, Any]:
+def _git(*cmd: str) -> str:
+    proc = subprocess.run(
+        ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def export_commit(rev: str) -> tuple[Path, str]:
+    """``patio/`` as committed at ``rev``, extracted under the cache dir."""
+    sha = _git("rev-parse", "--short", f"{rev}^{{commit}}")
+    if not sha:
+        raise SystemExit(f"--ours-commit: unknown revision {rev!r}")
+    dest = cache_dir() / f"bench-ours-{sha}"
+    if not (dest / "patio").is_dir():
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", sha, "patio"],
+            cwd=REPO,
+            capture_output=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+    return dest, sha
+
+
+def git_state(commit: str | None = None) -> dict[str, Any]:
     """The commit our package was measured at, and whether patio/ had local edits."""
-    import subprocess
-
-    def git(*cmd: str) -> str:
-        proc = subprocess.run(
-            ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
-        )
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
+    if commit is not None:
+        return {"head": commit, "patio_dirty": False, "exported": True}
+    git = _git
     return {
         "head": git("rev-parse", "--short", "HEAD") or None,
         "patio_dirty": bool(git("status", "--porcelain", "--", "patio")),
@@ -205,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s for s in args.systems.split(",") if s]
 
     log(f"preparing interpreters (original patio venv under the cache dir; log {setup_log})")
+    commit = None
+    if args.ours_commit:
+        args.ours_path, commit = export_commit(args.ours_commit)
+        log(f"our package as committed at {commit}: {args.ours_path}")
     envs = {"ours": ours_env(args.ours_path), "ceiling": ceiling_env()}
     if "original" in wanted:
         envs["original"] = original_env(log=setup_log)
@@ -241,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "loop_policy": "uvloop" if use_uvloop else "asyncio",
         "serializers": serializers,
         "ours_version": caps.get("ours", {}).get("version"),
-        "ours_git": git_state(),
+        "ours_git": git_state(commit) if commit or not args.ours_path else {},
         "ours_path": str(args.ours_path or REPO),
         "original_version": ORIGINAL_VERSION,
         "capabilities": caps,

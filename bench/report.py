@@ -261,7 +261,7 @@ def _both(r: dict[str, Any], other: str) -> str:
 def _git(meta: dict[str, Any]) -> str:
     state = meta.get("ours_git") or {}
     if not state.get("head"):
-        return "an unknown commit"
+        return f"{meta.get('ours_path')} (not a known commit)"
     dirty = " (with uncommitted changes in patio/)" if state.get("patio_dirty") else ""
     return f"commit {state['head']}{dirty}"
 
