@@ -164,7 +164,9 @@ class _Peer:
         "announced",
         "cancelled",
         "capacity",
+        "deadlines",
         "draining",
+        "expired",
         "goodbye_received",
         "goodbye_sent",
         "instance",
@@ -199,6 +201,8 @@ class _Peer:
         self.pending: dict[int, _Call] = {}
         self.serving: dict[int, asyncio.Task[None]] = {}
         self.cancelled: set[int] = set()
+        self.expired: set[int] = set()
+        self.deadlines: dict[int, asyncio.TimerHandle] = {}
         self.next_id = 1
 
     @property
@@ -776,6 +780,10 @@ class TCPBroker(AbstractBroker):
             handle = loop.call_at(limit, _resolve, waiter) if limit is not None else None
             try:
                 await waiter
+            except BaseException:
+                if state == "saturated" and waiter.done() and not waiter.cancelled():
+                    self._wake_one_waiter()  # pass on the room we were given
+                raise
             finally:
                 if handle is not None:
                     handle.cancel()
@@ -810,8 +818,61 @@ class TCPBroker(AbstractBroker):
         deadline = None if timeout is None else started + timeout
         retry = retryable if retryable is not None else name in self.retryable_tasks
         outcome = OUTCOME_ERROR
+        payload: bytes | None = None
+        tried: set[str] | None = None
+        # One coroutine frame per call on the common path: routing, sending
+        # and retrying live here rather than in helpers awaited in turn.
         try:
-            result = await self._call(name, args, kwargs, deadline, retry, timeout)
+            while True:
+                target = self._choose(name, tried)
+                if target is None:
+                    if deadline is None and tried is None and self._candidates(name):
+                        # Every peer serving it is at its window: park as a plain
+                        # future (a flood of calls must cost little while waiting).
+                        waiter: asyncio.Future[None] = loop.create_future()
+                        self._capacity_waiters.append(waiter)
+                        try:
+                            await waiter
+                        except BaseException:
+                            if waiter.done() and not waiter.cancelled():
+                                self._wake_one_waiter()  # pass on the room we were given
+                            raise
+                        continue
+                    target = await self._wait_for_route(name, deadline, tried)
+                if isinstance(target, _Local):
+                    result = await self._execute_local(name, args, kwargs, deadline, timeout)
+                    break
+                if payload is None:
+                    payload = self._pack(name, [list(args), kwargs], "arguments")
+                try:
+                    reply = await self._send_call(target, name, payload, deadline, timeout)
+                except _LinkLost as exc:
+                    if self._closing or not retry:
+                        raise PeerConnectionError(
+                            f"call to {name!r} failed: connection to {target.node_id} lost "
+                            f"({exc.reason})"
+                        ) from None
+                    if deadline is not None and loop.time() >= deadline:
+                        raise CallTimeoutError(
+                            f"call to {name!r} timed out after its connection was lost"
+                        ) from None
+                    stats.calls_retried += 1
+                    tried = (tried or set()) | {target.node_id}
+                    log.info("retrying %r elsewhere: connection to %s lost", name, target.node_id)
+                    continue
+                except _ErrorReply as exc:
+                    if exc.kind == ErrorKind.CONNECTION and retry:
+                        tried = (tried or set()) | {target.node_id}
+                        stats.calls_retried += 1
+                        continue
+                    raise self._error_from_reply(name, target, exc) from None
+                try:
+                    result = self.serializer.unpack(reply)
+                except SerializationError as exc:
+                    raise SerializationError(
+                        f"result of {name!r} could not be decoded: {exc}"
+                    ) from None
+                break
             outcome = OUTCOME_OK
             return result
         except CallTimeoutError:
@@ -833,54 +894,6 @@ class TCPBroker(AbstractBroker):
             stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
             if observer is not None:
                 observer(name, SIDE_CALLER, outcome, loop.time() - started)
-
-    async def _call(
-        self,
-        name: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
-        retry: bool,
-        timeout: float | None,
-    ) -> Any:
-        payload: bytes | None = None
-        tried: set[str] | None = None
-        while True:
-            target = self._choose(name, tried)
-            if target is None:
-                target = await self._wait_for_route(name, deadline, tried)
-            if isinstance(target, _Local):
-                return await self._execute_local(name, args, kwargs, deadline, timeout)
-            if payload is None:
-                payload = self._pack(name, [list(args), kwargs], "arguments")
-            try:
-                reply = await self._send_call(target, name, payload, deadline, timeout)
-            except _LinkLost as exc:
-                if self._closing or not retry:
-                    raise PeerConnectionError(
-                        f"call to {name!r} failed: connection to {target.node_id} lost "
-                        f"({exc.reason})"
-                    ) from None
-                if deadline is not None and self._running_loop().time() >= deadline:
-                    raise CallTimeoutError(
-                        f"call to {name!r} timed out after its connection was lost"
-                    ) from None
-                self.stats.calls_retried += 1
-                tried = (tried or set()) | {target.node_id}
-                log.info("retrying %r elsewhere: connection to %s lost", name, target.node_id)
-                continue
-            except _ErrorReply as exc:
-                if exc.kind == ErrorKind.CONNECTION and retry:
-                    tried = (tried or set()) | {target.node_id}
-                    self.stats.calls_retried += 1
-                    continue
-                raise self._error_from_reply(name, target, exc) from None
-            try:
-                return self.serializer.unpack(reply)
-            except SerializationError as exc:
-                raise SerializationError(
-                    f"result of {name!r} could not be decoded: {exc}"
-                ) from None
 
     def _pack(self, name: str, value: Any, what: str) -> bytes:
         try:
@@ -945,13 +958,17 @@ class TCPBroker(AbstractBroker):
             if timer is not None:
                 timer.cancel()
 
-    def _call_done(self, peer: _Peer) -> None:
+    def _wake_one_waiter(self) -> None:
         waiters = self._capacity_waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
+                return
+
+    def _call_done(self, peer: _Peer) -> None:
+        if self._capacity_waiters:
+            self._wake_one_waiter()
         if peer.retiring or self.draining:
             self._maybe_close(peer)
 
@@ -1026,9 +1043,23 @@ class TCPBroker(AbstractBroker):
         deadline = None if timeout is None else loop.time() + timeout
         task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
         peer.serving[call_id] = task
+        if deadline is not None:
+            # A timer handle, cheaper than an asyncio.timeout scope per call.
+            peer.deadlines[call_id] = loop.call_at(deadline, self._expire_serving, peer, call_id)
         if len(peer.serving) >= self._window and not peer.read_paused:
             peer.read_paused = True
             peer.link.pause_reading()
+
+    @staticmethod
+    def _expire_serving(peer: _Peer, call_id: int) -> None:
+        """The deadline of a call we execute passed: stop it and answer TIMEOUT."""
+        peer.deadlines.pop(call_id, None)
+        task = peer.serving.get(call_id)
+        if task is None:
+            return
+        peer.expired.add(call_id)
+        if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:  # type: ignore[arg-type]
+            task.cancel()
 
     def _reply_error(self, peer: _Peer, call_id: int, kind: int, text: str | bytes) -> None:
         link = peer.link
@@ -1063,23 +1094,12 @@ class TCPBroker(AbstractBroker):
             if peer.cancelled and call_id in peer.cancelled:
                 outcome = OUTCOME_CANCELLED
                 return
+            if peer.expired and call_id in peer.expired:
+                raise asyncio.CancelledError  # expired before it started: answered below
             if target is not LOCAL:
                 reply = await self._forward(peer, name, payload, deadline, target)
-            elif deadline is None:
-                reply = await self._serve_call(peer, name, payload)
             else:
-                scope = asyncio.timeout_at(deadline)
-                try:
-                    async with scope:
-                        reply = await self._serve_call(peer, name, payload)
-                except TimeoutError:
-                    if not scope.expired():
-                        raise
-                    outcome = OUTCOME_TIMEOUT
-                    self._reply_error(
-                        peer, call_id, ErrorKind.TIMEOUT, f"call to {name!r} passed its deadline"
-                    )
-                    return
+                reply = await self._serve_call(peer, name, payload)
             if not link.closed:
                 link.connection.send_result(call_id, reply)
                 link.schedule_flush()
@@ -1104,13 +1124,26 @@ class TCPBroker(AbstractBroker):
         except SerializationError as exc:
             self._reply_error(peer, call_id, ErrorKind.SERIALIZATION, str(exc))
         except asyncio.CancelledError:
-            outcome = OUTCOME_CANCELLED
-            if call_id not in peer.cancelled:
-                self._reply_error(peer, call_id, ErrorKind.CANCELLED, "cancelled by the executor")
+            if call_id in peer.expired:
+                outcome = OUTCOME_TIMEOUT
+                self._reply_error(
+                    peer, call_id, ErrorKind.TIMEOUT, f"call to {name!r} passed its deadline"
+                )
+            else:
+                outcome = OUTCOME_CANCELLED
+                if call_id not in peer.cancelled:
+                    self._reply_error(
+                        peer, call_id, ErrorKind.CANCELLED, "cancelled by the executor"
+                    )
         except Exception as exc:
             self._reply_error(peer, call_id, ErrorKind.EXCEPTION, self._describe_error(exc))
         finally:
             peer.serving.pop(call_id, None)
+            if deadline is not None:
+                handle = peer.deadlines.pop(call_id, None)
+                if handle is not None:
+                    handle.cancel()
+                peer.expired.discard(call_id)
             peer.cancelled.discard(call_id)
             stats.calls_finished[(name, side, outcome)] += 1
             if stats.call_observer is not None:
