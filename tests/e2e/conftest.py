@@ -1,42 +1,18 @@
 """The end-to-end journey runs on the real test control plane of tests/kube.
 
 Its session fixtures (``kube_control_plane``, ``kube_node``) come from the
-``tests.kube.plugin`` pytest plugin; they are imported here unless the
-suite-wide conftest already registered the plugin.
-
-The control plane's work folder (node agent pod folders included) must not
-be under /tmp: every patio pod mounts an emptyDir at /tmp in its private
-mount namespace, and the node agent mounts it before the Secret and
-ConfigMap volumes, whose source folders it would then hide (see
-docs/e2e.md). So unless ``PATIO_KUBE_WORKDIR`` is set, it is set here to a
-folder under /var/tmp, removed again after a passing session (kept after a
-failing one, for its logs).
+``tests.kube.plugin`` pytest plugin, which ``tests/conftest.py`` registers
+for the whole session; they are imported here only if it has not been.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
 if "tests.kube.plugin" not in sys.modules:
     from tests.kube.plugin import kube_control_plane, kube_node  # noqa: F401
-
-_OWN_WORKDIR = None
-if not os.environ.get("PATIO_KUBE_WORKDIR"):
-    _OWN_WORKDIR = Path("/var/tmp") / f"patio-e2e-{os.getuid()}"
-    os.environ["PATIO_KUBE_WORKDIR"] = str(_OWN_WORKDIR)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _OWN_WORKDIR is None:
-        return
-    own = _OWN_WORKDIR / f"session-{os.getpid()}"
-    if exitstatus == 0 or (own.is_dir() and not any(own.iterdir())):
-        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
