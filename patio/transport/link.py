@@ -128,6 +128,10 @@ class Link(asyncio.Protocol):
             if self.closed:
                 return
         self._flush()
+        # What these frames set in motion (tasks started, callers woken) runs in
+        # the next loop iteration; a flush queued now runs after it, in the same
+        # iteration, so replies and follow-up calls leave one iteration sooner.
+        self.schedule_flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "closed by peer")
