@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         args.alternatives = False
     out: Path = args.out or (DEFAULT_OUT / "tmp" / "quick" if args.quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
-    log_dir = (out / "tmp" / "logs") if out == DEFAULT_OUT else (out / "logs")
+    try:  # worker logs inside bench/results go to its git-ignored tmp/
+        inside = out.resolve().relative_to(DEFAULT_OUT.resolve())
+        log_dir = DEFAULT_OUT / "tmp" / "logs" / inside
+    except ValueError:
+        log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     setup_log = log_dir / "setup.log"
     if args.report_only is not None:
