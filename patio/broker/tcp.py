@@ -1108,7 +1108,14 @@ class TCPBroker(AbstractBroker):
             self._reply_error(peer, call_id, exc.kind, exc.payload)
         except _LinkLost as exc:
             outcome = OUTCOME_CONNECTION
-            self._reply_error(peer, call_id, ErrorKind.CONNECTION, exc.reason)
+            target_node = target.node_id if isinstance(target, _Peer) else "a member"
+            self._reply_error(
+                peer,
+                call_id,
+                ErrorKind.CONNECTION,
+                f"call to {name!r} failed: {self.node_id} forwarded it and lost its "
+                f"connection to {target_node} ({exc.reason})",
+            )
         except NoRouteError as exc:
             outcome = OUTCOME_NO_ROUTE
             self._reply_error(peer, call_id, ErrorKind.NO_ROUTE, str(exc))
