@@ -687,6 +687,17 @@ class NodeAgent:
             if not src.exists():
                 raise ConfigError(f"volume {m['name']!r} has no {src.name} yet")
             dst = Path(m["mountPath"])
+            hidden = next((p for p in self._host_paths() if p.is_relative_to(dst)), None)
+            if hidden is not None:
+                # Pods share this machine's filesystem: a volume over, say,
+                # /tmp would hide the virtualenv or checkout the pod runs from
+                # (CI may clone under /tmp). The pod sees the host folder instead.
+                with c.log_path.open("ab") as f:
+                    f.write(
+                        f"{MARK} {now_iso()} volume {m['name']!r} not mounted at {dst}: "
+                        f"it would hide {hidden}\n".encode()
+                    )
+                continue
             self._ensure_mountpoint(run, dst, src.is_dir())
             read_only = bool(m.get("readOnly")) or any(
                 k in vol for k in ("secret", "configMap", "downwardAPI", "projected")
@@ -694,6 +705,15 @@ class NodeAgent:
             out.append((str(src), str(dst), "ro" if read_only else "rw"))
         out.sort(key=lambda t: len(Path(t[1]).parts))
         return [x for triple in out for x in triple]
+
+    def _host_paths(self) -> list[Path]:
+        """Folders every pod process needs from the host: no volume may cover them."""
+        return [
+            Path(sys.prefix).resolve(),
+            Path(sys.base_prefix).resolve(),
+            REPO_ROOT,
+            self.workdir.resolve(),
+        ]
 
     def _ensure_mountpoint(self, run: PodRun, dst: Path, is_dir: bool) -> None:
         """Create a missing mount point on the host.
