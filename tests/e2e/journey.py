@@ -333,8 +333,18 @@ class Prometheus:
 
     def api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as resp:
-            body = json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as resp:
+                body = json.loads(resp.read())
+        except OSError as exc:
+            code = self.proc.poll() if self.proc is not None else None
+            if code is None:
+                raise
+            # e.g. -15: something sent it SIGTERM (`pkill -x prometheus`...)
+            raise AssertionError(
+                f"Prometheus (pid {self.proc.pid if self.proc else '?'}) exited with {code} "
+                f"while the test used it ({exc}); its log:\n{self.log.read_text()[-2000:]}"
+            ) from None
         assert body["status"] == "success", body
         return body["data"]
 
