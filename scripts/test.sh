@@ -20,9 +20,10 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# The Debian package starts a system Prometheus; the tests start their own.
+# The Debian package may start a system Prometheus; the tests start their own
+# (on free ports) and need none. Stop only that service, never another run's.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop prometheus 2>/dev/null || true; fi
-pkill -x prometheus 2>/dev/null || true
+pkill -xf /usr/bin/prometheus 2>/dev/null || true
 export PATH="/usr/local/go/bin:$PATH"
 
 step "virtualenv"
