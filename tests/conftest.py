@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,18 @@ def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ca.configure_trust(context)
     return context
+
+
+@pytest.fixture
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail a test whose brokers leave an asyncio task running after it."""
+    yield
+    current = asyncio.current_task()
+    deadline = time.monotonic() + 2
+    while left := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tasks left behind: {left}")
+        await asyncio.sleep(0.01)
 
 
 class Processes:

@@ -38,7 +38,7 @@ KEY = b"bad-input-test-key"
 HANDSHAKE_TIMEOUT = 0.5
 HEARTBEAT = 0.2
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
 
 def mul(a: int, b: int) -> int:
@@ -60,17 +60,6 @@ class Env:
 class Load:
     ok: int = 0
     errors: list[BaseException] = field(default_factory=list)
-
-
-@pytest.fixture(autouse=True)
-async def no_leftover_tasks() -> AsyncIterator[None]:
-    yield
-    current = asyncio.current_task()
-    deadline = time.monotonic() + 2
-    while left := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tasks left behind: {left}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

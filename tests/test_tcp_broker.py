@@ -27,19 +27,7 @@ from patio.errors import (
 KEY = b"tcp-broker-test-key"
 HOSTS = ["127.0.0.1", "::1"]
 
-pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-async def no_leftover_tasks() -> AsyncIterator[None]:
-    """Every test closes what it opened: no task of a broker outlives it."""
-    yield
-    current = asyncio.current_task()
-    deadline = time.monotonic() + 2
-    while left := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tasks left behind: {left}")
-        await asyncio.sleep(0.01)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
 
 class UserError(Exception):

@@ -17,22 +17,11 @@ from patio.errors import PeerConnectionError
 
 KEY = b"tls-test-key"
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
 
 def whoami(x: int) -> str:
     return f"tls:{x}"
-
-
-@pytest.fixture(autouse=True)
-async def no_leftover_tasks() -> AsyncIterator[None]:
-    yield
-    current = asyncio.current_task()
-    deadline = time.monotonic() + 2
-    while left := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tasks left behind: {left}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
