@@ -57,7 +57,11 @@ fi
 step "done (pytest exit $status)"
 # A process of this checkout's virtualenv that outlived the run and lost its
 # parent was left behind by a test.
-leftover=$(ps -eo pid=,ppid=,args= | awk -v venv="$root/.venv/bin/" '$2 == 1 && index($0, venv) { print $1 }')
+# (Helpers such as multiprocessing's resource tracker exit just after pytest:
+# give them two seconds, and ignore zombies.)
+sleep 2
+leftover=$(ps -eo pid=,ppid=,stat=,args= \
+    | awk -v venv="$root/.venv/bin/" '$2 == 1 && $3 !~ /^Z/ && index($0, venv) { print $1 }')
 if [ -n "$leftover" ]; then
     echo "processes left behind by the tests:" >&2
     ps -o pid,args -p $leftover >&2 || true
