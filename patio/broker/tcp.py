@@ -341,7 +341,7 @@ class TCPBroker(AbstractBroker):
                 tasks.append(task)
             self._send_goodbye(peer)
             peer.link.close("broker closed")
-        self._wake_all()
+        self._wake_routes()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for server in self._servers:
@@ -664,9 +664,6 @@ class TCPBroker(AbstractBroker):
             waiter = self._capacity_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-
-    def _wake_all(self) -> None:
-        self._wake_routes()
 
     def _candidates(self, name: str) -> list[_Peer]:
         peers = self._routes.get(name)
@@ -1099,7 +1096,7 @@ class TCPBroker(AbstractBroker):
             if target is not LOCAL:
                 reply = await self._forward(peer, name, payload, deadline, target)
             else:
-                reply = await self._serve_call(peer, name, payload)
+                reply = await self._serve_call(name, payload)
             if not link.closed:
                 link.connection.send_result(call_id, reply)
                 link.schedule_flush()
@@ -1192,7 +1189,7 @@ class TCPBroker(AbstractBroker):
         if target is None:
             target = await self._wait_for_route(name, deadline, {origin.node_id})
         if isinstance(target, _Local):
-            return await self._serve_call(origin, name, payload)
+            return await self._serve_call(name, payload)
         self.stats.calls_forwarded += 1
         scope = asyncio.timeout_at(deadline)
         try:
@@ -1203,7 +1200,7 @@ class TCPBroker(AbstractBroker):
                 raise CallTimeoutError(f"forwarded call to {name!r} passed its deadline") from None
             raise
 
-    async def _serve_call(self, peer: _Peer, name: str, payload: bytes) -> bytes:
+    async def _serve_call(self, name: str, payload: bytes) -> bytes:
         try:
             args, kwargs = self.serializer.unpack(payload)
         except (SerializationError, TypeError, ValueError) as exc:

@@ -209,23 +209,22 @@ class BrokerCollector(Collector):
         ):
             yield CounterMetricFamily(name, text, value=value)
 
-        handshakes = CounterMetricFamily(
-            "patio_handshake_failures",
-            "Failed handshakes (version, auth, timeout...), by reason.",
-            labels=["reason"],
-        )
-        for reason, count in sorted(stats.handshake_failures.items()):
-            handshakes.add_metric([reason], count)
-        yield handshakes
-
-        frames = CounterMetricFamily(
-            "patio_frames_rejected",
-            "Frames rejected as malformed or oversized, by reason.",
-            labels=["reason"],
-        )
-        for reason, count in sorted(stats.frames_rejected.items()):
-            frames.add_metric([reason], count)
-        yield frames
+        for name, text, by_reason in (
+            (
+                "patio_handshake_failures",
+                "Failed handshakes (version, auth, timeout...), by reason.",
+                stats.handshake_failures,
+            ),
+            (
+                "patio_frames_rejected",
+                "Frames rejected as malformed or oversized, by reason.",
+                stats.frames_rejected,
+            ),
+        ):
+            family = CounterMetricFamily(name, text, labels=["reason"])
+            for reason, count in sorted(by_reason.items()):
+                family.add_metric([reason], count)
+            yield family
 
         info = GaugeMetricFamily(
             "patio_worker_info",
