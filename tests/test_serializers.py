@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from patio.broker import serializer as serializer_module
 from patio.broker.serializer import (
     MAX_TRACEBACK_CHARS,
+    MAX_TYPE_NAME_DOTS,
+    MAX_TYPE_NAME_LENGTH,
     AbstractSerializer,
     MsgpackSerializer,
     PickleSerializer,
@@ -312,10 +316,6 @@ def test_loaded_user_exception_is_rebuilt() -> None:
     restored = exception_from_payload(payload)
     assert type(restored) is AppError
     assert restored.code == 7
-    not_found = exception_from_payload(
-        exception_to_payload(TaskNotFoundError("no task 'x'"), serializer),
-    )
-    assert type(not_found) is TaskNotFoundError
 
 
 def test_nested_class_exception_is_rebuilt() -> None:
@@ -328,6 +328,79 @@ def test_nested_class_exception_is_rebuilt() -> None:
 class Outer:
     class Inner(Exception):
         pass
+
+
+class CountingModules(dict[str, Any]):
+    """sys.modules as seen by the lookup, counting every module it asks for."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.modules)
+        self.lookups = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.lookups += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", ["x." * 40_000, "x" * 8 * 1024 * 1024, "a." * 33 + "B"])
+def test_hostile_type_name_is_refused_without_lookups(name: str) -> None:
+    # Issue 16 item 1: every split of the name was joined and looked up, so
+    # "x." * 40_000 froze the caller's loop for seconds (quadratic).
+    modules = CountingModules()
+    assert serializer_module._lookup_loaded_class(name, modules) is None
+    assert modules.lookups == 0
+    restored = exception_from_payload({"type": name, "args": [], "message": "m"})
+    assert isinstance(restored, RemoteError)
+    assert len(restored.remote_type) <= MAX_TYPE_NAME_LENGTH + 20
+
+
+def test_longest_accepted_type_name_costs_one_lookup_per_dot() -> None:
+    name = ".".join(["m"] * MAX_TYPE_NAME_DOTS) + ".Err"
+    modules = CountingModules()
+    assert serializer_module._lookup_loaded_class(name, modules) is None
+    assert modules.lookups == MAX_TYPE_NAME_DOTS
+
+
+def test_sixteen_mib_type_name_does_not_hang() -> None:
+    # A generous "did not hang" bound; before the fix this took minutes.
+    started = time.monotonic()
+    exception_from_payload({"type": "x." * (8 * 1024 * 1024), "args": []})
+    assert time.monotonic() - started < 5
+
+
+class ReexportedNotFound(TaskNotFoundError):
+    pass
+
+
+@pytest.mark.parametrize(
+    "type_name",
+    [
+        "patio.broker.tcp._LinkLost",
+        "patio.broker.tcp._ErrorReply",
+        "patio.errors.NoRouteError",
+        "patio.errors.PeerConnectionError",
+        "patio.errors.CallTimeoutError",
+        "patio.errors.TaskNotFoundError",
+        "patio.errors.RemoteError",
+        "patio.NoRouteError",  # re-exported by patio's facade
+        f"{__name__}.TaskNotFoundError",  # re-exported by an application module
+    ],
+)
+def test_patio_own_exception_types_are_never_rebuilt(type_name: str) -> None:
+    # Issue 16 item 12: a peer could raise patio's internal link errors and
+    # patio.errors types in the caller, forging patio's own verdicts.
+    import patio.broker.tcp  # noqa: F401  (make sure the internal types are loaded)
+
+    restored = exception_from_payload({"type": type_name, "args": ["forged"], "message": "x"})
+    assert type(restored) is RemoteError
+    assert restored.remote_type == type_name
+
+
+def test_application_subclass_of_a_patio_error_is_still_rebuilt() -> None:
+    restored = exception_from_payload(
+        {"type": f"{__name__}.ReexportedNotFound", "args": ["no task"], "message": "x"}
+    )
+    assert type(restored) is ReexportedNotFound
 
 
 def test_unloaded_module_is_never_imported() -> None:

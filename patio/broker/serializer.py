@@ -460,16 +460,47 @@ def exception_to_payload(exc: BaseException, serializer: AbstractSerializer) -> 
     }
 
 
-def _lookup_loaded_class(type_name: str) -> type | None:
+#: Longest remote exception type name that is looked up: far beyond any real
+#: ``module.QualName``, short enough that a hostile one costs nothing.
+MAX_TYPE_NAME_LENGTH: Final = 512
+
+#: Most dots in a remote exception type name that is looked up (real names
+#: have a handful). With the length limit this bounds the lookup to a few
+#: thousand character operations whatever a peer sends.
+MAX_TYPE_NAME_DOTS: Final = 32
+
+#: Classes defined under these packages are never rebuilt from the wire: a
+#: peer must not be able to raise patio's own control-flow errors
+#: (``NoRouteError``, ``PeerConnectionError``, internal link errors...) in
+#: the caller, where they would be taken for patio's own verdict.
+_NEVER_REBUILT_PACKAGES: Final = ("patio", "patio_operator")
+
+
+def _is_patio_class(cls: type) -> bool:
+    module = getattr(cls, "__module__", None)
+    if not isinstance(module, str):
+        return True  # nothing to judge it by: refuse
+    return module.partition(".")[0] in _NEVER_REBUILT_PACKAGES
+
+
+def _lookup_loaded_class(type_name: str, modules: Mapping[str, Any] | None = None) -> type | None:
     """The class named ``type_name`` if its module is already imported, else None.
 
     Never imports anything and never triggers a module's ``__getattr__``:
-    a peer must not be able to make us load code.
+    a peer must not be able to make us load code. Names longer than
+    ``MAX_TYPE_NAME_LENGTH`` or with more than ``MAX_TYPE_NAME_DOTS`` dots are
+    refused before any work, so the cost is bounded and linear in the name.
+    ``modules`` defaults to ``sys.modules`` (a parameter so tests can count
+    lookups).
     """
+    if len(type_name) > MAX_TYPE_NAME_LENGTH or type_name.count(".") > MAX_TYPE_NAME_DOTS:
+        return None
+    if modules is None:
+        modules = sys.modules
     parts = type_name.split(".")
     # Module names and qualnames both contain dots: try the longest loaded module.
     for split in range(len(parts) - 1, 0, -1):
-        module = sys.modules.get(".".join(parts[:split]))
+        module = modules.get(".".join(parts[:split]))
         if module is None:
             continue
         obj: Any = module
@@ -503,7 +534,9 @@ def exception_from_payload(payload: Any) -> BaseException:
     :class:`~patio.errors.RemoteError`. Exceptions that are not ``Exception``
     subclasses (``SystemExit``, ``KeyboardInterrupt``, ``CancelledError``...)
     also become ``RemoteError``: a peer must not make this process exit or
-    look cancelled. The remote traceback is attached as a note.
+    look cancelled. So do patio's own classes (``patio.errors``, internal link
+    errors): a peer must not forge patio's verdicts. Overlong type names are
+    not looked up. The remote traceback is attached as a note.
     """
     if not isinstance(payload, Mapping):
         return RemoteError("<malformed>", f"malformed error payload: {_safe_str(payload)[:200]}")
@@ -512,6 +545,8 @@ def exception_from_payload(payload: Any) -> BaseException:
     tb = payload.get("traceback")
     args = payload.get("args")
     type_name = type_name if isinstance(type_name, str) else "<unknown>"
+    if len(type_name) > MAX_TYPE_NAME_LENGTH:
+        type_name = type_name[:MAX_TYPE_NAME_LENGTH] + "...(truncated)"
     message = message if isinstance(message, str) else ""
     tb = tb if isinstance(tb, str) else ""
     if not isinstance(args, list | tuple):
@@ -519,7 +554,7 @@ def exception_from_payload(payload: Any) -> BaseException:
 
     try:
         cls = _lookup_loaded_class(type_name)
-        if cls is None or not issubclass(cls, Exception):
+        if cls is None or not issubclass(cls, Exception) or _is_patio_class(cls):
             return _remote_error(type_name, message, tb)
         exc: object = cls(*args)  # a __new__ may return anything
         if not isinstance(exc, BaseException):

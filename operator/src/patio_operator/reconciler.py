@@ -33,7 +33,7 @@ from typing import Any
 from kubernetes.client import ApiException
 
 from patio_operator import desired, metrics, names, peers, rotation, status
-from patio_operator.keyprobe import fetch_report
+from patio_operator.keyprobe import fetch_report, probe_all
 from patio_operator.kube import Kube
 
 Obj = dict[str, Any]
@@ -310,11 +310,10 @@ class Reconciler:
         if state.phase == rotation.IDLE and not wants_rotation:
             return state
         metrics_port = int(spec["metrics"]["port"])
-        reports = {
-            p.name: self.probe(p.ip, metrics_port)
-            for p in pods
-            if p.ready and not p.terminating and p.ip
-        }
+        reports = probe_all(
+            {p.name: (p.ip, metrics_port) for p in pods if p.ready and not p.terminating and p.ip},
+            self.probe,
+        )
         step = rotation.advance(
             state,
             requested_token=requested,
