@@ -8,6 +8,8 @@ clauses written for the original keep working.
 
 from __future__ import annotations
 
+import pickle
+
 
 class PatioError(Exception):
     """Base class of every error raised by patio itself."""
@@ -72,3 +74,11 @@ class AuthenticationError(HandshakeError):
 
 class SerializationError(PatioError, ValueError):
     """A value could not be serialized or deserialized."""
+
+
+class PickleRefusedError(SerializationError, pickle.UnpicklingError):
+    """``RestrictedPickleSerializer`` refused or could not read a payload.
+
+    Also a ``pickle.UnpicklingError``, which is what code written for the
+    original patio catches.
+    """

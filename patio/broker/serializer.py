@@ -16,18 +16,20 @@ from __future__ import annotations
 import builtins
 import datetime
 import decimal
+import enum
 import io
 import pickle
 import sys
 import traceback
+import types
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import msgpack
 
-from patio.errors import RemoteError, SerializationError
+from patio.errors import PickleRefusedError, RemoteError, SerializationError
 
 __all__ = [
     "AbstractSerializer",
@@ -323,27 +325,160 @@ def _is_builtin_exception(name: str) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseException)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+#: Most items or bytes one constructor call in a restricted pickle may ask
+#: for (``bytearray(n)``, ``bytes(n)``, ``list(range(n))``...). Pickling
+#: never produces such calls (containers are pickled item by item, so their
+#: size is paid for in the payload); only a hand-made payload does, to turn
+#: a few bytes into gigabytes.
+MAX_CONSTRUCTED_SIZE: Final = 64 * 1024
+
+
+def _refuse(what: str) -> PickleRefusedError:
+    return PickleRefusedError(f"refusing to unpickle {what}")
+
+
+def _check_size_arguments(func: Any, args: Any, kwargs: Any = None) -> None:
+    values = [*args, *(kwargs or {}).values()] if isinstance(args, tuple | list) else []
+    for value in values:
+        if isinstance(value, range):
+            try:
+                size = len(value)
+            except OverflowError:
+                size = MAX_CONSTRUCTED_SIZE + 1
+            if size > MAX_CONSTRUCTED_SIZE:
+                raise _refuse(f"a range of {size} items passed to {func!r}")
+    if isinstance(func, type) and issubclass(func, bytes | bytearray) and values:
+        first = values[0]
+        if isinstance(first, int) and first > MAX_CONSTRUCTED_SIZE:
+            raise _refuse(f"{func.__name__}({first}) would allocate {first} bytes")
+
+
+#: Objects that exist once per process: changing one changes it for everyone.
+_SHARED_KINDS: Final = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    enum.Enum,
+)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """pickle's pure-Python unpickler with an allow-list and guarded opcodes.
+
+    The pure-Python implementation (``pickle._Unpickler``, unchanged since
+    Python 3.0 and used the same way by other projects) is the only one whose
+    opcodes can be checked: the C unpickler only lets ``find_class`` be
+    overridden, and filtering globals is not enough. Checked here:
+
+    - no opcode that changes an object in place (BUILD, APPEND(S), SETITEM(S),
+      ADDITEMS) may target a global returned by ``find_class``, a class, a
+      module, a function or an enum member: those are shared by the whole
+      process, and BUILD's slot state is a ``setattr`` on them (a 40-byte
+      payload set ``Counter.__missing__ = str`` for every later caller);
+    - no constructor call may ask for more than ``MAX_CONSTRUCTED_SIZE``
+      items or bytes (``bytearray(200 * 2**20)`` is a 32-byte payload).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: io.BytesIO, allowed: frozenset[str]) -> None:
         # fix_imports=False: Python 2 names are refused rather than remapped.
         super().__init__(file, fix_imports=False)
         self._allowed = allowed
+        self._global_ids: set[int] = set()
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
         if (
-            module == "builtins" and (name in SAFE_BUILTINS or _is_builtin_exception(name))
-        ) or full in SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if full in self._allowed:
-            return super().find_class(module, name)
-        raise SerializationError(
-            f"refusing to unpickle global {full!r}: not in the allow-list of "
-            f"RestrictedPickleSerializer",
-        )
+            (module == "builtins" and (name in SAFE_BUILTINS or _is_builtin_exception(name)))
+            or full in SAFE_GLOBALS
+            or full in self._allowed
+        ):
+            found = super().find_class(module, name)
+            self._global_ids.add(id(found))  # a global lives as long as its module
+            return found
+        raise _refuse(f"global {full!r}: not in the allow-list of RestrictedPickleSerializer")
 
     def persistent_load(self, pid: Any) -> Any:
-        raise SerializationError("refusing to unpickle a persistent id")
+        raise _refuse("a persistent id")
+
+    def _check_target(self, target: Any, opcode: str) -> None:
+        if isinstance(target, _SHARED_KINDS) or id(target) in self._global_ids:
+            raise _refuse(
+                f"{opcode} on {type(target).__name__} {_safe_str(target)[:80]!r}: "
+                "it would change an object shared by the whole process"
+            )
+
+    def _instantiate(self, klass: Any, args: Any) -> None:  # INST and OBJ
+        _check_size_arguments(klass, args)
+        super()._instantiate(klass, args)  # type: ignore[misc]
+
+
+class _NamesGlobal(Exception):
+    """The payload names a global: only the checked unpickler may read it."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """The fast path: the C unpickler, for payloads that name no global.
+
+    Without a global nothing on the stack is shared or callable (REDUCE,
+    NEWOBJ and BUILD have no class to work with), and every object's size is
+    paid for in the payload, so there is nothing to check. Most call
+    arguments (numbers, strings, lists, dicts, tuples) take this path; the
+    first global aborts it and the checked unpickler starts over.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _NamesGlobal
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _refuse("a persistent id")
+
+
+def _guard(opcode: bytes, check: Callable[[_RestrictedUnpickler, list[Any]], None]) -> None:
+    base = _RestrictedUnpickler.dispatch[opcode[0]]
+
+    def guarded(unpickler: Any) -> None:
+        check(unpickler, unpickler.stack)
+        base(unpickler)
+
+    _RestrictedUnpickler.dispatch[opcode[0]] = guarded
+
+
+def _mutation_of(offset: int, name: str) -> Callable[[_RestrictedUnpickler, list[Any]], None]:
+    def check(unpickler: _RestrictedUnpickler, stack: list[Any]) -> None:
+        if len(stack) >= offset:
+            unpickler._check_target(stack[-offset], name)
+
+    return check
+
+
+# BUILD: stack is [..., target, state]. APPEND/SETITEM: the item(s) follow
+# the target directly; APPENDS/SETITEMS/ADDITEMS: the target is below a mark,
+# so they are checked where the items were popped (see _mark_target).
+_guard(pickle.BUILD, _mutation_of(2, "BUILD"))
+_guard(pickle.APPEND, _mutation_of(2, "APPEND"))
+_guard(pickle.SETITEM, _mutation_of(3, "SETITEM"))
+
+
+def _mark_target(name: str) -> Callable[[_RestrictedUnpickler, list[Any]], None]:
+    def check(unpickler: Any, stack: list[Any]) -> None:  # metastack: not in typeshed
+        # The items were pushed on a fresh stack after MARK; the target is the
+        # top of the stack saved by MARK.
+        saved = unpickler.metastack[-1] if unpickler.metastack else []
+        if saved:
+            unpickler._check_target(saved[-1], name)
+
+    return check
+
+
+for _opcode, _name in ((pickle.APPENDS, "APPENDS"), (pickle.SETITEMS, "SETITEMS")):
+    _guard(_opcode, _mark_target(_name))
+_guard(pickle.ADDITEMS, _mark_target("ADDITEMS"))
+_guard(pickle.REDUCE, lambda _u, stack: _check_size_arguments(stack[-2], stack[-1]))
+_guard(pickle.NEWOBJ, lambda _u, stack: _check_size_arguments(stack[-2], stack[-1]))
+_guard(pickle.NEWOBJ_EX, lambda _u, stack: _check_size_arguments(stack[-3], stack[-2], stack[-1]))
 
 
 class RestrictedPickleSerializer(PickleSerializer):
@@ -358,9 +493,16 @@ class RestrictedPickleSerializer(PickleSerializer):
     ``"module.QualName"`` strings or as the classes themselves.
 
     Any other global (``os.system``, ``subprocess.Popen``, ``builtins.eval``,
-    ``builtins.getattr``...) raises :class:`~patio.errors.SerializationError`
-    naming it, before anything is called. Only allow classes whose
-    constructor and ``__setstate__`` are harmless with arbitrary arguments.
+    ``builtins.getattr``...) raises :class:`~patio.errors.PickleRefusedError`
+    (a ``SerializationError`` and a ``pickle.UnpicklingError``) naming it,
+    before anything is called. So do payloads that would change a class or
+    another process-wide object (``BUILD`` on a class sets its attributes)
+    and constructor calls asking for more than ``MAX_CONSTRUCTED_SIZE`` items
+    or bytes. Only allow classes whose constructor and ``__setstate__`` are
+    harmless with arbitrary arguments. A payload that names any class is read
+    by pickle's pure-Python unpickler, the one whose opcodes can be checked
+    (several times slower than ``PickleSerializer``); plain data (numbers,
+    strings, bytes, lists, dicts, tuples, sets) by the C one.
     """
 
     def __init__(
@@ -383,11 +525,14 @@ class RestrictedPickleSerializer(PickleSerializer):
 
     def unpack(self, data: bytes) -> Any:
         try:
-            return _RestrictedUnpickler(io.BytesIO(data), self.allowed).load()
-        except SerializationError:
+            try:
+                return _PlainDataUnpickler(io.BytesIO(data), fix_imports=False).load()
+            except _NamesGlobal:
+                return _RestrictedUnpickler(io.BytesIO(data), self.allowed).load()
+        except PickleRefusedError:
             raise
         except Exception as e:
-            raise SerializationError(f"cannot unpickle data: {e!r}") from e
+            raise PickleRefusedError(f"cannot unpickle data: {e!r}") from e
 
 
 # ---------------------------------------------------------------------------
