@@ -3,6 +3,7 @@
 # the Kubernetes operator (`python -m patio_operator`) in one small image.
 #
 #   docker build -t patio:dev .
+#   hack/image/build.sh      # the same with buildah, offline base (tests use it)
 #
 # Stage 1 builds the project's wheel; stage 2 installs only that wheel (and
 # its dependencies) into a virtualenv on a slim base, runs as a non-root user
@@ -10,15 +11,18 @@
 # runs the same commands outside Docker.
 
 ARG PYTHON_VERSION=3.11
+# Any image with python, venv, pip and useradd; hack/image/build.sh passes one
+# made from Debian packages (no registry needed).
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
-FROM python:${PYTHON_VERSION}-slim AS builder
+FROM ${BASE_IMAGE} AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY patio ./patio
 COPY operator/src ./operator/src
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \

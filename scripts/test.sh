@@ -14,6 +14,8 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need+=(golang-go)
+# The container image (hack/image) and the containers that run it.
+for tool in mmdebstrap buildah runc; do command -v $tool >/dev/null 2>&1 || need+=($tool); done
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -36,6 +38,9 @@ fi
 
 step "Kubernetes test control plane (built from Go modules, cached in ~/.cache/patio)"
 bash hack/k8s/ensure.sh
+
+step "container image from ./Dockerfile (Debian base, buildah; cached in ~/.cache/patio)"
+bash hack/image/build.sh
 
 step "ruff"
 .venv/bin/ruff check .
