@@ -7,6 +7,7 @@ carry calls between processes, with no message broker in between.
 from patio.broker import (
     AbstractBroker,
     MemoryBroker,
+    TCPBrokerBase,
     TCPClientBroker,
     TCPMeshBroker,
     TCPServerBroker,
@@ -26,7 +27,7 @@ from patio.executor import (
     ProcessPoolExecutor,
     ThreadPoolExecutor,
 )
-from patio.registry import Registry
+from patio.registry import Registry, TaskFunctionType
 
 __version__ = "1.0.0a1"
 
@@ -44,9 +45,11 @@ __all__ = [
     "ProcessPoolExecutor",
     "Registry",
     "RemoteError",
+    "TCPBrokerBase",
     "TCPClientBroker",
     "TCPMeshBroker",
     "TCPServerBroker",
+    "TaskFunctionType",
     "ThreadPoolExecutor",
     "__version__",
 ]

@@ -9,6 +9,7 @@ clauses written for the original keep working.
 from __future__ import annotations
 
 import pickle
+from typing import ClassVar
 
 
 class PatioError(Exception):
@@ -60,16 +61,57 @@ class PeerConnectionError(PatioError, ConnectionError):
     """The connection carrying a call was lost, or no connection could be made."""
 
 
+class PeersUnreachableError(PeerConnectionError):
+    """No connected peer serves the task and every other known peer refuses connections.
+
+    ``peers`` names the addresses tried. Unlike :class:`NoRouteError` it does
+    not mean nobody serves the task: the peers that might are down.
+    """
+
+    def __init__(self, message: str, peers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.peers = peers
+
+
 class ProtocolError(PatioError):
-    """A peer sent bytes that break the wire protocol (malformed or oversized)."""
+    """A peer sent bytes that break the wire protocol (malformed or oversized).
+
+    ``reason`` is a short fixed label for metrics, set by each subclass, so
+    nobody has to read it out of the message.
+    """
+
+    reason: ClassVar[str] = "malformed"
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame announced a size over the limit."""
+
+    reason: ClassVar[str] = "oversized"
 
 
 class HandshakeError(ProtocolError):
     """The hello exchange failed: wrong version, timeout or malformed hello."""
 
 
+class VersionMismatchError(HandshakeError):
+    """The peer speaks another version of the wire protocol."""
+
+    reason: ClassVar[str] = "version"
+
+
 class AuthenticationError(HandshakeError):
-    """The peer could not prove it holds the shared key (or we could not)."""
+    """The peer could not prove it holds the shared key, or refused ours."""
+
+    reason: ClassVar[str] = "auth"
+
+
+class KeyMismatchError(AuthenticationError, PeerConnectionError):
+    """``connect()`` failed because one side refused the other's key.
+
+    It is raised at once (retrying cannot help until a key changes), and is
+    also a :class:`PeerConnectionError` because that is what a failed
+    ``connect()`` raises otherwise.
+    """
 
 
 class SerializationError(PatioError, ValueError):
@@ -81,4 +123,11 @@ class PickleRefusedError(SerializationError, pickle.UnpicklingError):
 
     Also a ``pickle.UnpicklingError``, which is what code written for the
     original patio catches.
+    """
+
+
+class DuplicateTaskNameError(PatioError, RuntimeError, ValueError):
+    """A task name is already registered to another function.
+
+    A ``RuntimeError`` as in patio 0.1.4, and a ``ValueError`` as before.
     """

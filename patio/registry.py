@@ -12,26 +12,39 @@ rare and happen before the broker starts.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import inspect
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, TypeVar, overload
 
-from patio.errors import RegistryLockedError, TaskNotFoundError
+from patio.errors import DuplicateTaskNameError, RegistryLockedError, TaskNotFoundError
 
-__all__ = ["Registry"]
+__all__ = [
+    "AsyncTaskFunctionType",
+    "Registry",
+    "SyncTaskFunctionType",
+    "T",
+    "TaskFunctionType",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
-#: Hex digits of the source hash appended to generated names in strict mode.
-#: 12 hex digits (48 bits) make an accidental clash between two versions of one
-#: function practically impossible while keeping names readable in logs.
-STRICT_HASH_LENGTH = 12
+# The shapes of a task function, under the names patio 0.1.4 exports.
+AsyncTaskFunctionType = Callable[..., Awaitable[T]]
+SyncTaskFunctionType = Callable[..., T]
+TaskFunctionType = AsyncTaskFunctionType[Any] | SyncTaskFunctionType[Any]
 
 
 def _source_hash(func: Callable[..., Any]) -> str:
-    """A short, stable hash of ``func``'s source (its bytecode if no source)."""
+    """The hash of ``func``'s source that strict names end in, as patio 0.1.4 computes it.
+
+    A BLAKE2s digest of the source text, base64 without padding, so a caller
+    on patio 0.1.4 and an executor on this patio agree on the name. A function
+    without source (built in C, made by ``exec``) is hashed by its bytecode.
+    """
     target = inspect.unwrap(func)
     try:
         material = inspect.getsource(target).encode()
@@ -41,7 +54,7 @@ def _source_hash(func: Callable[..., Any]) -> str:
             material = code.co_code + repr(code.co_consts).encode()
         else:
             material = repr(target).encode()
-    return hashlib.blake2b(material, digest_size=STRICT_HASH_LENGTH // 2).hexdigest()
+    return base64.b64encode(hashlib.blake2s(material).digest()).rstrip(b"=").decode()
 
 
 class Registry(MutableMapping[str, Callable[..., Any]]):
@@ -194,7 +207,7 @@ class Registry(MutableMapping[str, Callable[..., Any]]):
         if existing is not None:
             if existing is func or existing == func:
                 return
-            raise ValueError(
+            raise DuplicateTaskNameError(
                 f"task name {name!r} is already registered to {existing!r} in registry "
                 f"{self._describe()}; delete it first to replace it",
             )

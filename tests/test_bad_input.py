@@ -512,7 +512,7 @@ async def test_call_to_a_peer_that_stopped_reading_honours_its_timeout() -> None
             await asyncio.wait_for(
                 _until(lambda: any("sink" in p.names for p in server.peers())), 3
             )
-            (peer,) = server._peers
+            (peer,) = server.links()
             blob = b"s" * (256 * 1024)
             async with asyncio.timeout(5):
                 while not peer.link.write_paused:
@@ -574,8 +574,8 @@ async def test_call_cancelled_before_it_starts_is_forgotten(env: Env) -> None:
         reply = await _reply_for(reader, writer, conn, 2, 3)
         assert reply is not None and reply[0] == MessageType.RESULT
         await asyncio.sleep(0.1)
-        (peer,) = [p for p in env.server._peers if p.node_id == "raw-peer"]
-        assert peer.serving == {} and peer.cancelled == set()
+        (peer,) = [p for p in env.server.links() if p.node_id == "raw-peer"]
+        assert peer.serving == 0 and peer.cancelled == 0
         assert env.server.stats.calls_finished[("mul", "executor", "cancelled")] == 1
     finally:
         close_raw(writer)
@@ -611,7 +611,7 @@ async def test_call_routed_while_the_link_is_being_rejected(env: Env) -> None:
         await asyncio.wait_for(
             _until(lambda: any("sink" in p.names for p in env.server.peers())), 3
         )
-        (peer,) = [p for p in env.server._peers if p.node_id == "raw-peer"]
+        (peer,) = [p for p in env.server.links() if p.node_id == "raw-peer"]
         # The peer's next chunk is invalid; a call is made in the same loop iteration,
         # before the transport has reported the connection lost.
         peer.link.data_received(frame([99]))
@@ -621,7 +621,7 @@ async def test_call_routed_while_the_link_is_being_rejected(env: Env) -> None:
         except BaseException as exc:
             outcome = exc
         assert isinstance(outcome, PeerConnectionError | NoRouteError), repr(outcome)
-        assert peer.pending == {}
+        assert peer.pending == 0
     finally:
         close_raw(writer)
 

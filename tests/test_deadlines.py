@@ -33,8 +33,8 @@ async def test_a_call_overrunning_its_deadline_is_cancelled_and_answered_timeout
             assert reply[0] == MessageType.ERROR and reply[2] == ErrorKind.TIMEOUT, reply
             await asyncio.wait_for(cancelled.wait(), 1)
             assert server.stats.calls_finished[("slow", "executor", "timeout")] == 1
-            (peer,) = server._peers
-            assert peer.serving == {} and peer.deadlines == {} and peer.expired == set()
+            (peer,) = server.links()
+            assert peer.serving == 0 and peer.deadlines == 0 and peer.expired == 0
         finally:
             close_raw(writer)
 
@@ -53,7 +53,7 @@ async def test_a_call_within_its_deadline_keeps_no_timer() -> None:
             writer.write(conn.data_to_send())
             reply = await _reply_for(reader, writer, conn, 1, 3)
             assert reply is not None and reply[0] == MessageType.RESULT
-            (peer,) = server._peers
-            assert peer.deadlines == {}
+            (peer,) = server.links()
+            assert peer.deadlines == 0
         finally:
             close_raw(writer)

@@ -312,7 +312,7 @@ async def test_doubled_links_resolve_to_one_per_pair() -> None:
                 await wait_connected(broker, 2)
             await asyncio.sleep(0.5)
             for broker in brokers:
-                open_links = [p for p in broker._peers if not p.link.closed]
+                open_links = [p for p in broker.links() if not p.link.closed]
                 assert len(open_links) == 2, [p.node_id for p in open_links]
                 results = await asyncio.gather(*[broker.call("node", 0) for _ in range(20)])
                 assert results == ["served"] * 20

@@ -549,3 +549,22 @@ def test_sending_before_open_raises(send: Any) -> None:
 def test_node_id_length_is_bounded() -> None:
     with pytest.raises(ValueError, match="node id"):
         Connection(Role.DIALER, "n" * 254, "i", KeySet(KEY))
+
+
+@pytest.mark.parametrize("refused_while", ["open", "awaiting-auth"])
+def test_refusing_side_says_refused_and_nothing_else(refused_while: str) -> None:
+    """The side that rejects a proof sends REFUSED; the other fails at once, naming its key."""
+    a, b = dialer(KeySet(OTHER, (KEY,))), acceptor(KEY)  # a accepts b's key, not vice versa
+    hello_a, hello_b = a.data_to_send(), b.data_to_send()
+    b.receive_data(hello_a)
+    a.receive_data(hello_b)
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    if refused_while == "open":
+        assert [type(e) for e in a.receive_data(auth_b)] == [PeerAuthenticated]
+    with pytest.raises(AuthenticationError, match=KeySet(KEY).fingerprint):
+        b.receive_data(auth_a)
+    refusal = b.data_to_send()
+    assert unframe(refusal) == [[MessageType.REFUSED]]
+    with pytest.raises(AuthenticationError, match=f"refused our key.*{KeySet(OTHER).fingerprint}"):
+        a.receive_data(refusal)
+    assert a.state is State.CLOSED

@@ -89,7 +89,7 @@ def test_strict_names_differ_between_versions_of_a_function() -> None:
     n1, n2 = rpc.register(v1), rpc.register(v2)
     assert n1 != n2
     assert n1.startswith(f"p.{__name__}.{v1.__qualname__}.")
-    assert len(n1.rsplit(".", 1)[1]) == 12
+    assert len(n1.rsplit(".", 1)[1]) == 43  # base64 of a BLAKE2s digest, as patio 0.1.4
     # Deterministic: the same function always gets the same name.
     assert Registry(project="p", strict=True).make_name(v1) == n1
 

@@ -66,7 +66,7 @@ async def tls_client(
 
 
 def link_ssl_object(broker: TCPServerBroker | TCPClientBroker) -> Any:
-    (peer,) = broker._peers
+    (peer,) = broker.links()
     transport = peer.link._transport
     assert transport is not None
     return transport.get_extra_info("ssl_object")

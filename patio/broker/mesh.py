@@ -33,7 +33,7 @@ class TCPMeshBroker(TCPBroker):
         """Follow a peers file (one ``host:port`` a line), re-read when it changes."""
         source = f"file:{path}"
         self._watchers.append(
-            self._running_loop().create_task(
+            self.running_loop().create_task(
                 membership.watch_file(
                     path, lambda peers: self.set_peers(source, peers), default_port=default_port
                 )
@@ -44,7 +44,7 @@ class TCPMeshBroker(TCPBroker):
         """Follow every A/AAAA record of ``name``, re-resolved every ``interval`` s."""
         source = f"dns:{name}"
         self._watchers.append(
-            self._running_loop().create_task(
+            self.running_loop().create_task(
                 membership.watch_dns(
                     name, port, lambda peers: self.set_peers(source, peers), interval=interval
                 )

@@ -36,6 +36,7 @@ __all__ = [
     "MsgpackSerializer",
     "PickleSerializer",
     "RestrictedPickleSerializer",
+    "RestrictedUnpickler",
     "exception_from_payload",
     "exception_to_payload",
 ]
@@ -382,7 +383,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: io.BytesIO, allowed: frozenset[str]) -> None:
+    def __init__(self, file: io.BytesIO, allowed: frozenset[str] = frozenset()) -> None:
         # fix_imports=False: Python 2 names are refused rather than remapped.
         super().__init__(file, fix_imports=False)
         self._allowed = allowed
@@ -479,6 +480,10 @@ _guard(pickle.ADDITEMS, _mark_target("ADDITEMS"))
 _guard(pickle.REDUCE, lambda _u, stack: _check_size_arguments(stack[-2], stack[-1]))
 _guard(pickle.NEWOBJ, lambda _u, stack: _check_size_arguments(stack[-2], stack[-1]))
 _guard(pickle.NEWOBJ_EX, lambda _u, stack: _check_size_arguments(stack[-3], stack[-2], stack[-1]))
+
+
+#: patio 0.1.4's public name for its restricted unpickler: ``RestrictedUnpickler(file).load()``.
+RestrictedUnpickler = _RestrictedUnpickler
 
 
 class RestrictedPickleSerializer(PickleSerializer):

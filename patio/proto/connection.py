@@ -32,7 +32,13 @@ from typing import Any, Final
 
 import msgpack
 
-from patio.errors import AuthenticationError, HandshakeError, ProtocolError
+from patio.errors import (
+    AuthenticationError,
+    FrameTooLargeError,
+    HandshakeError,
+    ProtocolError,
+    VersionMismatchError,
+)
 from patio.proto.messages import (
     DEFAULT_MAX_FRAME_SIZE,
     HANDSHAKE_MAX_FRAME_SIZE,
@@ -222,7 +228,7 @@ class Connection:
                     self.max_frame_size if self.state is State.OPEN else HANDSHAKE_MAX_FRAME_SIZE
                 )
                 if size > limit:
-                    raise ProtocolError(
+                    raise FrameTooLargeError(
                         f"frame of {size} bytes exceeds the limit of {limit} bytes"
                         + ("" if self.state is State.OPEN else " before authentication")
                     )
@@ -264,6 +270,8 @@ class Connection:
                     if kind == MessageType.PING:
                         self._queue([MessageType.PONG])
                         continue
+                    if kind == MessageType.REFUSED:
+                        raise self._refused()
                     events.append(message)
                 else:
                     event = self._handshake(message)
@@ -277,6 +285,13 @@ class Connection:
             del buf[:pos]
         return events
 
+    def _refused(self) -> AuthenticationError:
+        self.state = State.CLOSED
+        return AuthenticationError(
+            f"peer {self._peer_identity[0]!r} refused our key (fingerprint "
+            f"{self.keys.fingerprint}); give both sides the same key"
+        )
+
     def _handshake(self, message: Any) -> PeerAuthenticated | None:
         if type(message) is not list or not message or type(message[0]) is not int:
             raise HandshakeError("handshake frame is not a message array")
@@ -288,7 +303,7 @@ class Connection:
                 raise HandshakeError("peer is not speaking the patio protocol")
             version = message[2]
             if version != PROTOCOL_VERSION:
-                raise HandshakeError(
+                raise VersionMismatchError(
                     f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
                 )
             if len(message) != 6:
@@ -320,6 +335,8 @@ class Connection:
             self.state = State.AWAIT_AUTH
             return None
         # AWAIT_AUTH
+        if kind == MessageType.REFUSED:
+            raise self._refused()
         if kind != MessageType.AUTH or len(message) != 2 or type(message[1]) is not bytes:
             raise HandshakeError(f"expected AUTH, got message type {kind}")
         peer_role = Role.ACCEPTOR if self.role is Role.DIALER else Role.DIALER
@@ -332,8 +349,12 @@ class Connection:
             # Check every key so the time taken does not say which one matched.
             matched |= hmac.compare_digest(expected, message[1])
         if not matched:
+            # Tell the peer it was refused, and nothing else: it stops retrying.
+            self._queue([MessageType.REFUSED])
             raise AuthenticationError(
-                f"peer {self._peer_identity[0]!r} did not prove it holds an accepted key"
+                f"peer {self._peer_identity[0]!r} did not prove it holds an accepted key "
+                f"(our key's fingerprint is {self.keys.fingerprint}); give both sides "
+                "the same key"
             )
         self.state = State.OPEN
         self.peer = PeerAuthenticated(self._peer_identity[0], self._peer_identity[1], 1)

@@ -13,6 +13,12 @@ of one msgpack array whose first element is the message type::
     PING      [7]
     PONG      [8]
     GOODBYE   [9, reason]
+    REFUSED   [10]
+
+REFUSED is the last frame a side sends when the peer's AUTH does not verify
+against any key it accepts: it tells the peer that it was refused (so the
+peer fails at once instead of retrying as if the network failed) and nothing
+more.
 
 ``names`` are the tasks the sender executes itself; ``routable`` the further
 tasks it will forward to a mesh peer for a caller that sets ``route``.
@@ -58,6 +64,7 @@ class MessageType(enum.IntEnum):
     PING = 7
     PONG = 8
     GOODBYE = 9
+    REFUSED = 10
 
 
 class ErrorKind(enum.IntEnum):
@@ -93,6 +100,7 @@ SHAPES: Final[dict[int, tuple[tuple[type, ...], ...]]] = {
     MessageType.PING: ((),),
     MessageType.PONG: ((),),
     MessageType.GOODBYE: ((), _STR),
+    MessageType.REFUSED: ((),),
 }
 
 

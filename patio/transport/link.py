@@ -148,6 +148,11 @@ class Link(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    @property
+    def rejection(self) -> ProtocolError | None:
+        """Why the protocol closed this link, if it did (a refused key, a bad frame)."""
+        return self._rejected
+
     # -- sending ------------------------------------------------------------
 
     def schedule_flush(self) -> None:
@@ -248,15 +253,12 @@ class Link(asyncio.Protocol):
 
     def _reject(self, exc: ProtocolError) -> None:
         stats = self.settings.stats
-        if isinstance(exc, AuthenticationError):
-            stats.handshake_failures["auth"] += 1
-        elif isinstance(exc, HandshakeError):
-            reason = "version" if "version" in str(exc) else "malformed"
-            stats.handshake_failures[reason] += 1
+        if isinstance(exc, HandshakeError):
+            stats.handshake_failures[exc.reason] += 1
         elif not self.authenticated.done():
             stats.handshake_failures["malformed"] += 1
         else:
-            stats.frames_rejected["oversized" if "exceeds" in str(exc) else "malformed"] += 1
+            stats.frames_rejected[exc.reason] += 1
         log.warning("closing connection with %s: %s", self._describe(), exc)
         self._rejected = exc
         if isinstance(exc, AuthenticationError):

@@ -94,6 +94,10 @@ def load_registry(spec: str) -> Any:
     return obj
 
 
+class EmptyKeyFileError(ConfigError):
+    """The key file exists but holds no key."""
+
+
 def read_key_file(path: str, *, what: str = "key file") -> bytes:
     """The key in ``path``; surrounding whitespace (a trailing newline) is not part of it."""
     try:
@@ -105,7 +109,7 @@ def read_key_file(path: str, *, what: str = "key file") -> bytes:
         raise ConfigError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
     key = data.strip()
     if not key:
-        raise ConfigError(f"{what} {path} is empty")
+        raise EmptyKeyFileError(f"{what} {path} is empty")
     return key
 
 
@@ -129,9 +133,8 @@ class KeySource:
         if self.next_key_file is not None and os.path.exists(self.next_key_file):
             try:
                 next_key = read_key_file(self.next_key_file, what="next key file")
-            except ConfigError as exc:
-                if "is empty" not in str(exc):
-                    raise
+            except EmptyKeyFileError:
+                pass
             else:
                 if next_key != key:
                     accepted = (next_key,)
@@ -167,7 +170,7 @@ def build_ssl_contexts(
             client.verify_mode = ssl.CERT_NONE
     except ssl.SSLError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
-        if "KEY_VALUES_MISMATCH" in str(exc):
+        if reason == "KEY_VALUES_MISMATCH":  # OpenSSL's code for a key of another certificate
             raise ConfigError(f"TLS key {key} does not match certificate {cert}") from None
         raise ConfigError(f"TLS files cannot be used ({cert}, {key}, {ca}): {reason}") from None
     except OSError as exc:

@@ -1,0 +1,242 @@
+"""The link table: every authenticated link, one peer per node, and what arrives on them.
+
+It keeps exactly one link in use per peer node: a second link to a node we
+already reach is retired (both ends keep the one dialled by the smaller node
+id), and a link from a restarted peer (a new instance id) replaces the old one
+at once. It hands each message to the part that owns it: answers to the call
+sender, calls and cancels to the server, announcements to routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+from patio.broker.tcp.core import BrokerCore
+from patio.broker.tcp.peer import LinkView, Peer, PeerState
+from patio.broker.tcp.router import Router
+from patio.broker.tcp.sender import CallSender
+from patio.broker.tcp.server import Server
+from patio.proto import Role
+from patio.proto.messages import MessageType
+from patio.transport import Link
+
+log = logging.getLogger("patio.broker")
+
+# A retired link (duplicate, removed peer) that never quiets down is cut after this.
+RETIRE_TIMEOUT: Final = 30.0
+
+
+def describe(link: Link) -> str:
+    return f"{link.peername[0]}:{link.peername[1]}" if link.peername else "?"
+
+
+class LinkTable:
+    """Implements :class:`~patio.transport.LinkHandler` for the broker."""
+
+    def __init__(
+        self,
+        core: BrokerCore,
+        by_node: dict[str, Peer],
+        router: Router,
+        sender: CallSender,
+        server: Server,
+    ) -> None:
+        self._core = core
+        self.by_node = by_node  # node id -> the link in use to it
+        self.peers: set[Peer] = set()  # every authenticated link, retiring ones too
+        self._router = router
+        self._sender = sender
+        self._server = server
+        #: told of a link that turned out to be this broker itself
+        self.on_self_link: Callable[[Link], None] = lambda link: None
+
+    def peer_for(self, node_id: str | None) -> Peer | None:
+        return self.by_node.get(node_id) if node_id else None
+
+    def views(self) -> list[LinkView]:
+        return [LinkView.of(peer) for peer in self.peers]
+
+    # -- LinkHandler ----------------------------------------------------------
+
+    def link_authenticated(self, link: Link) -> None:
+        core = self._core
+        event = link.connection.peer
+        assert event is not None
+        if event.node_id == core.node_id:
+            if event.instance == core.instance:
+                self.on_self_link(link)
+                link.close("connected to itself")
+                return
+            log.warning("another process uses this node id %r: refusing its link", core.node_id)
+            link.close("duplicate node id")
+            return
+        if core.closing:
+            link.close("broker closing")
+            return
+        peer = Peer(link, event.node_id, event.instance)
+        link.state = peer
+        self.peers.add(peer)
+        core.stats.connects += 1
+        existing = self.by_node.get(event.node_id)
+        if existing is None or existing.link.closed:
+            self.by_node[event.node_id] = peer
+        elif existing.instance != event.instance:
+            log.info("peer %s restarted: replacing its old link", event.node_id)
+            self.by_node[event.node_id] = peer
+            existing.link.abort("peer restarted with a new instance")
+        elif self._keep_new(link, existing.link, event.node_id):
+            self.by_node[event.node_id] = peer
+            self.retire(existing, "duplicate link")
+        else:
+            self.retire(peer, "duplicate link")
+        if peer is self.by_node.get(event.node_id):
+            log.info("connected to %s (%s)", event.node_id, describe(link))
+        self.send_announce(peer)
+        self._router.changed()
+
+    def _keep_new(self, new: Link, old: Link, peer_node: str) -> bool:
+        """Both ends of a doubled pair keep the link dialled by the smaller node id."""
+        own = self._core.node_id
+        winner = min(own, peer_node)
+
+        def dialer(link: Link) -> str:
+            return own if link.role is Role.DIALER else peer_node
+
+        if dialer(new) == dialer(old):
+            return False
+        return dialer(new) == winner
+
+    def link_message(self, link: Link, message: list[Any]) -> None:
+        peer: Peer = link.state
+        kind = message[0]
+        if kind == MessageType.RESULT:
+            self._sender.on_result(peer, message[1], message[2])
+        elif kind == MessageType.CALL:
+            _, call_id, name, payload, timeout, route = message
+            self._server.on_call(peer, call_id, name, payload, timeout, route)
+        elif kind == MessageType.ERROR:
+            self._sender.on_error(peer, message[1], message[2], message[3])
+        elif kind == MessageType.CANCEL:
+            self._server.on_cancel(peer, message[1])
+        elif kind == MessageType.ANNOUNCE:
+            _, names, routable, capacity, window, draining = message
+            self._on_announce(peer, names, routable, capacity, window, draining)
+        elif kind == MessageType.GOODBYE:
+            self._on_goodbye(peer)
+
+    def _on_announce(
+        self,
+        peer: Peer,
+        names: list[Any],
+        routable: list[Any],
+        capacity: int,
+        window: int,
+        draining: bool,
+    ) -> None:
+        peer.names = frozenset(n for n in names if type(n) is str)
+        peer.routable = frozenset(n for n in routable if type(n) is str)
+        peer.capacity = max(int(capacity), 0)
+        peer.window = max(int(window), 1)
+        if peer.state is not PeerState.RETIRING:
+            was_draining = peer.state is PeerState.DRAINING
+            peer.move(PeerState.DRAINING if draining else PeerState.ACTIVE)
+            if draining and not was_draining:
+                log.info("peer %s is draining: no new calls go to it", peer.node_id)
+                peer.send_goodbye()
+        self._router.changed()
+
+    def _on_goodbye(self, peer: Peer) -> None:
+        peer.goodbye_received = True
+        if peer.state in (PeerState.CONNECTED, PeerState.ACTIVE) and not self._core.draining:
+            # The peer stopped using this link (duplicate, removed from its
+            # membership, closing): stop using it too, close when quiet.
+            self.retire(peer, "peer said goodbye")
+        peer.close_if_quiet(self._core.draining)
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        peer = link.state
+        if not isinstance(peer, Peer):
+            return
+        core = self._core
+        self.peers.discard(peer)
+        core.stats.disconnects += 1
+        if peer.retire_timer is not None:
+            peer.retire_timer.cancel()
+        if self.by_node.get(peer.node_id) is peer:
+            del self.by_node[peer.node_id]
+            expected = (
+                core.closing
+                or core.draining
+                or peer.state is PeerState.DRAINING
+                or peer.goodbye_received
+            )
+            if expected:
+                log.info("disconnected from %s: %s", peer.node_id, reason)
+            else:
+                log.warning("lost connection to %s: %s", peer.node_id, reason)
+        peer.move(PeerState.CLOSED)
+        self._sender.fail_pending(peer, reason)
+        self._server.cancel_all(peer)
+        self._router.changed()
+
+    # -- announcing, retiring, closing -----------------------------------------------
+
+    def send_announce(self, peer: Peer) -> None:
+        link = peer.link
+        if link.closed or peer.state is PeerState.RETIRING:
+            return
+        core = self._core
+        accepts = core.executor.accepts_calls
+        link.connection.send_announce(
+            sorted(core.own_names),
+            sorted(self._router.routable_names) if core.forwarding else [],
+            core.executor.max_workers if accepts else 0,
+            self._server.window,
+            core.draining,
+        )
+        link.schedule_flush()
+
+    def announce(self) -> None:
+        """Send every peer our current names, capacity and draining state."""
+        for peer in list(self.peers):
+            self.send_announce(peer)
+
+    def retire(self, peer: Peer, reason: str) -> None:
+        """Stop using a link and close it once both sides are quiet."""
+        if peer.state in (PeerState.RETIRING, PeerState.CLOSED):
+            return
+        peer.move(PeerState.RETIRING)
+        log.debug("retiring link to %s: %s", peer.node_id, reason)
+        peer.send_goodbye()
+        loop = self._core.running_loop()
+        peer.retire_timer = loop.call_later(RETIRE_TIMEOUT, peer.link.abort, f"{reason}: timeout")
+        peer.close_if_quiet(self._core.draining)
+        self._router.changed()
+
+    def drained(self) -> bool:
+        for peer in self.peers:
+            if peer.link.closed:
+                continue
+            if not peer.goodbye_received or peer.pending or peer.serving:
+                return False
+        return True
+
+    def close_all(self, reason: str) -> list[asyncio.Task[None]]:
+        """Fail what we wait for, cancel what we run, say goodbye, close; return the tasks."""
+        tasks: list[asyncio.Task[None]] = []
+        for peer in list(self.peers):
+            self._sender.fail_pending(peer, reason)
+            for task in peer.serving.values():
+                task.cancel()
+                tasks.append(task)
+            peer.send_goodbye()
+            peer.link.close(reason)
+        return tasks
+
+    def goodbye_all(self, reason: str) -> None:
+        for peer in list(self.peers):
+            peer.send_goodbye()
+            peer.link.close(reason)

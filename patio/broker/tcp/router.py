@@ -1,0 +1,271 @@
+"""Routing: which peer (or this broker's own executor) a call goes to.
+
+A call goes to the routable peer serving its name with the fewest calls in
+flight relative to its capacity, ties broken at random; a peer whose window
+is full is skipped. When no peer can take the call, the reason decides what
+happens (see :meth:`Router.wait`): wait for room, wait briefly for peers
+still connecting, or fail at once because the answer is already known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from patio.broker.tcp.core import BrokerCore
+from patio.broker.tcp.peer import Peer
+from patio.errors import CallTimeoutError, NoRouteError, PeerConnectionError, PeersUnreachableError
+
+
+class _Local:
+    """Marker for "run it on this broker's own executor"."""
+
+    def __repr__(self) -> str:
+        return "LOCAL"
+
+
+LOCAL: Final = _Local()
+Target = Peer | _Local
+
+
+class Reach(enum.Enum):
+    """What the dialer knows of the addresses it keeps connections to."""
+
+    REACHED = "reached"  # every target is connected (or there are none)
+    CONNECTING = "connecting"  # some target has not finished its first attempt
+    UNREACHABLE = "unreachable"  # some target is down; none is still connecting
+
+
+class NoPeer(enum.Enum):
+    """Why no peer was chosen for a name."""
+
+    SATURATED = "saturated"  # peers serve it, all at their window: wait for room
+    WAITING = "waiting"  # peers are still connecting or announcing: wait briefly
+    UNREACHABLE = "unreachable"  # the peers that might serve it refuse connections
+    NONE = "none"  # every peer is connected and announced; none serves it
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class Router:
+    def __init__(self, core: BrokerCore, peers: Mapping[str, Peer]) -> None:
+        self._core = core
+        self._peers = peers  # node id -> the peer's link in use, owned by the link table
+        self._reach: Callable[[], Reach] = lambda: Reach.REACHED
+        self._unreachable: Callable[[], list[tuple[str, str]]] = list
+        self._routable_changed: Callable[[], None] = lambda: None
+        self._routes: dict[str, list[Peer]] = {}
+        self._route_waiters: list[asyncio.Future[None]] = []
+        self.capacity_waiters: deque[asyncio.Future[None]] = deque()
+        self.routable_names: frozenset[str] = frozenset()
+        # The calls of outside callers are forwarded by mesh members; members
+        # themselves already chose the best peer, so their calls never are.
+        self.route_flag = not core.forwarding
+
+    def bind(
+        self,
+        *,
+        reach: Callable[[], Reach],
+        unreachable: Callable[[], list[tuple[str, str]]],
+        routable_changed: Callable[[], None],
+    ) -> None:
+        """Connect the questions routing asks the dialer, and whom to tell of new names."""
+        self._reach = reach
+        self._unreachable = unreachable
+        self._routable_changed = routable_changed
+
+    # -- what changed ------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Peers, names or states changed: forget cached routes, wake waiting calls."""
+        self._routes.clear()
+        core = self._core
+        if core.forwarding and not core.closing:
+            routable = frozenset().union(*(p.names for p in self._peers.values() if p.routing))
+            routable -= core.own_names
+            if routable != self.routable_names:
+                self.routable_names = routable
+                self._routable_changed()
+        self.wake()
+
+    def wake(self) -> None:
+        waiters, self._route_waiters = self._route_waiters, []
+        for waiter in waiters:
+            _resolve(waiter)
+        while self.capacity_waiters:
+            _resolve(self.capacity_waiters.popleft())
+
+    def wake_one(self) -> None:
+        """A call finished: let one call waiting for room try again."""
+        waiters = self.capacity_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def wait_for_change(self, until: float) -> None:
+        """Wait until routing changes or the loop time ``until``."""
+        loop = self._core.running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._route_waiters.append(waiter)
+        handle = loop.call_at(until, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+
+    # -- choosing ------------------------------------------------------------------
+
+    def candidates(self, name: str) -> list[Peer]:
+        peers = self._routes.get(name)
+        if peers is None:
+            use_routable = self.route_flag
+            peers = [
+                p
+                for p in self._peers.values()
+                if p.routing and (name in p.names or (use_routable and name in p.routable))
+            ]
+            self._routes[name] = peers
+        return peers
+
+    def _local_serves(self, name: str) -> bool:
+        core = self._core
+        return (
+            core.local_execution
+            and not core.draining
+            and core.executor.accepts_calls
+            and name in core.registry
+        )
+
+    def choose(self, name: str, exclude: set[str] | None) -> Target | None:
+        best: Peer | None = None
+        best_score = float("inf")
+        ties = 0
+        for peer in self.candidates(name):
+            if exclude is not None and peer.node_id in exclude:
+                continue
+            in_flight = len(peer.pending)
+            if in_flight >= peer.window:
+                continue
+            score = in_flight / (peer.capacity or 1)
+            if score < best_score:
+                best, best_score, ties = peer, score, 1
+            elif score == best_score:
+                ties += 1
+                if random.random() * ties < 1.0:
+                    best = peer
+        if self._local_serves(name):
+            executor = self._core.executor
+            if self._core.prefer_local and executor.busy < executor.max_workers:
+                return LOCAL
+            local_score = (executor.busy + executor.queued) / executor.max_workers
+            if best is None or local_score < best_score:
+                return LOCAL
+            if local_score == best_score and random.random() * (ties + 1) < 1.0:
+                return LOCAL
+        return best
+
+    def why_none(self, name: str, exclude: set[str] | None) -> NoPeer:
+        """Why :meth:`choose` found nobody for ``name``."""
+        if any(exclude is None or p.node_id not in exclude for p in self.candidates(name)):
+            return NoPeer.SATURATED
+        if any(not p.announced for p in self._peers.values()):
+            return NoPeer.WAITING
+        if exclude:
+            return NoPeer.WAITING  # a retry: the peer we lost may come back
+        reach = self._reach()
+        if reach is Reach.CONNECTING:
+            return NoPeer.WAITING
+        if reach is Reach.UNREACHABLE:
+            return NoPeer.UNREACHABLE
+        if not self._peers:
+            return NoPeer.WAITING  # nobody has connected yet (a server with no clients)
+        return NoPeer.NONE
+
+    def no_route(self, name: str) -> NoRouteError:
+        serving = sorted({n for p in self._peers.values() for n in p.names})
+        shown = ", ".join(serving[:10]) + (" ..." if len(serving) > 10 else "")
+        return NoRouteError(
+            f"no peer serves task {name!r} ({len(self._peers)} peer(s) connected"
+            + (f"; they serve: {shown}" if shown else "")
+            + ")"
+        )
+
+    def _gave_up(self, name: str, why: NoPeer) -> Exception:
+        if why is NoPeer.SATURATED:
+            return CallTimeoutError(
+                f"call to {name!r} timed out waiting for a peer with free capacity"
+            )
+        if why is NoPeer.UNREACHABLE:
+            down = self._unreachable()
+            served = "no connected peer serves it and " if self._peers else ""
+            return PeersUnreachableError(
+                f"call to {name!r} failed: {served}every other known peer is unreachable: "
+                + "; ".join(f"{address} ({error})" for address, error in down)
+                + ". Check that they run and listen on these addresses.",
+                peers=tuple(address for address, _ in down),
+            )
+        return self.no_route(name)
+
+    async def park(self) -> None:
+        """Wait as a plain future until a peer serving the name has room."""
+        loop = self._core.running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self.capacity_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.wake_one()  # pass on the room we were given
+            raise
+
+    async def wait(self, name: str, deadline: float | None, exclude: set[str] | None) -> Target:
+        """A peer for ``name``, waiting as long as the reason for having none allows.
+
+        Saturated peers are waited for until the call's deadline; peers still
+        connecting for ``route_wait`` seconds at most; when the answer is known
+        (nobody serves the name, or every peer that might is down) it fails at once.
+        """
+        core = self._core
+        loop = core.running_loop()
+        route_limit = loop.time() + core.route_wait
+        while True:
+            target = self.choose(name, exclude)
+            if target is None and exclude:
+                target = self.choose(name, None)
+            if target is not None:
+                return target
+            if core.closing:
+                raise PeerConnectionError("broker is closed")
+            why = self.why_none(name, exclude)
+            if why in (NoPeer.NONE, NoPeer.UNREACHABLE):
+                raise self._gave_up(name, why)
+            if why is NoPeer.SATURATED:
+                limit = deadline
+                waiters: deque[asyncio.Future[None]] | list[asyncio.Future[None]]
+                waiters = self.capacity_waiters
+            else:
+                limit = route_limit if deadline is None else min(route_limit, deadline)
+                waiters = self._route_waiters
+            if limit is not None and loop.time() >= limit:
+                raise self._gave_up(name, why)
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiters.append(waiter)
+            handle = loop.call_at(limit, _resolve, waiter) if limit is not None else None
+            try:
+                await waiter
+            except BaseException:
+                if why is NoPeer.SATURATED and waiter.done() and not waiter.cancelled():
+                    self.wake_one()  # pass on the room we were given
+                raise
+            finally:
+                if handle is not None:
+                    handle.cancel()

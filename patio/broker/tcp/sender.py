@@ -1,0 +1,240 @@
+"""Sending calls: the caller's side of a call, from routing to its result.
+
+A call is routed (:mod:`patio.broker.tcp.router`), then either run on this
+broker's own executor or sent on a peer's link, where it waits as a pending
+future for RESULT, ERROR, its deadline, or the loss of the link. A call made
+retryable is re-sent elsewhere when its link drops, within its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+from patio.broker.base import LoopTurns
+from patio.broker.tcp.codec import (
+    FRAME_OVERHEAD,
+    ErrorReply,
+    LinkLost,
+    PendingCall,
+    error_from_reply,
+    outcome_of,
+    pack_value,
+)
+from patio.broker.tcp.core import BrokerCore
+from patio.broker.tcp.peer import Peer, PeerState
+from patio.broker.tcp.protocol import Protocol
+from patio.broker.tcp.router import Router, _Local
+from patio.errors import CallTimeoutError, PeerConnectionError, SerializationError
+from patio.proto.messages import ErrorKind
+from patio.stats import OUTCOME_ERROR, OUTCOME_OK, SIDE_CALLER
+
+log = logging.getLogger("patio.broker")
+
+
+def _expire(future: asyncio.Future[bytes], name: str, timeout: float | None) -> None:
+    if not future.done():
+        future.set_exception(CallTimeoutError(f"call to {name!r} timed out after {timeout} s"))
+
+
+class CallSender:
+    def __init__(self, core: BrokerCore, router: Router, protocol: Protocol) -> None:
+        self._core = core
+        self._router = router
+        self._protocol = protocol  # its serial numbers the calls, as in patio 0.1.4
+        self._turns = LoopTurns()
+
+    async def call(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        retry: bool,
+    ) -> Any:
+        core = self._core
+        router = self._router
+        loop = core.running_loop()
+        if timeout is not None and not timeout < math.inf:
+            if math.isnan(timeout):  # NaN would poison the loop's timer heap
+                raise ValueError("timeout must be a number of seconds or None, not NaN")
+            timeout = None  # infinite: no deadline
+        stats = core.stats
+        stats.calls_started[(name, SIDE_CALLER)] += 1
+        observer = stats.call_observer
+        started = loop.time()
+        deadline = None if timeout is None else started + timeout
+        outcome = OUTCOME_ERROR
+        payload: bytes | None = None
+        tried: set[str] | None = None
+        # One coroutine frame per call on the common path: routing, sending
+        # and retrying live here rather than in helpers awaited in turn.
+        try:
+            while True:
+                target = router.choose(name, tried)
+                if target is None:
+                    if deadline is None and tried is None and router.candidates(name):
+                        # Every peer serving it is at its window: park as a plain
+                        # future (a flood of calls must cost little while waiting).
+                        await router.park()
+                        continue
+                    target = await router.wait(name, deadline, tried)
+                if isinstance(target, _Local):
+                    result = await self.execute_local(name, args, kwargs, deadline, timeout)
+                    break
+                if payload is None:
+                    payload = pack_value(core.serializer, name, [list(args), kwargs], "arguments")
+                try:
+                    reply = await self.send(target, name, payload, deadline, timeout)
+                except LinkLost as exc:
+                    if core.closing or not retry:
+                        raise PeerConnectionError(
+                            f"call to {name!r} failed: connection to {target.node_id} lost "
+                            f"({exc.reason})"
+                        ) from None
+                    if deadline is not None and loop.time() >= deadline:
+                        raise CallTimeoutError(
+                            f"call to {name!r} timed out after its connection was lost"
+                        ) from None
+                    stats.calls_retried += 1
+                    tried = (tried or set()) | {target.node_id}
+                    log.info("retrying %r elsewhere: connection to %s lost", name, target.node_id)
+                    continue
+                except ErrorReply as exc:
+                    if exc.kind == ErrorKind.CONNECTION and retry:
+                        tried = (tried or set()) | {target.node_id}
+                        stats.calls_retried += 1
+                        continue
+                    raise error_from_reply(exc, name, target.node_id, core.serializer) from None
+                try:
+                    result = core.serializer.unpack(reply)
+                except SerializationError as exc:
+                    raise SerializationError(
+                        f"result of {name!r} could not be decoded: {exc}"
+                    ) from None
+                break
+            outcome = OUTCOME_OK
+            return result
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
+            if observer is not None:
+                observer(name, SIDE_CALLER, outcome, loop.time() - started)
+
+    async def send(
+        self,
+        peer: Peer,
+        name: str,
+        payload: bytes,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> bytes:
+        """Send one call on ``peer``'s link and wait for the raw answer."""
+        loop = self._core.running_loop()
+        link = peer.link
+        max_frame_size = self._core.link_settings.max_frame_size
+        if len(payload) + 4 * len(name) + FRAME_OVERHEAD > max_frame_size and (
+            len(payload) + len(name.encode()) + FRAME_OVERHEAD > max_frame_size
+        ):
+            raise SerializationError(
+                f"arguments of {name!r} take {len(payload)} bytes, over the frame limit of "
+                f"{max_frame_size} bytes"
+            )
+        if link.write_paused:
+            # The peer is not reading: wait for room, but never past the deadline.
+            scope = asyncio.timeout_at(deadline)
+            try:
+                async with scope:
+                    await link.wait_writable()
+            except TimeoutError:
+                if scope.expired():
+                    raise CallTimeoutError(
+                        f"call to {name!r} timed out waiting for {peer.node_id} to read"
+                    ) from None
+                raise
+            if link.closed:
+                raise LinkLost(link.close_reason or "closed")
+        pending = peer.pending
+        call_id = self._protocol.get_serial()
+        while call_id in pending:  # wrapped around onto a call still in flight
+            call_id = self._protocol.get_serial()
+        future: asyncio.Future[bytes] = loop.create_future()
+        pending[call_id] = PendingCall(future, name)
+        remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+        link.connection.send_call(call_id, name, payload, remaining, self._router.route_flag)
+        link.schedule_flush()
+        timer = None
+        if deadline is not None:
+            timer = loop.call_at(deadline, _expire, future, name, timeout)
+        try:
+            return await future
+        except BaseException:
+            # Timed out or cancelled here (not answered, not lost): tell the far side.
+            if peer.pending.pop(call_id, None) is not None:
+                if not link.closed:
+                    link.connection.send_cancel(call_id)
+                    link.schedule_flush()
+                self._call_done(peer)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def execute_local(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Any:
+        if self._turns.due():
+            # Calls served here may complete without ever suspending: give the
+            # loop its turn now and then, or a task looping over them starves it.
+            await asyncio.sleep(0)
+        executor = self._core.executor
+        if deadline is None:
+            return await executor.execute(name, *args, **kwargs)
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                return await executor.execute(name, *args, **kwargs)
+        except TimeoutError:
+            if scope.expired():
+                raise CallTimeoutError(f"call to {name!r} timed out after {timeout} s") from None
+            raise
+
+    # -- answers, from the link table ---------------------------------------------
+
+    def on_result(self, peer: Peer, call_id: int, payload: bytes) -> None:
+        call = peer.pending.pop(call_id, None)
+        if call is not None:
+            if not call.future.done():
+                call.future.set_result(payload)
+            self._call_done(peer)
+
+    def on_error(self, peer: Peer, call_id: int, kind: int, payload: bytes) -> None:
+        call = peer.pending.pop(call_id, None)
+        if call is not None:
+            if not call.future.done():
+                call.future.set_exception(ErrorReply(kind, payload))
+            self._call_done(peer)
+
+    def fail_pending(self, peer: Peer, reason: str) -> None:
+        """The link is gone (or going): fail every call waiting on it."""
+        pending, peer.pending = peer.pending, {}
+        for call in pending.values():
+            if not call.future.done():
+                call.future.set_exception(LinkLost(reason))
+        if pending:
+            self._router.wake()
+
+    def _call_done(self, peer: Peer) -> None:
+        if self._router.capacity_waiters:
+            self._router.wake_one()
+        if peer.state is PeerState.RETIRING or self._core.draining:
+            peer.close_if_quiet(self._core.draining)

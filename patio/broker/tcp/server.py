@@ -1,0 +1,274 @@
+"""Serving calls: the executing side, and forwarding for mesh members.
+
+Each CALL from a peer becomes a task that runs it on this broker's executor,
+or (a mesh member serving an outside caller) forwards it to the best member,
+one hop at most, its bytes passing through untouched. The calls a peer may
+have running here at once are bounded by the window we announce; past it we
+stop reading that peer until half the window is free again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import Any, Final
+
+from patio.broker.tcp.codec import (
+    FRAME_OVERHEAD,
+    ErrorReply,
+    LinkLost,
+    describe_error,
+    pack_value,
+    rule_for,
+)
+from patio.broker.tcp.core import BrokerCore
+from patio.broker.tcp.peer import Peer, PeerState
+from patio.broker.tcp.router import LOCAL, Router, Target, _Local
+from patio.broker.tcp.sender import CallSender
+from patio.errors import CallTimeoutError, SerializationError
+from patio.executor import AbstractExecutor, ProcessPoolExecutor
+from patio.proto.messages import ErrorKind
+from patio.stats import (
+    OUTCOME_CANCELLED,
+    OUTCOME_ERROR,
+    OUTCOME_OK,
+    OUTCOME_TIMEOUT,
+    SIDE_EXECUTOR,
+    SIDE_FORWARDER,
+)
+
+log = logging.getLogger("patio.broker")
+
+# Calls a peer may have outstanding on one link: at least this many, else
+# twice its capacity, so the pipe stays full while the executor queue is short.
+MIN_WINDOW: Final = 1024
+
+
+def call_window(executor: AbstractExecutor) -> int:
+    """The calls we let one peer have running here at once (announced to it)."""
+    return max(2 * executor.max_workers, MIN_WINDOW)
+
+
+def _started(task: asyncio.Task[None]) -> bool:
+    return inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED  # type: ignore[arg-type]
+
+
+class Server:
+    def __init__(self, core: BrokerCore, router: Router, sender: CallSender) -> None:
+        self._core = core
+        self._router = router
+        self._sender = sender
+
+    @property
+    def window(self) -> int:
+        return call_window(self._core.executor)
+
+    # -- messages, from the link table ------------------------------------------------
+
+    def on_call(
+        self,
+        peer: Peer,
+        call_id: int,
+        name: str,
+        payload: bytes,
+        timeout: float | None,
+        route: bool,
+    ) -> None:
+        core = self._core
+        loop = core.running_loop()
+        if timeout is not None and timeout <= 0:
+            peer.reply_error(call_id, ErrorKind.TIMEOUT, "deadline passed before start")
+            core.stats.calls_finished[(name, SIDE_EXECUTOR, OUTCOME_TIMEOUT)] += 1
+            return
+        if call_id in peer.serving:
+            core.stats.frames_rejected["malformed"] += 1
+            log.warning(
+                "closing connection with %s: it reused call id %d while that call runs",
+                peer.node_id,
+                call_id,
+            )
+            peer.link.abort(f"peer reused call id {call_id} while it was in flight")
+            return
+        deadline = None if timeout is None else loop.time() + timeout
+        task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
+        peer.serving[call_id] = task
+        if deadline is not None:
+            # A timer handle, cheaper than an asyncio.timeout scope per call.
+            peer.deadlines[call_id] = loop.call_at(deadline, self._expire, peer, call_id)
+        if len(peer.serving) >= self.window and not peer.read_paused:
+            peer.read_paused = True
+            peer.link.pause_reading()
+
+    @staticmethod
+    def on_cancel(peer: Peer, call_id: int) -> None:
+        """Cancel a call we execute for ``peer``; the caller wants no reply.
+
+        A task cancelled before its first step never runs its own ``finally``,
+        so one that has not started is not cancelled: it sees the mark at its
+        start, does its bookkeeping and returns.
+        """
+        task = peer.serving.get(call_id)
+        if task is None:
+            return
+        peer.cancelled.add(call_id)
+        if _started(task):
+            task.cancel()
+
+    def cancel_all(self, peer: Peer) -> None:
+        for call_id in list(peer.serving):
+            self.on_cancel(peer, call_id)
+
+    def running(self, peer: Peer) -> list[asyncio.Task[None]]:
+        return list(peer.serving.values())
+
+    @staticmethod
+    def _expire(peer: Peer, call_id: int) -> None:
+        """The deadline of a call we execute passed: stop it and answer TIMEOUT."""
+        peer.deadlines.pop(call_id, None)
+        task = peer.serving.get(call_id)
+        if task is None:
+            return
+        peer.expired.add(call_id)
+        if _started(task):
+            task.cancel()
+
+    # -- running a call -----------------------------------------------------------
+
+    async def _serve(
+        self,
+        peer: Peer,
+        call_id: int,
+        name: str,
+        payload: bytes,
+        deadline: float | None,
+        route: bool,
+    ) -> None:
+        core = self._core
+        loop = core.running_loop()
+        stats = core.stats
+        # An outside caller's call that a member hands on is counted as
+        # forwarded, not executed, so summing executions over members is exact.
+        target: Target | None = LOCAL
+        if route and core.forwarding:
+            target = self._router.choose(name, {peer.node_id})
+        side = SIDE_EXECUTOR if target is LOCAL else SIDE_FORWARDER
+        stats.calls_started[(name, side)] += 1
+        started = loop.time()
+        outcome = OUTCOME_ERROR
+        link = peer.link
+        try:
+            if peer.cancelled and call_id in peer.cancelled:
+                outcome = OUTCOME_CANCELLED
+                return
+            if peer.expired and call_id in peer.expired:
+                raise asyncio.CancelledError  # expired before it started: answered below
+            if target is not LOCAL:
+                reply = await self.forward(peer, name, payload, deadline, target)
+            else:
+                reply = await self.run(name, payload)
+            if not link.closed:
+                link.connection.send_result(call_id, reply)
+                link.schedule_flush()
+            outcome = OUTCOME_OK
+        except ErrorReply as exc:
+            peer.reply_error(call_id, exc.kind, exc.payload)
+        except asyncio.CancelledError:
+            if call_id in peer.expired:
+                outcome = OUTCOME_TIMEOUT
+                text = f"call to {name!r} passed its deadline"
+                peer.reply_error(call_id, ErrorKind.TIMEOUT, text)
+            else:
+                outcome = OUTCOME_CANCELLED
+                if call_id not in peer.cancelled:
+                    peer.reply_error(call_id, ErrorKind.CANCELLED, "cancelled by the executor")
+        except Exception as exc:
+            rule = rule_for(exc)
+            if rule is None:
+                max_size = core.link_settings.max_frame_size
+                peer.reply_error(
+                    call_id, ErrorKind.EXCEPTION, describe_error(exc, core.serializer, max_size)
+                )
+            else:
+                outcome = rule.outcome
+                text = f"{exc} (on {core.node_id})" if rule.names_node else str(exc)
+                peer.reply_error(call_id, rule.kind, text)
+        finally:
+            self._served(peer, call_id, deadline)
+            stats.calls_finished[(name, side, outcome)] += 1
+            if stats.call_observer is not None:
+                stats.call_observer(name, side, outcome, loop.time() - started)
+
+    def _served(self, peer: Peer, call_id: int, deadline: float | None) -> None:
+        peer.serving.pop(call_id, None)
+        if deadline is not None:
+            handle = peer.deadlines.pop(call_id, None)
+            if handle is not None:
+                handle.cancel()
+            peer.expired.discard(call_id)
+        peer.cancelled.discard(call_id)
+        if peer.read_paused and len(peer.serving) <= self.window // 2:
+            peer.read_paused = False
+            peer.link.resume_reading()
+        if peer.state is PeerState.RETIRING or self._core.draining:
+            peer.close_if_quiet(self._core.draining)
+
+    async def forward(
+        self,
+        origin: Peer,
+        name: str,
+        payload: bytes,
+        deadline: float | None,
+        target: Target | None,
+    ) -> bytes:
+        """Hand an outside caller's call to the best member; bytes pass through as they are."""
+        if target is None:
+            target = await self._router.wait(name, deadline, {origin.node_id})
+        if isinstance(target, _Local):
+            return await self.run(name, payload)
+        self._core.stats.calls_forwarded += 1
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                return await self._sender.send(target, name, payload, deadline, None)
+        except TimeoutError:
+            if scope.expired():
+                raise CallTimeoutError(f"forwarded call to {name!r} passed its deadline") from None
+            raise
+        except LinkLost as exc:
+            raise LinkLost(
+                f"call to {name!r} failed: {self._core.node_id} forwarded it and lost its "
+                f"connection to {target.node_id} ({exc.reason})"
+            ) from None
+
+    async def run(self, name: str, payload: bytes) -> bytes:
+        """Decode the arguments, run the call on our executor, encode the result."""
+        core = self._core
+        try:
+            args, kwargs = core.serializer.unpack(payload)
+        except (SerializationError, TypeError, ValueError) as exc:
+            raise SerializationError(f"arguments of {name!r} could not be decoded: {exc}") from None
+        executor = core.executor
+        observer = core.stats.queue_observer
+        if observer is None or isinstance(executor, ProcessPoolExecutor):
+            result = await executor.execute(name, *args, **kwargs)
+        else:
+            # Time from arrival to the moment the function really starts: the
+            # wrapper runs only once the executor has given the call a slot.
+            func = core.registry.resolve(name)
+            arrived = time.monotonic()
+
+            def started(*args: Any, **kwargs: Any) -> Any:
+                observer(name, time.monotonic() - arrived)
+                return func(*args, **kwargs)
+
+            result = await executor.submit(started, *args, **kwargs)
+        data = pack_value(core.serializer, name, result, "result")
+        max_frame_size = core.link_settings.max_frame_size
+        if len(data) + FRAME_OVERHEAD > max_frame_size:
+            raise SerializationError(
+                f"result of {name!r} takes {len(data)} bytes, over the frame limit of "
+                f"{max_frame_size} bytes"
+            )
+        return data
