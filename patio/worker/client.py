@@ -1,27 +1,33 @@
 """``patio call``: one call into a running mesh from the command line.
 
-The caller joins as a member that serves nothing (``NullExecutor``), dials the
-given peer, makes the call and prints the result as JSON. Arguments are
+The caller connects as a client that serves nothing (``NullExecutor``) to
+every ``--peer`` given, makes the call and prints the result. Arguments are
 parsed as JSON so ``patio call mul 6 7`` sends integers; anything that is not
-valid JSON is sent as the string it is (``patio call greet world``).
+valid JSON is sent as the string it is (``patio call greet world``);
+``@FILE`` reads an argument from a file and ``-`` from standard input.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import decimal
 import json
 import logging
 import os
 import ssl
 import sys
-from dataclasses import dataclass
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from patio.broker import TCPClientBroker
+from patio.errors import PeerConnectionError
 from patio.executor import NullExecutor
 from patio.registry import Registry
-from patio.worker.config import ConfigError, parse_peer_address
+from patio.worker.config import DEFAULT_PORT, ConfigError, PeerAddress, parse_peer_address
 from patio.worker.runtime import build_ssl_contexts, read_key_file
 
 log = logging.getLogger("patio.worker.client")
@@ -32,12 +38,13 @@ CONNECT_TIMEOUT = 10.0
 
 @dataclass(frozen=True, slots=True)
 class CallRequest:
-    peer: tuple[str, int]
+    peers: tuple[PeerAddress, ...]
     key: bytes
     task: str
     args: tuple[Any, ...]
     timeout: float
     retryable: bool
+    kwargs: dict[str, Any] = field(default_factory=dict)
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -49,46 +56,111 @@ def parse_argument(text: str) -> Any:
         return text
 
 
-def to_json(value: Any) -> str:
-    """Results can hold what JSON lacks (bytes, sets); show them rather than fail."""
+class ArgumentReader:
+    """Reads ``@FILE`` and ``-`` arguments; standard input can be read only once."""
 
-    def fallback(obj: Any) -> Any:
-        if isinstance(obj, bytes | bytearray):
+    def __init__(self, stdin: TextIO) -> None:
+        self.stdin = stdin
+        self.stdin_used_by: str | None = None
+
+    def text(self, raw: str, what: str) -> str:
+        if raw == "-":
+            if self.stdin_used_by is not None:
+                raise ConfigError(
+                    f"{what}: standard input is already read by {self.stdin_used_by}; "
+                    "give at most one '-'"
+                )
+            self.stdin_used_by = what
+            return self.stdin.read()
+        if raw.startswith("@") and len(raw) > 1:
+            path = raw[1:]
             try:
-                return bytes(obj).decode("utf-8")
-            except UnicodeDecodeError:
-                return {"base64": base64.b64encode(bytes(obj)).decode("ascii")}
-        if isinstance(obj, set | frozenset):
-            return sorted(obj, key=repr)
-        return repr(obj)
+                with open(path, encoding="utf-8") as stream:
+                    return stream.read()
+            except FileNotFoundError:
+                raise ConfigError(f"{what}: file {path} does not exist") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{what}: file {path} cannot be read: {exc}") from None
+        return raw
 
-    return json.dumps(value, default=fallback, ensure_ascii=False)
+
+def _plain(obj: Any) -> Any:
+    """What JSON lacks, as the value a script expects (a string for a datetime...)."""
+    if isinstance(obj, datetime.datetime | datetime.date | datetime.time):
+        return obj.isoformat()
+    if isinstance(obj, datetime.timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, decimal.Decimal | uuid.UUID):
+        return str(obj)
+    if isinstance(obj, bytes | bytearray | memoryview):
+        try:
+            return bytes(obj).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=repr)
+    return repr(obj)
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    """Results can hold what JSON lacks (datetimes, Decimals, UUIDs, bytes, sets)."""
+    return json.dumps(value, default=_plain, ensure_ascii=False, indent=indent)
+
+
+def format_result(value: Any) -> str:
+    """For people: a text result as it is, anything else as indented JSON."""
+    if isinstance(value, str):
+        return value
+    return to_json(value, indent=2)
 
 
 def make_request(
     *,
-    peer: str,
+    peers: Sequence[str],
     task: str,
-    args: list[str],
+    args: Sequence[str],
     key: str | None,
     key_file: str | None,
     timeout: float,
     retryable: bool,
+    kwargs: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_ca: str | None = None,
+    stdin: TextIO | None = None,
 ) -> CallRequest:
     if key is not None and key_file is not None:
         raise ConfigError("--key and --key-file are exclusive: give one of them")
     key_bytes = read_key_file(key_file) if key_file is not None else (key or "").encode()
     if timeout <= 0:
         raise ConfigError(f"--timeout must be positive, not {timeout:g}")
+    addresses = {
+        parse_peer_address(p, default_port=DEFAULT_PORT, what="--peer"): None for p in peers
+    }
+    if not addresses:
+        raise ConfigError("no peer to call: give --peer HOST:PORT")
+    reader = ArgumentReader(stdin if stdin is not None else sys.stdin)
+    values = tuple(
+        parse_argument(reader.text(raw, f"argument {n}")) for n, raw in enumerate(args, start=1)
+    )
+    named: dict[str, Any] = {}
+    if kwargs is not None:
+        text = reader.text(kwargs, "--kwargs")
+        try:
+            named = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--kwargs is not valid JSON: {exc}") from None
+        if not isinstance(named, dict):
+            raise ConfigError(
+                f"--kwargs must be a JSON object like '{{\"name\": 1}}', not {type(named).__name__}"
+            )
     return CallRequest(
         ssl_context=client_ssl_context(tls_cert, tls_key, tls_ca),
-        peer=parse_peer_address(peer, default_port=15383, what="--peer"),
+        peers=tuple(addresses),
         key=key_bytes,
         task=task,
-        args=tuple(parse_argument(a) for a in args),
+        args=values,
+        kwargs=named,
         timeout=timeout,
         retryable=retryable,
     )
@@ -118,14 +190,19 @@ def describe_error(exc: BaseException) -> str:
     return f"{name}: {text}" if text and not text.startswith(f"{name}:") else text or name
 
 
+def format_peers(peers: Sequence[PeerAddress]) -> str:
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in peers)
+
+
 async def call_once(request: CallRequest) -> Any:
     """Connect as a caller that serves nothing, make the call, leave.
 
     A client (not a mesh member) is what a one-off caller is: the worker it
     dials forwards the call to the best member if it is busier than another.
-    Raises what the call raised.
+    Every peer is dialled at once; the call goes ahead with those that
+    answered, and fails naming every peer when none did. Raises what the
+    call raised.
     """
-    host, port = request.peer
     async with NullExecutor(Registry()) as executor:
         broker = TCPClientBroker(
             executor,
@@ -135,25 +212,55 @@ async def call_once(request: CallRequest) -> Any:
             ssl_context=request.ssl_context,
         )
         async with broker:
-            await broker.connect(host, port)
+            outcomes = await asyncio.gather(
+                *(broker.connect(host, port) for host, port in request.peers),
+                return_exceptions=True,
+            )
+            failures = [o for o in outcomes if isinstance(o, BaseException)]
+            for failure in failures:
+                if not isinstance(failure, Exception):
+                    raise failure
+            if len(failures) == len(outcomes):
+                if len(failures) == 1:
+                    raise failures[0]
+                raise PeerConnectionError(
+                    f"cannot connect to any of {format_peers(request.peers)}: "
+                    + "; ".join(describe_error(f) for f in failures)
+                )
+            for failure in failures:
+                print(f"patio call: warning: {describe_error(failure)}", file=sys.stderr)
             return await broker.call(
-                request.task, *request.args, timeout=request.timeout, retryable=request.retryable
+                request.task,
+                *request.args,
+                timeout=request.timeout,
+                retryable=request.retryable,
+                **request.kwargs,
             )
 
 
-def run_call(request: CallRequest, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_call(
+    request: CallRequest,
+    *,
+    as_json: bool = False,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
     try:
         result = asyncio.run(call_once(request))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        host, port = request.peer
-        print(
-            f"patio call {request.task} via {host}:{port} failed: {describe_error(exc)}", file=err
-        )
-        remote_tb = getattr(exc, "remote_traceback", "")
-        if remote_tb:
+        where = format_peers(request.peers)
+        remote_tb = getattr(exc, "remote_traceback", "") or ""
+        if as_json:
+            error = {"type": type(exc).__name__, "message": str(exc), "task": request.task,
+                     "peers": where}  # fmt: skip
+            if remote_tb:
+                error["remote_traceback"] = remote_tb
+            print(to_json({"error": error}), file=out)
+        print(f"patio call {request.task} via {where} failed: {describe_error(exc)}", file=err)
+        if remote_tb and not as_json:
             print(remote_tb.rstrip(), file=err)
         return 1
-    print(to_json(result), file=out)
+    print(to_json(result) if as_json else format_result(result), file=out)
     return 0

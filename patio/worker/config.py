@@ -190,12 +190,21 @@ def config_from_namespace(
         value = flags.get(flag.lstrip("-").replace("-", "_"))
         return None if value is None else str(value)
 
+    sources: dict[str, str] = {}
+
     def pick(flag: str, variable: str) -> str | None:
         value = given(flag)
         if value is not None:
             return value
         env = environ.get(variable)
-        return env if env else None  # an empty variable means "not set" (as in pod specs)
+        if not env:  # an empty variable means "not set" (as in pod specs)
+            return None
+        sources[flag] = variable
+        return env
+
+    def name(flag: str) -> str:
+        """Where a value came from, for its error message: the flag or the variable."""
+        return sources.get(flag, flag)
 
     positional = flags.get("registry_positional")
     flag_registry = given("--registry")
@@ -207,7 +216,8 @@ def config_from_namespace(
     check_registry_spec(registry)
 
     listen = pick("--listen", "PATIO_LISTEN") or environ.get("POD_IP") or "127.0.0.1"
-    port = _port("--port", pick("--port", "PATIO_PORT"), DEFAULT_PORT)
+    port_text = pick("--port", "PATIO_PORT")
+    port = _port(name("--port"), port_text, DEFAULT_PORT)
     node_id = (
         pick("--node-id", "PATIO_NODE_ID")
         or environ.get("POD_NAME")
@@ -216,78 +226,70 @@ def config_from_namespace(
     )
 
     peers_text = pick("--peers", "PATIO_PEERS")
-    peers = parse_peer_list(peers_text, default_port=port) if peers_text else ()
+    try:
+        peers = parse_peer_list(peers_text, default_port=port) if peers_text else ()
+    except ConfigError as exc:
+        raise ConfigError(f"{name('--peers')}: {exc}") from None
     peers_dns_text = pick("--peers-dns", "PATIO_PEERS_DNS")
     peers_dns = (
-        parse_peer_address(peers_dns_text, default_port=port, what="--peers-dns")
+        parse_peer_address(peers_dns_text, default_port=port, what=name("--peers-dns"))
         if peers_dns_text
         else None
     )
 
-    # The two key sources are exclusive. A flag for either one overrides both
-    # variables: `--key-file` on the command line must not be silently combined
-    # with a PATIO_KEY inherited from the environment.
-    flag_key_file, flag_key = given("--key-file"), given("--key")
-    if flag_key_file is not None and flag_key is not None:
-        raise ConfigError("--key and --key-file are exclusive: give one of them")
-    if flag_key_file is not None or flag_key is not None:
-        key_file, key = flag_key_file, flag_key
-    else:
-        key_file = environ.get("PATIO_KEY_FILE") or None
-        key = environ.get("PATIO_KEY") or None
-        if key_file is not None and key is not None:
-            raise ConfigError("PATIO_KEY and PATIO_KEY_FILE are both set: set one of them")
+    key_file, key = resolve_key_source(given("--key-file"), given("--key"), environ)
 
     tls_cert = pick("--tls-cert", "PATIO_TLS_CERT")
     tls_key = pick("--tls-key", "PATIO_TLS_KEY")
     tls_ca = pick("--tls-ca", "PATIO_TLS_CA")
     if (tls_cert is None) != (tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key must be given together")
+        raise ConfigError(f"{name('--tls-cert')} and {name('--tls-key')} must be given together")
     if tls_ca is not None and tls_cert is None:
-        raise ConfigError("--tls-ca needs --tls-cert and --tls-key (mutual TLS)")
+        raise ConfigError(
+            f"{name('--tls-ca')} needs {name('--tls-cert')} and {name('--tls-key')} (mutual TLS)"
+        )
 
     executor = (pick("--executor", "PATIO_EXECUTOR") or "async").lower()
     if executor not in EXECUTOR_KINDS:
         raise ConfigError(
-            f"--executor must be one of {', '.join(EXECUTOR_KINDS)}, not {executor!r}"
+            f"{name('--executor')} must be one of {', '.join(EXECUTOR_KINDS)}, not {executor!r}"
         )
     max_workers_text = pick("--max-workers", "PATIO_MAX_WORKERS")
     max_workers = None
     if max_workers_text is not None:
-        max_workers = _int("--max-workers", max_workers_text)
+        max_workers = _int(name("--max-workers"), max_workers_text)
         if max_workers < 1:
-            raise ConfigError(f"--max-workers must be at least 1, not {max_workers}")
+            raise ConfigError(f"{name('--max-workers')} must be at least 1, not {max_workers}")
 
-    metrics_port = _port(
-        "--metrics-port", pick("--metrics-port", "PATIO_METRICS_PORT"), DEFAULT_METRICS_PORT
-    )
+    metrics_port_text = pick("--metrics-port", "PATIO_METRICS_PORT")
+    metrics_port = _port(name("--metrics-port"), metrics_port_text, DEFAULT_METRICS_PORT)
     metrics_address = pick("--metrics-address", "PATIO_METRICS_ADDRESS") or listen
 
-    ratio = _float(
-        "--ready-peer-ratio",
-        pick("--ready-peer-ratio", "PATIO_READY_PEER_RATIO"),
-        DEFAULT_READY_PEER_RATIO,
-    )
+    ratio_text = pick("--ready-peer-ratio", "PATIO_READY_PEER_RATIO")
+    ratio = _float(name("--ready-peer-ratio"), ratio_text, DEFAULT_READY_PEER_RATIO)
     if not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"--ready-peer-ratio must be between 0 and 1, not {ratio:g}")
-    drain_timeout = _float(
-        "--drain-timeout", pick("--drain-timeout", "PATIO_DRAIN_TIMEOUT"), DEFAULT_DRAIN_TIMEOUT
-    )
+        raise ConfigError(f"{name('--ready-peer-ratio')} must be between 0 and 1, not {ratio:g}")
+    drain_text = pick("--drain-timeout", "PATIO_DRAIN_TIMEOUT")
+    drain_timeout = _float(name("--drain-timeout"), drain_text, DEFAULT_DRAIN_TIMEOUT)
     if drain_timeout < 0:
-        raise ConfigError(f"--drain-timeout must not be negative, not {drain_timeout:g}")
+        raise ConfigError(f"{name('--drain-timeout')} must not be negative, not {drain_timeout:g}")
 
     log_level = (pick("--log-level", "PATIO_LOG_LEVEL") or "info").lower()
     if log_level == "warn":
         log_level = "warning"
     if log_level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+        raise ConfigError(
+            f"{name('--log-level')} must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}"
+        )
     log_format = (pick("--log-format", "PATIO_LOG_FORMAT") or "plain").lower()
     if log_format not in LOG_FORMATS:
-        raise ConfigError(f"--log-format must be plain or json, not {log_format!r}")
+        raise ConfigError(f"{name('--log-format')} must be plain or json, not {log_format!r}")
 
     event_loop = (pick("--event-loop", "PATIO_EVENT_LOOP") or "auto").lower()
     if event_loop not in EVENT_LOOPS:
-        raise ConfigError(f"--event-loop must be auto, uvloop or asyncio, not {event_loop!r}")
+        raise ConfigError(
+            f"{name('--event-loop')} must be auto, uvloop or asyncio, not {event_loop!r}"
+        )
 
     if flags.get("allow_empty_key"):
         allow_empty_key = True
@@ -325,6 +327,30 @@ def config_from_namespace(
         allow_empty_key=allow_empty_key,
         event_loop=event_loop,
     )
+
+
+def resolve_key_source(
+    flag_key_file: str | None,
+    flag_key: str | None,
+    environ: Mapping[str, str],
+    *,
+    inline_allowed: bool = True,
+) -> tuple[str | None, str | None]:
+    """(key file, inline key) from the flags, else from PATIO_KEY_FILE / PATIO_KEY.
+
+    The two sources are exclusive. A flag for either one overrides both
+    variables: ``--key-file`` on the command line must not be silently
+    combined with a PATIO_KEY inherited from the environment.
+    """
+    if flag_key_file is not None and flag_key is not None:
+        raise ConfigError("--key and --key-file are exclusive: give one of them")
+    if flag_key_file is not None or flag_key is not None:
+        return flag_key_file, flag_key
+    key_file = environ.get("PATIO_KEY_FILE") or None
+    key = (environ.get("PATIO_KEY") or None) if inline_allowed else None
+    if key_file is not None and key is not None:
+        raise ConfigError("PATIO_KEY and PATIO_KEY_FILE are both set: set one of them")
+    return key_file, key
 
 
 def check_registry_spec(spec: str) -> None:
@@ -410,10 +436,18 @@ def _float(flag: str, text: str | None, default: float) -> float:
         raise ConfigError(f"{flag} must be a number, not {text!r}") from None
 
 
-def _bool(variable: str, text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case); ValueError otherwise."""
     lowered = text.strip().lower()
     if lowered in _TRUE:
         return True
     if lowered in _FALSE:
         return False
-    raise ConfigError(f"{variable} must be true or false, not {text!r}")
+    raise ValueError(f"must be true or false, not {text!r}")
+
+
+def _bool(variable: str, text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise ConfigError(f"{variable} {exc}") from None

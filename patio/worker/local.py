@@ -9,8 +9,11 @@ What it does, in order:
    as static peers, exactly as pods get them from the operator.
 2. Waits until every worker answers ``/readyz`` with 200.
 3. Joins the mesh itself as a caller (NullExecutor: it serves nothing) and runs
-   the workload from ``examples/local/workload.py`` against the demo tasks in
-   ``examples/local/demo_tasks.py``, with a progress line when it takes a while.
+   the workload from :mod:`patio.worker.demo.workload` against the demo tasks in
+   :mod:`patio.worker.demo.tasks` (both ship in the package, so this works from
+   a wheel, in any folder), with a progress line when it takes a while. A
+   worker that exits is reported the moment it does; Ctrl-C (or SIGTERM)
+   stops the workload and still prints what it measured.
 4. Prints results per task, throughput and latency percentiles, the metrics
    URLs, and a summary scraped from each worker's ``/metrics``.
 5. Stops everything: SIGTERM to each worker (graceful drain), then SIGKILL to
@@ -24,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import importlib.util
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -38,7 +41,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType
 from typing import Any, TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,13 +52,21 @@ from patio.registry import Registry
 from patio.worker.aio import run_async
 from patio.worker.client import describe_error, to_json
 from patio.worker.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
+from patio.worker.demo import workload as demo_workload
+from patio.worker.runtime import read_key_file
 
 READY_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 CALL_TIMEOUT = 30.0
 PROGRESS_INTERVAL = 0.5
-DEMO_REGISTRY = "examples.local.demo_tasks:rpc"
+MONITOR_INTERVAL = 0.2
+DEMO_REGISTRY = "patio.worker.demo.tasks:rpc"
+# Workers get 127.0.0.2 ... 127.0.0.254 (one address each, default ports);
+# .1 is left to everything else on the machine and .255 is the broadcast
+# address of 127.0.0.0/24 on systems that route only that much.
+FIRST_HOST = 2
+MAX_WORKERS = 253
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -69,6 +80,7 @@ class LocalOptions:
     registry: str | None = None
     keep_running: bool = False
     event_loop: str = "auto"
+    key_file: str | None = None  # None: a fresh key in the private work directory
 
 
 @dataclass(slots=True)
@@ -119,28 +131,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def examples_dir() -> Path:
-    """examples/local of the checkout this patio was imported from."""
-    return Path(__file__).resolve().parents[2] / "examples" / "local"
-
-
-def load_workload() -> ModuleType:
-    path = examples_dir() / "workload.py"
-    spec = importlib.util.spec_from_file_location("patio_local_workload", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"demo workload not found at {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def loopback_hosts(count: int) -> list[str]:
     """127.0.0.2..N+1 where the OS routes all of 127/8 to loopback (Linux), else 127.0.0.1.
 
     Starting at .2 keeps the demo off the address everything else on the
     machine uses, so its default ports are nearly always free.
     """
-    hosts = [f"127.0.0.{i + 2}" for i in range(count)]
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"{count} workers: loopback addressing gives 1 to {MAX_WORKERS}")
+    hosts = [f"127.0.0.{i + FIRST_HOST}" for i in range(count)]
     try:
         with socket.socket() as probe:
             probe.bind((hosts[-1], 0))
@@ -205,10 +204,11 @@ class LocalCluster:
         self.options = options
         self.out = out
         self.workdir = Path(tempfile.mkdtemp(prefix="patio-local-"))  # created 0700
-        self.key_file = self.workdir / "key"
+        given = options.key_file
+        self.key_file = Path(given).resolve() if given is not None else self.workdir / "key"
         self.workers: list[LocalWorker] = []
         self.keep_workdir = False
-        self.waiting_for_interrupt = False  # --keep-running: Ctrl-C is the normal way out
+        self.reported_dead: set[int] = set()
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -229,6 +229,9 @@ class LocalCluster:
             )
 
     def write_key(self) -> bytes:
+        """The key of ``--key-file`` (checked before anything starts), else a fresh one."""
+        if self.options.key_file is not None:
+            return read_key_file(str(self.key_file))
         key = secrets.token_urlsafe(32)
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as stream:
@@ -243,7 +246,8 @@ class LocalCluster:
             for k, v in os.environ.items()
             if not k.startswith("PATIO_") and k not in ("POD_IP", "POD_NAME")
         }
-        # The checkout's root: `examples.local.demo_tasks` (and this patio) import from it.
+        # Where this patio was imported from (a checkout or site-packages), so
+        # the workers run the same patio even when it is not installed.
         paths = [str(Path(__file__).resolve().parents[2])]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
@@ -276,6 +280,32 @@ class LocalCluster:
                     # no threads run yet: the caller and to_thread start after this
                     preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
                 )  # fmt: skip
+
+    def newly_dead(self) -> list[LocalWorker]:
+        """Workers that exited since the last look (each one is returned once)."""
+        dead = []
+        for worker in self.workers:
+            process = worker.process
+            exited = process is not None and process.poll() is not None
+            if exited and worker.index not in self.reported_dead:
+                self.reported_dead.add(worker.index)
+                dead.append(worker)
+        return dead
+
+    def report_dead(self, worker: LocalWorker, lines: int = 8) -> None:
+        assert worker.process is not None
+        code = worker.process.returncode
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with code {code}"
+        )
+        self.keep_workdir = True
+        self.say(
+            f"\npatio local: worker {worker.node_id} ({worker.address}, pid {worker.process.pid}) "
+            f"{how} at {time.strftime('%H:%M:%S')}; the end of its log ({worker.log_path}):"
+        )
+        self.say(self.log_tail(worker, lines))
 
     def log_tail(self, worker: LocalWorker, lines: int = 8) -> str:
         try:
@@ -385,9 +415,13 @@ class Progress:
 
 
 async def run_workload(
-    broker: Any, options: LocalOptions, out: TextIO, calls: Iterator[tuple[str, tuple[Any, ...]]]
-) -> WorkloadResult:
-    result = WorkloadResult()
+    broker: Any,
+    options: LocalOptions,
+    out: TextIO,
+    calls: Iterator[tuple[str, tuple[Any, ...]]],
+    result: WorkloadResult,
+) -> None:
+    """Fill ``result`` as calls finish, so a cancelled run still has what it measured."""
     limit = options.calls
     loop = asyncio.get_running_loop()
     deadline = loop.time() + options.duration if options.duration else None
@@ -438,7 +472,6 @@ async def run_workload(
         with contextlib.suppress(asyncio.CancelledError):
             await reporter
     progress.update(len(result.records), errors, final=True)
-    return result
 
 
 def _args(args: tuple[Any, ...]) -> str:
@@ -526,69 +559,157 @@ async def scrape_summary(cluster: LocalCluster) -> list[str]:
     return lines
 
 
+def patio_command() -> list[str]:
+    """How to run this patio again from a shell: ``patio`` when that is what runs."""
+    script = Path(sys.argv[0])
+    if script.name == "patio":
+        on_path = shutil.which("patio")
+        if on_path is not None and Path(on_path).resolve() == script.resolve():
+            return ["patio"]
+        return [str(script.resolve())]
+    return [sys.executable, "-m", "patio"]
+
+
+def cluster_commands(cluster: LocalCluster) -> list[str]:
+    """Commands that reach the running cluster, ready to paste."""
+    first = cluster.workers[0]
+    auth = ["--peer", first.address, "--key-file", str(cluster.key_file)]
+    base = patio_command()
+    return [
+        shlex.join([*base, "call", *auth, "mul", "6", "7"]),
+        f"curl {first.metrics_url}/metrics",
+    ]
+
+
+async def watch_workers(cluster: LocalCluster, all_dead: asyncio.Event) -> None:
+    """Report each worker the moment it exits; set ``all_dead`` when none is left."""
+    while True:
+        for worker in cluster.newly_dead():
+            cluster.report_dead(worker)
+        if len(cluster.reported_dead) == len(cluster.workers):
+            all_dead.set()
+            return
+        await asyncio.sleep(MONITOR_INTERVAL)
+
+
+async def _first(*waits: asyncio.Future[Any]) -> None:
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+
 async def _main(cluster: LocalCluster, key: bytes) -> int:
+    """Run the cluster; SIGINT/SIGTERM end whatever phase is running, cleanly."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    try:
+        return await _run(cluster, key, interrupted)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run(cluster: LocalCluster, key: bytes, interrupted: asyncio.Event) -> int:
     options = cluster.options
     say = cluster.say
-    workload = None
-    if options.registry is None and (options.calls != 0 or options.duration):
-        workload = load_workload()
+    run_demo = options.registry is None and (options.calls != 0 or bool(options.duration))
+    interrupt = asyncio.ensure_future(interrupted.wait())
+    all_dead = asyncio.Event()
+    monitor: asyncio.Future[None] | None = None
+    try:
+        say(f"patio local: starting {len(cluster.workers)} workers ({options.executor} executor)")
+        cluster.start()
+        t0 = time.perf_counter()
+        ready = asyncio.ensure_future(cluster.wait_ready())
+        await _first(ready, interrupt)
+        if not ready.done():
+            ready.cancel()
+            say("\npatio local: interrupted while starting")
+            return 130
+        failed = ready.result()
+        if failed is not None:
+            assert failed.process is not None
+            if failed.process.poll() is not None:
+                cluster.newly_dead()
+                cluster.report_dead(failed, lines=15)
+            else:
+                say(f"patio local: worker {failed.node_id} not ready after {READY_TIMEOUT:g}s; "
+                    f"its log ({failed.log_path}):")  # fmt: skip
+                say(cluster.log_tail(failed, 15))
+                cluster.keep_workdir = True
+            return 1
+        monitor = asyncio.ensure_future(watch_workers(cluster, all_dead))
+        say(f"  all {len(cluster.workers)} workers ready in {time.perf_counter() - t0:.1f}s:")
+        for worker in cluster.workers:
+            pid = worker.process.pid if worker.process is not None else 0
+            say(
+                f"  {worker.node_id}  mesh {worker.address}  "
+                f"metrics {worker.metrics_url}/metrics  health {worker.metrics_url}/readyz  "
+                f"pid {pid}"
+            )
+        say("  reach it with:")
+        for command in cluster_commands(cluster):
+            say(f"    {command}")
 
-    say(f"patio local: starting {len(cluster.workers)} workers ({options.executor} executor)")
-    cluster.start()
-    t0 = time.perf_counter()
-    failed = await cluster.wait_ready()
-    if failed is not None:
-        assert failed.process is not None
-        state = (
-            f"exited with code {failed.process.returncode}"
-            if failed.process.poll() is not None
-            else f"not ready after {READY_TIMEOUT:g}s"
-        )
-        say(f"patio local: worker {failed.node_id} {state}; its log ({failed.log_path}):")
-        say(cluster.log_tail(failed, 15))
-        cluster.keep_workdir = True
-        return 1
-    say(f"  all {len(cluster.workers)} workers ready in {time.perf_counter() - t0:.1f}s:")
-    for worker in cluster.workers:
-        say(
-            f"  {worker.node_id}  mesh {worker.address}  "
-            f"metrics {worker.metrics_url}/metrics  health {worker.metrics_url}/readyz"
-        )
+        ok = True
+        if run_demo:
+            ok = await _run_demo(cluster, key, interrupt)
+            if interrupt.done():
+                return 130
 
-    ok = True
-    if workload is not None:
-        broker = await connect_caller(cluster, key)
+        say("\nmetrics per worker (scraped from /metrics):")
+        for line in await scrape_summary(cluster):
+            say(line)
+        targets = ", ".join(f"{w.host}:{w.metrics_port}" for w in cluster.workers)
+        say(f"  Prometheus scrape targets: {targets}")
+
+        if options.keep_running:
+            say("\ncluster is running (commands above); Ctrl-C stops it.")
+            dead = asyncio.ensure_future(all_dead.wait())
+            try:
+                await _first(interrupt, dead)
+            finally:
+                dead.cancel()
+            if not interrupt.done():
+                say("patio local: every worker exited; stopping")
+                return 1
+            say("\npatio local: stopping the workers")
+        return 0 if ok and not cluster.reported_dead else 1
+    finally:
+        interrupt.cancel()
+        if monitor is not None:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+
+
+async def _run_demo(cluster: LocalCluster, key: bytes, interrupt: asyncio.Future[Any]) -> bool:
+    """The demo workload until done or interrupted; prints what it measured either way."""
+    options = cluster.options
+    say = cluster.say
+    broker = await connect_caller(cluster, key)
+    result = WorkloadResult()
+    try:
+        what = f"{options.calls} calls" if options.calls else f"calls for {options.duration:g}s"
+        if options.calls and options.duration:
+            what += f" (at most {options.duration:g}s)"
+        say(f"\nworkload: {what} over tasks {', '.join(demo_workload.MIX)} "
+            f"({options.concurrency} in flight)")  # fmt: skip
+        work = asyncio.ensure_future(
+            run_workload(broker, options, cluster.out, demo_workload.calls(), result)
+        )
         try:
-            what = f"{options.calls} calls" if options.calls else f"calls for {options.duration:g}s"
-            if options.calls and options.duration:
-                what += f" (at most {options.duration:g}s)"
-            say(f"\nworkload: {what} over tasks {', '.join(workload.MIX)} "
-                f"({options.concurrency} in flight)")  # fmt: skip
-            result = await run_workload(broker, options, cluster.out, workload.calls())
+            await _first(work, interrupt)
         finally:
-            await broker.close()
-        ok = summarize(result, set(workload.EXPECTED_ERRORS), cluster.out)
-
-    say("\nmetrics per worker (scraped from /metrics):")
-    for line in await scrape_summary(cluster):
-        say(line)
-    targets = ", ".join(f"{w.host}:{w.metrics_port}" for w in cluster.workers)
-    say(f"  Prometheus scrape targets: {targets}")
-
-    if options.keep_running:
-        cluster.waiting_for_interrupt = True
-        first = cluster.workers[0]
-        say(
-            "\ncluster is running; try:\n"
-            f"  patio call --peer {first.address} --key-file {cluster.key_file} mul 6 7\n"
-            f"  curl {first.metrics_url}/metrics\n"
-            "Ctrl-C stops it."
-        )
-        while all(w.process is not None and w.process.poll() is None for w in cluster.workers):  # noqa: ASYNC110 - polling child processes, nothing to wait on
-            await asyncio.sleep(0.5)
-        say("patio local: a worker exited; stopping the cluster")
-        return 1
-    return 0 if ok else 1
+            if not work.done():
+                work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    finally:
+        await broker.close()
+    if interrupt.done():
+        say(f"\npatio local: interrupted; results of the {len(result.records)} calls made so far:")
+    return summarize(result, set(demo_workload.EXPECTED_ERRORS), cluster.out)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -597,18 +718,16 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run_local(options: LocalOptions, *, out: TextIO = sys.stdout) -> int:
     cluster = LocalCluster(options, out=out)
+    # Outside the event loop (planning, stopping) SIGTERM is a KeyboardInterrupt
+    # like Ctrl-C; inside it both are handled by _main.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cluster.plan()
         key = cluster.write_key()
         code = run_async(_main(cluster, key), event_loop=options.event_loop)
     except KeyboardInterrupt:
-        if cluster.waiting_for_interrupt:
-            print("\npatio local: stopping the workers", file=out, flush=True)
-            code = 0
-        else:
-            print("\npatio local: interrupted; stopping the workers", file=out, flush=True)
-            code = 130
+        print("\npatio local: interrupted; stopping the workers", file=out, flush=True)
+        code = 130
     except Exception as exc:  # one clear line, and the workers' logs kept to look at
         print(f"patio local: error: {describe_error(exc)}", file=out, flush=True)
         cluster.keep_workdir = True

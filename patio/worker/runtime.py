@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import errno
 import importlib
-import importlib.metadata
 import inspect
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 import prometheus_client
 
+from patio import __version__
 from patio import executor as executors
 from patio.broker import TCPMeshBroker
 from patio.registry import Registry
@@ -46,13 +46,6 @@ from patio.worker.peers import PeersFileError, read_peers_file
 log = logging.getLogger("patio.worker")
 
 LIVENESS_STALE_AFTER = 5.0
-
-
-def patio_version() -> str:
-    try:
-        return importlib.metadata.version("patio")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------
@@ -271,9 +264,7 @@ class Worker:
                 node_id=config.node_id,
                 allow_empty_key=config.allow_empty_key,
             )
-            self.metrics = WorkerMetrics(
-                self.broker, version=patio_version(), executor=self.executor
-            )
+            self.metrics = WorkerMetrics(self.broker, version=__version__, executor=self.executor)
             if config.metrics_enabled:  # nobody can read the histograms otherwise
                 self.metrics.install(self.broker.stats)
             async with self.broker:
@@ -486,7 +477,7 @@ class Worker:
         listening = ", ".join(format_address(str(h), int(p)) for h, p in broker.listening)
         log.info(
             "patio worker %s: node %s serving %s (%d tasks: %s) on the %s executor",
-            patio_version(),
+            __version__,
             broker.node_id,
             config.registry,
             len(names),

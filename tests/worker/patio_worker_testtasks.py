@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
 import os
+import uuid
 
 from patio.registry import Registry
 
@@ -37,3 +40,18 @@ async def fail(message: str) -> None:
 @rpc("pid")
 async def pid() -> int:
     return os.getpid()
+
+
+@rpc("typed")
+async def typed() -> dict[str, object]:
+    """Values JSON lacks, as a task might return them."""
+    return {
+        "when": datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC),
+        "amount": decimal.Decimal("1.10"),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    }
+
+
+@rpc("greet")
+async def greet(name: str, *, punctuation: str = "!") -> str:
+    return f"hello {name}{punctuation}"

@@ -110,7 +110,7 @@ def test_tls_cert_and_key_that_do_not_match(tmp_path: Path) -> None:
     [
         (["worker"], {}, "no registry given"),
         (["worker", TASKS, "--port", "nope"], {}, "--port must be an integer"),
-        (["worker", TASKS], {"PATIO_EXECUTOR": "gpu"}, "--executor must be one of"),
+        (["worker", TASKS], {"PATIO_EXECUTOR": "gpu"}, "PATIO_EXECUTOR must be one of"),
         (["worker", TASKS, "--listen", "0.0.0.0"], {}, "no key for a worker listening on 0.0.0.0"),
         (["worker", TASKS, "--frobnicate"], {}, "unrecognized arguments: --frobnicate"),
     ],
@@ -133,23 +133,6 @@ def test_call_and_operator_and_keygen() -> None:
     assert run_patio("keygen").stdout != key.stdout
     unknown = run_patio("frobnicate")
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
-
-
-def test_operator_missing_is_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from patio import cli
-
-    def missing(name: str) -> None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
-    monkeypatch.setattr(cli.os.path, "isdir", lambda path: False)
-    assert cli.main(["operator", "--namespace", "x"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(
-        "patio operator: error: the operator is not installed"
-    )
 
 
 def test_operator_gets_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:

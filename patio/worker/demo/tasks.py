@@ -1,4 +1,4 @@
-"""Tasks served by the workers of ``patio local`` (registry ``examples.local.demo_tasks:rpc``).
+"""Tasks served by the workers of ``patio local`` (registry ``patio.worker.demo.tasks:rpc``).
 
 A small mix that shows what a patio mesh does with different kinds of work:
 

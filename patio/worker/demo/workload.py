@@ -1,4 +1,4 @@
-"""The workload ``patio local`` runs against the demo tasks (see demo_tasks.py).
+"""The workload ``patio local`` runs against the demo tasks (see tasks.py).
 
 ``calls(seed)`` yields ``(task, args)`` forever; the runner takes as many as
 ``--calls`` asks for (or as many as fit in ``--duration``). A fixed seed makes
