@@ -28,8 +28,7 @@ from patio.executor import (
     ThreadPoolExecutor,
 )
 from patio.registry import Registry, TaskFunctionType
-
-__version__ = "1.0.0a1"
+from patio.version import __version__
 
 __all__ = [
     "AbstractBroker",

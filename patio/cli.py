@@ -2,6 +2,7 @@
 
     patio worker MODULE:ATTR [options]   serve a registry as a mesh member
     patio call --peer HOST:PORT TASK ARG...
+    patio status --peer HOST:PORT [--json] [--watch]
     patio local [--workers 3] [--calls N | --duration S] [--keep-running]
     patio keygen
     patio operator ...                    the Kubernetes operator (patio_operator)
@@ -159,6 +160,25 @@ def _help_variables(parser: argparse.ArgumentParser) -> None:
             action.help += f" [${env_variable(action)}]"
 
 
+def _add_connection_options(parser: argparse.ArgumentParser, *, timeout: float) -> None:
+    """How a command outside the mesh reaches it: peers, key, TLS, a time limit."""
+    parser.add_argument(
+        "--peer",
+        action=Repeatable,
+        default=None,
+        metavar="HOST:PORT",
+        help="a worker to dial; repeat it or give a comma list (any one that answers serves)",
+    )
+    parser.add_argument("--key-file", help="file holding the shared key")
+    parser.add_argument("--key", help="the shared key inline")
+    parser.add_argument("--tls-cert", help="PEM client certificate (for a mesh with mutual TLS)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the workers' certificates")
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=timeout, help=f"seconds (default {timeout:g})"
+    )
+
+
 def _subparser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
     parser.add_argument("--version", action="version", version=VERSION)
@@ -197,19 +217,7 @@ def build_parser(
         "string; @FILE reads the argument from FILE and - from standard input. "
         "Every option also reads a PATIO_* variable (shown in brackets).",
     )
-    call.add_argument(
-        "--peer",
-        action=Repeatable,
-        default=None,
-        metavar="HOST:PORT",
-        help="a worker to dial; repeat it or give a comma list (the call goes to any of them)",
-    )
-    call.add_argument("--key-file", help="file holding the shared key")
-    call.add_argument("--key", help="the shared key inline")
-    call.add_argument("--tls-cert", help="PEM client certificate (for a mesh with mutual TLS)")
-    call.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    call.add_argument("--tls-ca", help="PEM CA bundle that signed the workers' certificates")
-    call.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds (default 30)")
+    _add_connection_options(call, timeout=30.0)
     call.add_argument(
         "--kwargs",
         metavar="JSON",
@@ -228,6 +236,29 @@ def build_parser(
     call.add_argument("task", metavar="TASK")
     call.add_argument("args", nargs="*", metavar="ARG")
     _help_variables(call)
+
+    status = _subparser(
+        sub,
+        "status",
+        help="show every member of a running mesh: load, calls, links, tasks",
+        description="Ask any one member for the status of every member of its mesh (over "
+        "the mesh protocol, authenticated like a call). Every option also reads a PATIO_* "
+        "variable (shown in brackets).",
+    )
+    _add_connection_options(status, timeout=5.0)
+    status.add_argument(
+        "--json", action="store_true", help="print one JSON object (per refresh) for scripts"
+    )
+    status.add_argument(
+        "--watch",
+        type=_positive_float,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    _help_variables(status)
 
     local = _subparser(
         sub,
@@ -384,6 +415,34 @@ def run_call_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return run_call(request, as_json=ns.json)
 
 
+def run_status_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from patio.worker.client import make_request  # noqa: PLC0415 - loaded on use, keeps start-up fast
+    from patio.worker.status import StatusRequest, run_status  # noqa: PLC0415 - loaded on use
+
+    if not ns.peer:
+        raise ConfigError("no member to ask: give --peer HOST:PORT (or set PATIO_PEER)")
+    key_file, key = resolve_key_source(ns.key_file, ns.key, environ)
+    # The same checks and files as a call: peers, key, TLS.
+    target = make_request(
+        peers=ns.peer, task="", args=[], key=key, key_file=key_file, timeout=ns.timeout,
+        retryable=False, tls_cert=ns.tls_cert, tls_key=ns.tls_key, tls_ca=ns.tls_ca,
+    )  # fmt: skip
+    if not target.key:
+        print("patio status: warning: no key given (--key-file, --key, PATIO_KEY_FILE or "
+              "PATIO_KEY); using the empty key", file=sys.stderr)  # fmt: skip
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    return run_status(
+        StatusRequest(
+            peers=target.peers,
+            key=target.key,
+            timeout=ns.timeout,
+            as_json=ns.json,
+            watch=ns.watch,
+            ssl_context=target.ssl_context,
+        )
+    )
+
+
 def run_local_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
     require_modules(WORKER_MODULES, "worker")
     from patio.worker.local import LocalOptions, run_local  # noqa: PLC0415 - loaded on use, keeps start-up fast
@@ -453,6 +512,7 @@ Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 _COMMANDS: dict[str, Handler] = {
     "worker": run_worker_command,
     "call": run_call_command,
+    "status": run_status_command,
     "local": run_local_command,
     "keygen": run_keygen_command,
 }

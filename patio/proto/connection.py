@@ -201,6 +201,14 @@ class Connection:
         self._require_open()
         self._queue([MessageType.GOODBYE, reason])
 
+    def send_status(self, request_id: int, gather: bool) -> None:
+        self._require_open()
+        self._queue([MessageType.STATUS, request_id, gather])
+
+    def send_status_reply(self, request_id: int, members: list[dict[str, Any]]) -> None:
+        self._require_open()
+        self._queue([MessageType.STATUS_REPLY, request_id, members])
+
     def close(self) -> None:
         self.state = State.CLOSED
 

@@ -14,11 +14,19 @@ of one msgpack array whose first element is the message type::
     PONG      [8]
     GOODBYE   [9, reason]
     REFUSED   [10]
+    STATUS    [11, request_id, gather]
+    STATUS_REPLY [12, request_id, members]
 
 REFUSED is the last frame a side sends when the peer's AUTH does not verify
 against any key it accepts: it tells the peer that it was refused (so the
 peer fails at once instead of retrying as if the network failed) and nothing
 more.
+
+STATUS asks the receiver how it is; with ``gather`` it also asks every
+mesh member it is connected to (with ``gather`` false, so nothing fans out
+twice) and answers for all of them. ``members`` is a list of maps, one per
+member, of plain values (docs/protocol.md lists the keys); they are broker
+facts, not user data, and are checked field by field by whoever reads them.
 
 ``names`` are the tasks the sender executes itself; ``routable`` the further
 tasks it will forward to a mesh peer for a caller that sets ``route``.
@@ -65,6 +73,8 @@ class MessageType(enum.IntEnum):
     PONG = 8
     GOODBYE = 9
     REFUSED = 10
+    STATUS = 11
+    STATUS_REPLY = 12
 
 
 class ErrorKind(enum.IntEnum):
@@ -101,6 +111,8 @@ SHAPES: Final[dict[int, tuple[tuple[type, ...], ...]]] = {
     MessageType.PONG: ((),),
     MessageType.GOODBYE: ((), _STR),
     MessageType.REFUSED: ((),),
+    MessageType.STATUS: ((), _INT, _BOOL),
+    MessageType.STATUS_REPLY: ((), _INT, _LIST),
 }
 
 

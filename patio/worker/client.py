@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import decimal
 import json
@@ -19,7 +20,7 @@ import os
 import ssl
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -194,26 +195,31 @@ def format_peers(peers: Sequence[PeerAddress]) -> str:
     return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in peers)
 
 
-async def call_once(request: CallRequest) -> Any:
-    """Connect as a caller that serves nothing, make the call, leave.
+@contextlib.asynccontextmanager
+async def connected_client(
+    peers: Sequence[PeerAddress],
+    key: bytes,
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    command: str = "patio call",
+) -> AsyncIterator[TCPClientBroker]:
+    """A client broker that serves nothing, connected to every peer that answers.
 
-    A client (not a mesh member) is what a one-off caller is: the worker it
-    dials forwards the call to the best member if it is busier than another.
-    Every peer is dialled at once; the call goes ahead with those that
-    answered, and fails naming every peer when none did. Raises what the
-    call raised.
+    Every peer is dialled at once; it goes ahead with those that answered
+    (a warning names the others), and fails naming every peer when none did.
     """
     async with NullExecutor(Registry()) as executor:
         broker = TCPClientBroker(
             executor,
-            key=request.key,
+            key=key,
             allow_empty_key=True,
-            connect_timeout=min(CONNECT_TIMEOUT, request.timeout),
-            ssl_context=request.ssl_context,
+            connect_timeout=min(CONNECT_TIMEOUT, timeout),
+            ssl_context=ssl_context,
         )
         async with broker:
             outcomes = await asyncio.gather(
-                *(broker.connect(host, port) for host, port in request.peers),
+                *(broker.connect(host, port) for host, port in peers),
                 return_exceptions=True,
             )
             failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -224,18 +230,31 @@ async def call_once(request: CallRequest) -> Any:
                 if len(failures) == 1:
                     raise failures[0]
                 raise PeerConnectionError(
-                    f"cannot connect to any of {format_peers(request.peers)}: "
+                    f"cannot connect to any of {format_peers(peers)}: "
                     + "; ".join(describe_error(f) for f in failures)
                 )
             for failure in failures:
-                print(f"patio call: warning: {describe_error(failure)}", file=sys.stderr)
-            return await broker.call(
-                request.task,
-                *request.args,
-                timeout=request.timeout,
-                retryable=request.retryable,
-                **request.kwargs,
-            )
+                print(f"{command}: warning: {describe_error(failure)}", file=sys.stderr)
+            yield broker
+
+
+async def call_once(request: CallRequest) -> Any:
+    """Connect as a caller that serves nothing, make the call, leave.
+
+    A client (not a mesh member) is what a one-off caller is: the worker it
+    dials forwards the call to the best member if it is busier than another.
+    Raises what the call raised.
+    """
+    async with connected_client(
+        request.peers, request.key, timeout=request.timeout, ssl_context=request.ssl_context
+    ) as broker:
+        return await broker.call(
+            request.task,
+            *request.args,
+            timeout=request.timeout,
+            retryable=request.retryable,
+            **request.kwargs,
+        )
 
 
 def run_call(

@@ -320,10 +320,11 @@ class LocalCluster:
         deadline = loop.time() + READY_TIMEOUT
         pending = list(self.workers)
         while pending:
-            for worker in list(pending):
+            for worker in self.workers:
                 assert worker.process is not None
                 if worker.process.poll() is not None:
                     return worker
+            for worker in list(pending):
                 with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
                     status, _ = await http_get(worker.host, worker.metrics_port, "/readyz", 1.0)
                     if status == 200:
@@ -576,6 +577,7 @@ def cluster_commands(cluster: LocalCluster) -> list[str]:
     auth = ["--peer", first.address, "--key-file", str(cluster.key_file)]
     base = patio_command()
     return [
+        shlex.join([*base, "status", *auth]),
         shlex.join([*base, "call", *auth, "mul", "6", "7"]),
         f"curl {first.metrics_url}/metrics",
     ]
@@ -619,6 +621,9 @@ async def _run(cluster: LocalCluster, key: bytes, interrupted: asyncio.Event) ->
     try:
         say(f"patio local: starting {len(cluster.workers)} workers ({options.executor} executor)")
         cluster.start()
+        # From now on a worker that exits is reported when it does, even
+        # while the others are still starting.
+        monitor = asyncio.ensure_future(watch_workers(cluster, all_dead))
         t0 = time.perf_counter()
         ready = asyncio.ensure_future(cluster.wait_ready())
         await _first(ready, interrupt)
@@ -630,15 +635,14 @@ async def _run(cluster: LocalCluster, key: bytes, interrupted: asyncio.Event) ->
         if failed is not None:
             assert failed.process is not None
             if failed.process.poll() is not None:
-                cluster.newly_dead()
-                cluster.report_dead(failed, lines=15)
+                for worker in cluster.newly_dead():
+                    cluster.report_dead(worker, lines=15)
             else:
                 say(f"patio local: worker {failed.node_id} not ready after {READY_TIMEOUT:g}s; "
                     f"its log ({failed.log_path}):")  # fmt: skip
                 say(cluster.log_tail(failed, 15))
                 cluster.keep_workdir = True
             return 1
-        monitor = asyncio.ensure_future(watch_workers(cluster, all_dead))
         say(f"  all {len(cluster.workers)} workers ready in {time.perf_counter() - t0:.1f}s:")
         for worker in cluster.workers:
             pid = worker.process.pid if worker.process is not None else 0

@@ -162,3 +162,15 @@ def test_patio_call_inputs_outputs_and_variables(spawn: Spawner, tmp_path: Path)
                      "mul", "1", "2")  # fmt: skip
     assert down.returncode == 1 and dead in down.stderr and other_dead in down.stderr
     assert time.monotonic() - started < 30  # did not hang (the bound for speed is the broker's)
+
+
+def test_status_maps_from_peers_are_reduced_to_known_fields() -> None:
+    from patio.broker.tcp.status import clean_member
+
+    assert clean_member(["not", "a", "map"]) is None
+    assert clean_member({"served": 3}) is None  # no node id
+    member = clean_member({
+        "node_id": "a", "served": "3", "failed": 1, "draining": 1, "tasks": ["x", 2, "y"],
+        "capacity": True, "secret": "dropped", "uptime": 1.5,
+    })  # fmt: skip
+    assert member == {"node_id": "a", "failed": 1, "tasks": ["x", "y"], "uptime": 1.5}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -127,3 +128,52 @@ def test_own_key_printed_commands_and_a_dying_worker(tmp_path: Path) -> None:
         out = run.finish()
     assert run.proc.returncode == 1, out  # a worker died: not a clean run
     assert key.read_text() == "my-own-key\n"  # the user's key file is left alone
+
+
+@pytest.mark.slow
+def test_patio_status_lists_every_member(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("status-key\n")
+    with running("-n", "3", "--no-workload", "--keep-running", "--key-file", str(key)) as run:
+        pids = {}
+        for _ in range(3):
+            found = run.until(r"(local-\d)  mesh \S+ .* pid (\d+)")
+            pids[found.group(1)] = int(found.group(2))
+        status_line = run.until(r"^\s+(\S.* status --peer .*)$").group(1)
+        run.until("Ctrl-C stops it")
+        command = shlex.split(status_line)
+
+        def status(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*command, *extra], capture_output=True, text=True, env=patio_env(),
+                cwd=str(tmp_path), timeout=60, check=False,
+            )  # fmt: skip
+
+        table = status()
+        assert table.returncode == 0, table.stderr
+        rows = [line for line in table.stdout.splitlines() if line.startswith("local-")]
+        assert [row.split()[0] for row in rows] == ["local-0", "local-1", "local-2"], table.stdout
+        assert all("2/2" in row and "mul, sha256" in row.replace("flaky, lookup, ", "")
+                   for row in rows), table.stdout  # fmt: skip
+        assert "3 members" in table.stdout
+
+        members = json.loads(status("--json").stdout)["members"]
+        assert sorted(m["node_id"] for m in members if m.get("addresses")) == [
+            "local-0", "local-1", "local-2"]  # fmt: skip
+        for member in members:
+            if member.get("addresses"):
+                assert member["links_up"] == member["links_known"] == 2
+                assert {"mul", "sha256", "lookup", "flaky"} <= set(member["tasks"])
+                assert member["executor"] == "AsyncExecutor" and member["capacity"] > 0
+
+        os.kill(pids["local-2"], signal.SIGKILL)
+        run.until("worker local-2 .* was killed by SIGKILL", 10)
+        deadline = time.monotonic() + 15
+        while True:
+            after = status()
+            if "UNREACHABLE" in after.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert after.returncode == 1, after.stdout + after.stderr
+        down = [line for line in after.stdout.splitlines() if line.startswith("local-2")]
+        assert down and "UNREACHABLE" in down[0], after.stdout

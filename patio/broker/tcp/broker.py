@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -50,6 +51,7 @@ from patio.broker.tcp.protocol import Protocol
 from patio.broker.tcp.router import Router
 from patio.broker.tcp.sender import CallSender
 from patio.broker.tcp.server import Server
+from patio.broker.tcp.status import StatusDesk, clean_member
 from patio.errors import PeerConnectionError
 from patio.executor import AbstractExecutor
 from patio.proto import KeySet
@@ -145,7 +147,10 @@ class TCPBroker(AbstractBroker):
         self._router = Router(self, by_node)
         self._sender = CallSender(self, self._router, self.protocol)
         self._server = Server(self, self._router, self._sender)
-        self._links = LinkTable(self, by_node, self._router, self._sender, self._server)
+        self._status = StatusDesk(self, by_node, self._membership_links, self._addresses)
+        self._links = LinkTable(
+            self, by_node, self._router, self._sender, self._server, self._status
+        )
         self._dialer = Dialer(self, self._links, self._router)
         self._dialer.client_ssl = client_ssl_context
         self._links.on_self_link = self._dialer.mark_self
@@ -177,6 +182,7 @@ class TCPBroker(AbstractBroker):
     async def setup(self) -> None:
         await super().setup()
         self._loop = asyncio.get_running_loop()
+        self._status.started = time.monotonic()
 
     async def close(self) -> None:
         if self._closing:
@@ -336,6 +342,42 @@ class TCPBroker(AbstractBroker):
             if node_id not in seen:
                 infos.append(self._info(peer, peer.link.peername, node_id))
         return infos
+
+    async def mesh_status(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Every mesh member's status, gathered by a member we are connected to.
+
+        One map per member (docs/protocol.md lists the keys); a member that
+        is known but not connected, or did not answer, has an ``error`` key.
+        """
+        for peer in list(self._links.by_node.values()):
+            if peer.link.closed or peer.state not in (PeerState.ACTIVE, PeerState.DRAINING):
+                continue
+            members = await self._status.ask(peer, True, timeout)
+            return [m for m in map(clean_member, members) if m is not None]
+        raise PeerConnectionError("not connected to any member: nobody to ask for the status")
+
+    def status(self) -> dict[str, Any]:
+        """This broker's own status map (what it answers to a STATUS request)."""
+        return self._status.own()
+
+    def _membership_links(self) -> tuple[int, int, list[tuple[str, str]]]:
+        """(links up, members known, [(member, why it is not connected)]) from membership."""
+        known = up = 0
+        missing: list[tuple[str, str]] = []
+        for target in self._dialer.targets.values():
+            if target.is_self:
+                continue
+            known += 1
+            peer = self._links.peer_for(target.node_id)
+            if peer is not None and not peer.link.closed:
+                up += 1
+            else:
+                why = target.last_error or "still connecting"
+                missing.append((target.node_id or target.describe(), f"{target.describe()}: {why}"))
+        return up, known, missing
+
+    def _addresses(self) -> list[str]:
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.listening]
 
     def links(self) -> list[LinkView]:
         """Every authenticated link (retiring ones too), as read-only snapshots."""

@@ -19,6 +19,7 @@ from patio.broker.tcp.peer import LinkView, Peer, PeerState
 from patio.broker.tcp.router import Router
 from patio.broker.tcp.sender import CallSender
 from patio.broker.tcp.server import Server
+from patio.broker.tcp.status import StatusDesk
 from patio.proto import Role
 from patio.proto.messages import MessageType
 from patio.transport import Link
@@ -43,6 +44,7 @@ class LinkTable:
         router: Router,
         sender: CallSender,
         server: Server,
+        status: StatusDesk,
     ) -> None:
         self._core = core
         self.by_node = by_node  # node id -> the link in use to it
@@ -50,6 +52,7 @@ class LinkTable:
         self._router = router
         self._sender = sender
         self._server = server
+        self._status = status
         #: told of a link that turned out to be this broker itself
         self.on_self_link: Callable[[Link], None] = lambda link: None
 
@@ -126,6 +129,10 @@ class LinkTable:
             self._on_announce(peer, names, routable, capacity, window, draining)
         elif kind == MessageType.GOODBYE:
             self._on_goodbye(peer)
+        elif kind == MessageType.STATUS:
+            self._status.on_request(peer, message[1], message[2])
+        elif kind == MessageType.STATUS_REPLY:
+            self._status.on_reply(peer, message[1], message[2])
 
     def _on_announce(
         self,
@@ -180,6 +187,7 @@ class LinkTable:
         peer.move(PeerState.CLOSED)
         self._sender.fail_pending(peer, reason)
         self._server.cancel_all(peer)
+        self._status.link_lost(peer, reason)
         self._router.changed()
 
     # -- announcing, retiring, closing -----------------------------------------------
