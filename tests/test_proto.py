@@ -16,14 +16,18 @@ from patio.errors import AuthenticationError, HandshakeError, ProtocolError
 from patio.proto import (
     HANDSHAKE_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
+    Call,
     Connection,
     KeySet,
+    Message,
     MessageType,
     PeerAuthenticated,
+    Pong,
+    Result,
     Role,
 )
 from patio.proto.connection import State, _proof
-from patio.proto.messages import HEADER, MAGIC, NONCE_SIZE
+from patio.proto.messages import HEADER, MAGIC, MESSAGE_TYPES, NONCE_SIZE
 
 KEY = b"k" * 32
 OTHER = b"o" * 32
@@ -312,7 +316,7 @@ def handshake_and_traffic() -> tuple[bytes, list[Any]]:
         [MessageType.CANCEL, 9],
         [MessageType.GOODBYE, "bye"],
     ]
-    return stream, expected
+    return stream, [MESSAGE_TYPES[fields[0]](*fields) for fields in expected]
 
 
 def feed_split(stream: bytes, cuts: list[int]) -> tuple[Connection, list[Any]]:
@@ -379,7 +383,7 @@ def test_frame_at_max_size_after_auth_is_accepted() -> None:
     a.send_result(1, payload)
     data = a.data_to_send()
     assert HEADER.unpack_from(data)[0] <= 4096
-    assert b.receive_data(data) == [[MessageType.RESULT, 1, payload]]
+    assert b.receive_data(data) == [Result(MessageType.RESULT, 1, payload)]
     a.send_result(2, b"p" * 5000)
     with pytest.raises(ProtocolError, match="exceeds"):
         b.receive_data(a.data_to_send())
@@ -410,7 +414,8 @@ def test_random_bytes_after_auth_only_raise_protocol_errors(junk: bytes, framed:
         assert b.state is State.CLOSED
     else:
         for event in events:
-            assert isinstance(event, list) and event[0] in MessageType.__members__.values()
+            assert isinstance(event, Message) and event[0] in MessageType.__members__.values()
+            assert type(event) is MESSAGE_TYPES[event.kind]
 
 
 MSGPACK_VALUES = st.recursive(
@@ -444,6 +449,9 @@ def test_random_messages_after_auth_are_valid_or_protocol_errors(
         assert type(event[0]) is int
         kind_ = MessageType(event[0])
         assert kind_ not in (MessageType.HELLO, MessageType.AUTH, MessageType.PING)
+        # Typed, with the fields of the frame in order.
+        assert type(event) is MESSAGE_TYPES[kind_]
+        assert list(event) == [kind, *fields]
 
 
 @pytest.mark.parametrize(
@@ -491,7 +499,9 @@ def test_malformed_messages_after_auth(message: Any, needle: str) -> None:
 def test_call_timeouts_that_are_accepted(timeout: Any) -> None:
     a, b = open_pair()
     a.send_call(1, "t", b"", timeout, False)
-    assert b.receive_data(a.data_to_send()) == [[MessageType.CALL, 1, "t", b"", timeout, False]]
+    (call,) = b.receive_data(a.data_to_send())
+    assert call == Call(MessageType.CALL, 1, "t", b"", timeout, False)
+    assert (call.call_id, call.name, call.timeout, call.route) == (1, "t", timeout, False)
 
 
 def test_invalid_msgpack_after_auth() -> None:
@@ -515,7 +525,7 @@ def test_ping_is_answered_with_pong_internally() -> None:
     reply = b.data_to_send()
     assert unframe(reply) == [[MessageType.PONG]]
     # The PONG is an event for the side that pinged (a heartbeat answer).
-    assert a.receive_data(reply) == [[MessageType.PONG]]
+    assert a.receive_data(reply) == [Pong(MessageType.PONG)]
     assert a.data_to_send() == b""
 
 

@@ -156,46 +156,14 @@ class MsgpackSerializer(AbstractSerializer):
 
     def _default(self, obj: Any) -> Any:
         cls = type(obj)
-        if cls is tuple:
-            return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
-        if cls is set:
-            return msgpack.ExtType(EXT_SET, self._pack_nested(list(obj)))
-        if cls is frozenset:
-            return msgpack.ExtType(EXT_FROZENSET, self._pack_nested(list(obj)))
-        if cls is datetime.datetime:
-            return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
-        if cls is datetime.date:
-            return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
-        if cls is datetime.time:
-            return msgpack.ExtType(EXT_TIME, obj.isoformat().encode())
-        if cls is datetime.timedelta:
-            return msgpack.ExtType(
-                EXT_TIMEDELTA,
-                self._pack_nested([obj.days, obj.seconds, obj.microseconds]),
-            )
-        if cls is complex:
-            return msgpack.ExtType(EXT_COMPLEX, self._pack_nested([obj.real, obj.imag]))
-        if cls is decimal.Decimal:
-            return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
-        if cls is uuid.UUID:
-            return msgpack.ExtType(EXT_UUID, obj.bytes)
-        if cls is int:  # outside msgpack's 64-bit range
-            return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+        encoder = _ENCODERS.get(cls)
+        if encoder is not None:
+            code, encode = encoder
+            return msgpack.ExtType(code, encode(self, obj))
         # Subclasses of the native types travel as their base type.
-        if isinstance(obj, bool):
-            return bool(obj)
-        if isinstance(obj, int):
-            return int(obj)
-        if isinstance(obj, float):
-            return float(obj)
-        if isinstance(obj, str):
-            return str(obj)
-        if isinstance(obj, bytes):
-            return bytes(obj)
-        if isinstance(obj, dict):
-            return dict(obj)
-        if isinstance(obj, list):
-            return list(obj)
+        for base in _NATIVE_BASES:
+            if isinstance(obj, base):
+                return base(obj)
         raise SerializationError(
             f"cannot serialize object of type {cls.__module__}.{cls.__qualname__} with "
             f"msgpack (supported: None, bool, int, float, str, bytes, list, "
@@ -207,34 +175,10 @@ class MsgpackSerializer(AbstractSerializer):
         return msgpack.unpackb(data, **self._unpack_options)
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
-        if code == EXT_TUPLE:
-            return tuple(self._unpack_nested(data))
-        if code == EXT_SET:
-            return set(self._unpack_nested(data))
-        if code == EXT_FROZENSET:
-            return frozenset(self._unpack_nested(data))
-        if code == EXT_DATETIME:
-            return datetime.datetime.fromisoformat(data.decode())
-        if code == EXT_DATE:
-            return datetime.date.fromisoformat(data.decode())
-        if code == EXT_TIME:
-            return datetime.time.fromisoformat(data.decode())
-        if code == EXT_TIMEDELTA:
-            days, seconds, microseconds = self._unpack_nested(data)
-            return datetime.timedelta(days=days, seconds=seconds, microseconds=microseconds)
-        if code == EXT_COMPLEX:
-            real, imag = self._unpack_nested(data)
-            return complex(real, imag)
-        if code == EXT_DECIMAL:
-            return decimal.Decimal(data.decode())
-        if code == EXT_UUID:
-            return uuid.UUID(bytes=data)
-        if code == EXT_BIGINT:
-            text = data.decode()
-            if len(text) > 4300:  # same bound as sys.int_info.default_max_str_digits
-                raise ValueError("integer too large")
-            return int(text)
-        raise ValueError(f"unknown msgpack extension type {code}")
+        decode = _DECODERS.get(code)
+        if decode is None:
+            raise ValueError(f"unknown msgpack extension type {code}")
+        return decode(self, data)
 
     def unpack(self, data: bytes) -> Any:
         if len(data) > self.max_message_size:
@@ -252,6 +196,56 @@ class MsgpackSerializer(AbstractSerializer):
 
 # ---------------------------------------------------------------------------
 # pickle
+
+
+def _big_int(text: str) -> int:
+    if len(text) > 4300:  # same bound as sys.int_info.default_max_str_digits
+        raise ValueError("integer too large")
+    return int(text)
+
+
+def _timedelta(parts: list[int]) -> datetime.timedelta:
+    days, seconds, microseconds = parts
+    return datetime.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
+def _complex(parts: list[float]) -> complex:
+    real, imag = parts
+    return complex(real, imag)
+
+
+# Exact type -> (extension code, how its value becomes bytes). Exact, because a
+# subclass (an IntEnum, a str subclass) travels as its native base type.
+_ENCODERS: Final[dict[type, tuple[int, Callable[[MsgpackSerializer, Any], bytes]]]] = {
+    tuple: (EXT_TUPLE, lambda s, o: s._pack_nested(list(o))),
+    set: (EXT_SET, lambda s, o: s._pack_nested(list(o))),
+    frozenset: (EXT_FROZENSET, lambda s, o: s._pack_nested(list(o))),
+    datetime.datetime: (EXT_DATETIME, lambda s, o: o.isoformat().encode()),
+    datetime.date: (EXT_DATE, lambda s, o: o.isoformat().encode()),
+    datetime.time: (EXT_TIME, lambda s, o: o.isoformat().encode()),
+    datetime.timedelta: (
+        EXT_TIMEDELTA,
+        lambda s, o: s._pack_nested([o.days, o.seconds, o.microseconds]),
+    ),
+    complex: (EXT_COMPLEX, lambda s, o: s._pack_nested([o.real, o.imag])),
+    decimal.Decimal: (EXT_DECIMAL, lambda s, o: str(o).encode()),
+    uuid.UUID: (EXT_UUID, lambda s, o: o.bytes),
+    int: (EXT_BIGINT, lambda s, o: str(o).encode()),  # outside msgpack's 64-bit range
+}
+_NATIVE_BASES: Final[tuple[type[Any], ...]] = (bool, int, float, str, bytes, dict, list)
+_DECODERS: Final[dict[int, Callable[[MsgpackSerializer, bytes], Any]]] = {
+    EXT_TUPLE: lambda s, d: tuple(s._unpack_nested(d)),
+    EXT_SET: lambda s, d: set(s._unpack_nested(d)),
+    EXT_FROZENSET: lambda s, d: frozenset(s._unpack_nested(d)),
+    EXT_DATETIME: lambda s, d: datetime.datetime.fromisoformat(d.decode()),
+    EXT_DATE: lambda s, d: datetime.date.fromisoformat(d.decode()),
+    EXT_TIME: lambda s, d: datetime.time.fromisoformat(d.decode()),
+    EXT_TIMEDELTA: lambda s, d: _timedelta(s._unpack_nested(d)),
+    EXT_COMPLEX: lambda s, d: _complex(s._unpack_nested(d)),
+    EXT_DECIMAL: lambda s, d: decimal.Decimal(d.decode()),
+    EXT_UUID: lambda s, d: uuid.UUID(bytes=d),
+    EXT_BIGINT: lambda s, d: _big_int(d.decode()),
+}
 
 
 class PickleSerializer(AbstractSerializer):

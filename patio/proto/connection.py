@@ -31,6 +31,7 @@ from math import isnan
 from typing import Any, Final
 
 import msgpack
+from msgpack import unpackb
 
 from patio.errors import (
     AuthenticationError,
@@ -45,9 +46,13 @@ from patio.proto.messages import (
     HEADER,
     MAGIC,
     MAX_NODE_ID_LENGTH,
+    MESSAGE_TYPES,
     NONCE_SIZE,
     PROTOCOL_VERSION,
+    Call,
+    Message,
     MessageType,
+    Result,
     shape_error,
 )
 
@@ -93,6 +98,27 @@ class PeerAuthenticated:
     node_id: str
     instance: str
     version: int
+
+
+_new = tuple.__new__
+
+
+def _checked_call(message: list[Any]) -> list[Any]:
+    """``message`` if it is a well-formed CALL, else ProtocolError."""
+    _, call_id, name, payload, timeout, route = message
+    if (
+        type(call_id) is not int
+        or type(name) is not str
+        or type(payload) is not bytes
+        or type(route) is not bool
+        or (timeout is not None and type(timeout) is not int and type(timeout) is not float)
+    ):
+        raise ProtocolError(shape_error(message) or "malformed CALL")
+    if type(timeout) is float and isnan(timeout):
+        # A NaN deadline in the event loop's timer heap breaks its order:
+        # every timer of the process would fire at once.
+        raise ProtocolError("CALL timeout is NaN")
+    return message
 
 
 def _proof(
@@ -214,19 +240,20 @@ class Connection:
 
     # -- input --------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Any]:
+    def receive_data(self, data: bytes) -> list[PeerAuthenticated | Message]:
         """Consume bytes; return the events they complete.
 
-        Events are :class:`PeerAuthenticated` once, then validated message
-        arrays (``[type, ...]``) as documented in :mod:`patio.proto.messages`.
-        PING is answered here and never returned. Raises :class:`ProtocolError`
-        (or a subclass) on any violation; the connection is CLOSED then.
+        Events are :class:`PeerAuthenticated` once, then typed messages
+        (:data:`~patio.proto.messages.Message`: ``Call``, ``Result``...),
+        validated field by field. PING is answered here and never returned.
+        Raises :class:`ProtocolError` (or a subclass) on any violation; the
+        connection is CLOSED then.
         """
         if self.state is State.CLOSED:
             return []
         buf = self._in
         buf += data
-        events: list[Any] = []
+        events: list[PeerAuthenticated | Message] = []
         pos = 0
         end = len(buf)
         try:
@@ -245,46 +272,16 @@ class Connection:
                 start = pos + 4
                 pos = start + size
                 try:
-                    message = msgpack.unpackb(
-                        buf[start:pos], raw=False, strict_map_key=False, use_list=True
-                    )
+                    message = unpackb(buf[start:pos], raw=False, strict_map_key=False)
                 except Exception as exc:
                     raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
+                event: PeerAuthenticated | Message | None
                 if self.state is State.OPEN:
-                    kind = message[0] if type(message) is list and message else None
-                    if type(kind) is int and (
-                        (kind == 3 and len(message) == 6) or (kind == 4 and len(message) == 3)
-                    ):
-                        # Fast path for CALL/RESULT: checked field by field below.
-                        if type(message[1]) is not int or (
-                            type(message[3 if kind == 3 else 2]) is not bytes
-                        ):
-                            raise ProtocolError(shape_error(message) or "malformed frame")
-                        if kind == 3 and (
-                            type(message[2]) is not str
-                            or type(message[5]) is not bool
-                            or (message[4] is not None and type(message[4]) not in (int, float))
-                        ):
-                            raise ProtocolError(shape_error(message) or "malformed frame")
-                        if kind == 3 and type(message[4]) is float and isnan(message[4]):
-                            # A NaN deadline in the event loop's timer heap breaks its
-                            # order: every timer of the process would fire at once.
-                            raise ProtocolError("CALL timeout is NaN")
-                        events.append(message)
-                        continue
-                    problem = shape_error(message)
-                    if problem is not None:
-                        raise ProtocolError(problem)
-                    if kind == MessageType.PING:
-                        self._queue([MessageType.PONG])
-                        continue
-                    if kind == MessageType.REFUSED:
-                        raise self._refused()
-                    events.append(message)
+                    event = self._message(message)
                 else:
                     event = self._handshake(message)
-                    if event is not None:
-                        events.append(event)
+                if event is not None:
+                    events.append(event)
         except ProtocolError:
             self.state = State.CLOSED
             buf.clear()
@@ -292,6 +289,27 @@ class Connection:
         if pos:
             del buf[:pos]
         return events
+
+    def _message(self, message: Any) -> Message | None:
+        """Check one post-handshake message and type it; None for what is handled here."""
+        if type(message) is list and message and type(message[0]) is int:
+            # Hot path: RESULT and CALL are checked field by field, without shape_error.
+            kind, size = message[0], len(message)
+            if kind == MessageType.RESULT and size == 3:
+                if type(message[1]) is int and type(message[2]) is bytes:
+                    return _new(Result, message)
+            elif kind == MessageType.CALL and size == 6:
+                return _new(Call, _checked_call(message))
+        problem = shape_error(message)
+        if problem is not None:
+            raise ProtocolError(problem)
+        kind = message[0]
+        if kind == MessageType.PING:
+            self._queue([MessageType.PONG])
+            return None
+        if kind == MessageType.REFUSED:
+            raise self._refused()
+        return _new(MESSAGE_TYPES[kind], message)
 
     def _refused(self) -> AuthenticationError:
         self.state = State.CLOSED

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
 MAGIC: Final = "patio"
@@ -113,6 +113,73 @@ SHAPES: Final[dict[int, tuple[tuple[type, ...], ...]]] = {
     MessageType.REFUSED: ((),),
     MessageType.STATUS: ((), _INT, _BOOL),
     MessageType.STATUS_REPLY: ((), _INT, _LIST),
+}
+
+
+# -- the typed messages a connection hands up -----------------------------------
+#
+# Each is a tuple in wire order, its type code first: typed fields for the
+# reader, and no copy of the decoded array to build one (``tuple.__new__``
+# over the list msgpack made). Indexing (``message[1]``) works as on the wire.
+
+
+class Announce(NamedTuple):
+    kind: int
+    names: list[Any]  # validated as a list; non-string entries are the reader's to drop
+    routable: list[Any]
+    capacity: int
+    window: int
+    draining: bool
+
+
+class Call(NamedTuple):
+    kind: int
+    call_id: int
+    name: str
+    payload: bytes
+    timeout: float | None
+    route: bool
+
+
+class Result(NamedTuple):
+    kind: int
+    call_id: int
+    payload: bytes
+
+
+class Error(NamedTuple):
+    kind: int
+    call_id: int
+    error_kind: int
+    payload: bytes
+
+
+class Cancel(NamedTuple):
+    kind: int
+    call_id: int
+
+
+class Pong(NamedTuple):
+    kind: int
+
+
+class Goodbye(NamedTuple):
+    kind: int
+    reason: str
+
+
+Message = Announce | Call | Result | Error | Cancel | Pong | Goodbye
+
+#: The type each post-handshake message code is handed up as (PING and
+#: REFUSED are handled by the connection itself and never handed up).
+MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
+    MessageType.ANNOUNCE: Announce,
+    MessageType.CALL: Call,
+    MessageType.RESULT: Result,
+    MessageType.ERROR: Error,
+    MessageType.CANCEL: Cancel,
+    MessageType.PONG: Pong,
+    MessageType.GOODBYE: Goodbye,
 }
 
 

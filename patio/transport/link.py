@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 
 from patio.errors import AuthenticationError, HandshakeError, ProtocolError
 from patio.proto import Connection, KeySet, PeerAuthenticated, Role
-from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE
+from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE, Message
 from patio.stats import BrokerStats
 
 log = logging.getLogger("patio.transport")
@@ -42,7 +42,7 @@ class LinkHandler(Protocol):
 
     def link_authenticated(self, link: Link) -> None: ...
 
-    def link_message(self, link: Link, message: list[Any]) -> None: ...
+    def link_message(self, link: Link, message: Message) -> None: ...
 
     def link_lost(self, link: Link, reason: str) -> None: ...
 
@@ -121,10 +121,10 @@ class Link(asyncio.Protocol):
             return
         handler = self.handler
         for event in events:
-            if type(event) is list:
-                handler.link_message(self, event)
-            else:
+            if isinstance(event, PeerAuthenticated):
                 self._on_authenticated(event)
+            else:
+                handler.link_message(self, event)
             if self.closed:
                 return
         self._flush()

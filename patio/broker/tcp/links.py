@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from patio.broker.tcp.core import BrokerCore
 from patio.broker.tcp.peer import LinkView, Peer, PeerState
@@ -21,7 +21,7 @@ from patio.broker.tcp.sender import CallSender
 from patio.broker.tcp.server import Server
 from patio.broker.tcp.status import StatusDesk
 from patio.proto import Role
-from patio.proto.messages import MessageType
+from patio.proto.messages import Announce, Call, Cancel, Error, Goodbye, Message, Result
 from patio.transport import Link
 
 log = logging.getLogger("patio.broker")
@@ -112,43 +112,34 @@ class LinkTable:
             return False
         return dialer(new) == winner
 
-    def link_message(self, link: Link, message: list[Any]) -> None:
+    def link_message(self, link: Link, message: Message) -> None:
+        """Hand a message to the part that owns it (the most frequent first)."""
         peer: Peer = link.state
-        kind = message[0]
-        if kind == MessageType.RESULT:
-            self._sender.on_result(peer, message[1], message[2])
-        elif kind == MessageType.CALL:
-            _, call_id, name, payload, timeout, route = message
-            self._server.on_call(peer, call_id, name, payload, timeout, route)
-        elif kind == MessageType.ERROR:
-            self._sender.on_error(peer, message[1], message[2], message[3])
-        elif kind == MessageType.CANCEL:
-            self._server.on_cancel(peer, message[1])
-        elif kind == MessageType.ANNOUNCE:
-            _, names, routable, capacity, window, draining = message
-            self._on_announce(peer, names, routable, capacity, window, draining)
-        elif kind == MessageType.GOODBYE:
+        if isinstance(message, Result):
+            self._sender.on_result(peer, message.call_id, message.payload)
+        elif isinstance(message, Call):
+            self._server.on_call(peer, message)
+        elif isinstance(message, Error):
+            self._sender.on_error(peer, message.call_id, message.error_kind, message.payload)
+        elif isinstance(message, Cancel):
+            self._server.on_cancel(peer, message.call_id)
+        elif isinstance(message, Announce):
+            self._on_announce(peer, message)
+        elif isinstance(message, Goodbye):
             self._on_goodbye(peer)
         elif kind == MessageType.STATUS:
             self._status.on_request(peer, message[1], message[2])
         elif kind == MessageType.STATUS_REPLY:
             self._status.on_reply(peer, message[1], message[2])
 
-    def _on_announce(
-        self,
-        peer: Peer,
-        names: list[Any],
-        routable: list[Any],
-        capacity: int,
-        window: int,
-        draining: bool,
-    ) -> None:
-        peer.names = frozenset(n for n in names if type(n) is str)
-        peer.routable = frozenset(n for n in routable if type(n) is str)
-        peer.capacity = max(int(capacity), 0)
-        peer.window = max(int(window), 1)
+    def _on_announce(self, peer: Peer, announce: Announce) -> None:
+        peer.names = frozenset(n for n in announce.names if type(n) is str)
+        peer.routable = frozenset(n for n in announce.routable if type(n) is str)
+        peer.capacity = max(announce.capacity, 0)
+        peer.window = max(announce.window, 1)
         if peer.state is not PeerState.RETIRING:
             was_draining = peer.state is PeerState.DRAINING
+            draining = announce.draining
             peer.move(PeerState.DRAINING if draining else PeerState.ACTIVE)
             if draining and not was_draining:
                 log.info("peer %s is draining: no new calls go to it", peer.node_id)

@@ -177,18 +177,14 @@ class Router:
         """Why :meth:`choose` found nobody for ``name``."""
         if any(exclude is None or p.node_id not in exclude for p in self.candidates(name)):
             return NoPeer.SATURATED
-        if any(not p.announced for p in self._peers.values()):
+        # A retry waits: the peer we lost may come back.
+        if exclude or any(not p.announced for p in self._peers.values()):
             return NoPeer.WAITING
-        if exclude:
-            return NoPeer.WAITING  # a retry: the peer we lost may come back
         reach = self._reach()
-        if reach is Reach.CONNECTING:
-            return NoPeer.WAITING
-        if reach is Reach.UNREACHABLE:
-            return NoPeer.UNREACHABLE
-        if not self._peers:
-            return NoPeer.WAITING  # nobody has connected yet (a server with no clients)
-        return NoPeer.NONE
+        if reach is Reach.REACHED:
+            # With nobody connected yet (a server with no clients) there is no answer yet.
+            return NoPeer.NONE if self._peers else NoPeer.WAITING
+        return NoPeer.WAITING if reach is Reach.CONNECTING else NoPeer.UNREACHABLE
 
     def no_route(self, name: str) -> NoRouteError:
         serving = sorted({n for p in self._peers.values() for n in p.names})
@@ -214,6 +210,17 @@ class Router:
                 peers=tuple(address for address, _ in down),
             )
         return self.no_route(name)
+
+    async def route(self, name: str, deadline: float | None, exclude: set[str] | None) -> Target:
+        """The slow path of routing, when :meth:`choose` found nobody at once."""
+        while deadline is None and exclude is None and self.candidates(name):
+            # Every peer serving it is at its window: park as a plain future
+            # (a flood of calls must cost little while waiting), then try again.
+            await self.park()
+            target = self.choose(name, None)
+            if target is not None:
+                return target
+        return await self.wait(name, deadline, exclude)
 
     async def park(self) -> None:
         """Wait as a plain future until a peer serving the name has room."""

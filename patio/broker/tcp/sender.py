@@ -34,6 +34,12 @@ from patio.stats import OUTCOME_ERROR, OUTCOME_OK, SIDE_CALLER
 log = logging.getLogger("patio.broker")
 
 
+def _not_nan(timeout: float) -> None:
+    """NaN would poison the loop's timer heap (every timer would fire at once)."""
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+
+
 def _expire(future: asyncio.Future[bytes], name: str, timeout: float | None) -> None:
     if not future.done():
         future.set_exception(CallTimeoutError(f"call to {name!r} timed out after {timeout} s"))
@@ -58,8 +64,7 @@ class CallSender:
         router = self._router
         loop = core.running_loop()
         if timeout is not None and not timeout < math.inf:
-            if math.isnan(timeout):  # NaN would poison the loop's timer heap
-                raise ValueError("timeout must be a number of seconds or None, not NaN")
+            _not_nan(timeout)
             timeout = None  # infinite: no deadline
         stats = core.stats
         stats.calls_started[(name, SIDE_CALLER)] += 1
@@ -75,12 +80,7 @@ class CallSender:
             while True:
                 target = router.choose(name, tried)
                 if target is None:
-                    if deadline is None and tried is None and router.candidates(name):
-                        # Every peer serving it is at its window: park as a plain
-                        # future (a flood of calls must cost little while waiting).
-                        await router.park()
-                        continue
-                    target = await router.wait(name, deadline, tried)
+                    target = await router.route(name, deadline, tried)
                 if isinstance(target, _Local):
                     result = await self.execute_local(name, args, kwargs, deadline, timeout)
                     break
@@ -88,32 +88,11 @@ class CallSender:
                     payload = pack_value(core.serializer, name, [list(args), kwargs], "arguments")
                 try:
                     reply = await self.send(target, name, payload, deadline, timeout)
-                except LinkLost as exc:
-                    if core.closing or not retry:
-                        raise PeerConnectionError(
-                            f"call to {name!r} failed: connection to {target.node_id} lost "
-                            f"({exc.reason})"
-                        ) from None
-                    if deadline is not None and loop.time() >= deadline:
-                        raise CallTimeoutError(
-                            f"call to {name!r} timed out after its connection was lost"
-                        ) from None
-                    stats.calls_retried += 1
+                except (LinkLost, ErrorReply) as exc:
+                    self._retry_or_raise(exc, name, target, retry, deadline)
                     tried = (tried or set()) | {target.node_id}
-                    log.info("retrying %r elsewhere: connection to %s lost", name, target.node_id)
                     continue
-                except ErrorReply as exc:
-                    if exc.kind == ErrorKind.CONNECTION and retry:
-                        tried = (tried or set()) | {target.node_id}
-                        stats.calls_retried += 1
-                        continue
-                    raise error_from_reply(exc, name, target.node_id, core.serializer) from None
-                try:
-                    result = core.serializer.unpack(reply)
-                except SerializationError as exc:
-                    raise SerializationError(
-                        f"result of {name!r} could not be decoded: {exc}"
-                    ) from None
+                result = self._decode(name, reply)
                 break
             outcome = OUTCOME_OK
             return result
@@ -124,6 +103,37 @@ class CallSender:
             stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
             if observer is not None:
                 observer(name, SIDE_CALLER, outcome, loop.time() - started)
+
+    def _retry_or_raise(
+        self,
+        exc: LinkLost | ErrorReply,
+        name: str,
+        target: Peer,
+        retry: bool,
+        deadline: float | None,
+    ) -> None:
+        """Return if the call may go to another peer; else raise what the caller sees."""
+        core = self._core
+        if isinstance(exc, ErrorReply):
+            if exc.kind != ErrorKind.CONNECTION or not retry:
+                raise error_from_reply(exc, name, target.node_id, core.serializer) from None
+        elif core.closing or not retry:
+            raise PeerConnectionError(
+                f"call to {name!r} failed: connection to {target.node_id} lost ({exc.reason})"
+            ) from None
+        elif deadline is not None and core.running_loop().time() >= deadline:
+            raise CallTimeoutError(
+                f"call to {name!r} timed out after its connection was lost"
+            ) from None
+        else:
+            log.info("retrying %r elsewhere: connection to %s lost", name, target.node_id)
+        core.stats.calls_retried += 1
+
+    def _decode(self, name: str, reply: bytes) -> Any:
+        try:
+            return self._core.serializer.unpack(reply)
+        except SerializationError as exc:
+            raise SerializationError(f"result of {name!r} could not be decoded: {exc}") from None
 
     async def send(
         self,

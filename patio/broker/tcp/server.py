@@ -29,7 +29,7 @@ from patio.broker.tcp.router import LOCAL, Router, Target, _Local
 from patio.broker.tcp.sender import CallSender
 from patio.errors import CallTimeoutError, SerializationError
 from patio.executor import AbstractExecutor, ProcessPoolExecutor
-from patio.proto.messages import ErrorKind
+from patio.proto.messages import Call, ErrorKind
 from patio.stats import (
     OUTCOME_CANCELLED,
     OUTCOME_ERROR,
@@ -67,15 +67,8 @@ class Server:
 
     # -- messages, from the link table ------------------------------------------------
 
-    def on_call(
-        self,
-        peer: Peer,
-        call_id: int,
-        name: str,
-        payload: bytes,
-        timeout: float | None,
-        route: bool,
-    ) -> None:
+    def on_call(self, peer: Peer, call: Call) -> None:
+        _, call_id, name, payload, timeout, route = call
         core = self._core
         loop = core.running_loop()
         if timeout is not None and timeout <= 0:
@@ -172,33 +165,38 @@ class Server:
                 link.connection.send_result(call_id, reply)
                 link.schedule_flush()
             outcome = OUTCOME_OK
-        except ErrorReply as exc:
-            peer.reply_error(call_id, exc.kind, exc.payload)
-        except asyncio.CancelledError:
-            if call_id in peer.expired:
-                outcome = OUTCOME_TIMEOUT
-                text = f"call to {name!r} passed its deadline"
-                peer.reply_error(call_id, ErrorKind.TIMEOUT, text)
-            else:
-                outcome = OUTCOME_CANCELLED
-                if call_id not in peer.cancelled:
-                    peer.reply_error(call_id, ErrorKind.CANCELLED, "cancelled by the executor")
-        except Exception as exc:
-            rule = rule_for(exc)
-            if rule is None:
-                max_size = core.link_settings.max_frame_size
-                peer.reply_error(
-                    call_id, ErrorKind.EXCEPTION, describe_error(exc, core.serializer, max_size)
-                )
-            else:
-                outcome = rule.outcome
-                text = f"{exc} (on {core.node_id})" if rule.names_node else str(exc)
-                peer.reply_error(call_id, rule.kind, text)
+        except (Exception, asyncio.CancelledError) as exc:
+            # The task ends here either way: a cancellation is answered, not re-raised.
+            outcome = self._reply_failure(peer, call_id, name, exc)
         finally:
             self._served(peer, call_id, deadline)
             stats.calls_finished[(name, side, outcome)] += 1
             if stats.call_observer is not None:
                 stats.call_observer(name, side, outcome, loop.time() - started)
+
+    def _reply_failure(self, peer: Peer, call_id: int, name: str, exc: BaseException) -> str:
+        """Answer ERROR for a call that failed here; return its outcome."""
+        core = self._core
+        if isinstance(exc, ErrorReply):  # a forwarded call's answer: relayed as it came
+            peer.reply_error(call_id, exc.kind, exc.payload)
+            return OUTCOME_ERROR
+        if isinstance(exc, asyncio.CancelledError):
+            if call_id in peer.expired:
+                text = f"call to {name!r} passed its deadline"
+                peer.reply_error(call_id, ErrorKind.TIMEOUT, text)
+                return OUTCOME_TIMEOUT
+            if call_id not in peer.cancelled:  # cancelled here, not by the caller
+                peer.reply_error(call_id, ErrorKind.CANCELLED, "cancelled by the executor")
+            return OUTCOME_CANCELLED
+        rule = rule_for(exc)
+        if rule is None:  # the task's own exception
+            max_size = core.link_settings.max_frame_size
+            description = describe_error(exc, core.serializer, max_size)
+            peer.reply_error(call_id, ErrorKind.EXCEPTION, description)
+            return OUTCOME_ERROR
+        text = f"{exc} (on {core.node_id})" if rule.names_node else str(exc)
+        peer.reply_error(call_id, rule.kind, text)
+        return rule.outcome
 
     def _served(self, peer: Peer, call_id: int, deadline: float | None) -> None:
         peer.serving.pop(call_id, None)
