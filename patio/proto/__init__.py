@@ -22,6 +22,8 @@ from patio.proto.messages import (
     MessageType,
     Pong,
     Result,
+    Status,
+    StatusReply,
 )
 
 __all__ = [
@@ -42,4 +44,6 @@ __all__ = [
     "Pong",
     "Result",
     "Role",
+    "Status",
+    "StatusReply",
 ]

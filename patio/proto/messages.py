@@ -168,7 +168,19 @@ class Goodbye(NamedTuple):
     reason: str
 
 
-Message = Announce | Call | Result | Error | Cancel | Pong | Goodbye
+class Status(NamedTuple):
+    kind: int
+    request_id: int
+    gather: bool
+
+
+class StatusReply(NamedTuple):
+    kind: int
+    request_id: int
+    members: list[Any]  # maps of plain values, checked field by field by the reader
+
+
+Message = Announce | Call | Result | Error | Cancel | Pong | Goodbye | Status | StatusReply
 
 #: The type each post-handshake message code is handed up as (PING and
 #: REFUSED are handled by the connection itself and never handed up).
@@ -180,6 +192,8 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
     MessageType.CANCEL: Cancel,
     MessageType.PONG: Pong,
     MessageType.GOODBYE: Goodbye,
+    MessageType.STATUS: Status,
+    MessageType.STATUS_REPLY: StatusReply,
 }
 
 

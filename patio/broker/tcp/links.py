@@ -21,7 +21,17 @@ from patio.broker.tcp.sender import CallSender
 from patio.broker.tcp.server import Server
 from patio.broker.tcp.status import StatusDesk
 from patio.proto import Role
-from patio.proto.messages import Announce, Call, Cancel, Error, Goodbye, Message, Result
+from patio.proto.messages import (
+    Announce,
+    Call,
+    Cancel,
+    Error,
+    Goodbye,
+    Message,
+    Result,
+    Status,
+    StatusReply,
+)
 from patio.transport import Link
 
 log = logging.getLogger("patio.broker")
@@ -127,10 +137,10 @@ class LinkTable:
             self._on_announce(peer, message)
         elif isinstance(message, Goodbye):
             self._on_goodbye(peer)
-        elif kind == MessageType.STATUS:
-            self._status.on_request(peer, message[1], message[2])
-        elif kind == MessageType.STATUS_REPLY:
-            self._status.on_reply(peer, message[1], message[2])
+        elif isinstance(message, Status):
+            self._status.on_request(peer, message.request_id, message.gather)
+        elif isinstance(message, StatusReply):
+            self._status.on_reply(peer, message.request_id, message.members)
 
     def _on_announce(self, peer: Peer, announce: Announce) -> None:
         peer.names = frozenset(n for n in announce.names if type(n) is str)
