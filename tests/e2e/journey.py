@@ -127,14 +127,19 @@ class Syncer(threading.Thread):
         self.workers = live
         write_if_changed(self.load_dir / "peers", "".join(f"{ip}:{self.port}\n" for _, ip in live))
         workers_sd = [
-            {"targets": [f"{ip}:{self.metrics_port}"], "labels": {"pod": name}} for name, ip in live
+            # the labels the chart's monitors give worker targets
+            {
+                "targets": [f"{ip}:{self.metrics_port}"],
+                "labels": {"pod": name, "namespace": self.ns, "patio_cluster": self.cluster},
+            }
+            for name, ip in live
         ]
         write_if_changed(self.sd_dir / "workers.json", json.dumps(workers_sd))
         ops = self.rest.get(f"{base}/pods", labelSelector=self.operator_selector)
         ops_sd = [
             {
                 "targets": [f"{p['status']['podIP']}:{self.operator_metrics_port}"],
-                "labels": {"pod": p["metadata"]["name"]},
+                "labels": {"pod": p["metadata"]["name"], "namespace": self.ns},
             }
             for p in ops.get("items", [])
             if (p.get("status") or {}).get("podIP") and not p["metadata"].get("deletionTimestamp")
@@ -264,10 +269,13 @@ class LoadProcess:
 class Prometheus:
     """A real Prometheus scraping the targets the syncer writes."""
 
-    def __init__(self, workdir: Path, sd_dir: Path, interval: str = "1s") -> None:
+    def __init__(
+        self, workdir: Path, sd_dir: Path, interval: str = "1s", rule_files: tuple[Path, ...] = ()
+    ) -> None:
         self.workdir = workdir
         self.sd_dir = sd_dir
         self.interval = interval
+        self.rule_files = rule_files
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "prometheus.log"
@@ -299,6 +307,7 @@ class Prometheus:
                 }
                 for job, name in (("patio-workers", "workers"), ("patio-operator", "operator"))
             ],
+            "rule_files": [str(path) for path in self.rule_files],
         }
         cfg = self.workdir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(config))
@@ -357,6 +366,11 @@ class Prometheus:
         if not result:
             return None
         return float(result[0]["value"][1])
+
+    def rules(self) -> list[dict[str, Any]]:
+        """The loaded rules, each with its health and last evaluation."""
+        groups = self.api("/api/v1/rules")["groups"]
+        return [rule for group in groups for rule in group["rules"]]
 
     def targets(self) -> list[dict[str, Any]]:
         active: list[dict[str, Any]] = self.api("/api/v1/targets", state="active")["activeTargets"]

@@ -41,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from tests import observability
 from tests.e2e.journey import (
     CLUSTER_LABEL,
     REPO_ROOT,
@@ -639,6 +640,14 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     least = prom.scalar("min(patio_peers_connected)")
     assert least is not None and least >= 1, connected
     assert prom.scalar("patio_operator_clusters_ready") == 1
+    # 7c: the chart's operator dashboard and operator alerts read series the
+    # real operator exports (the worker ones: tests/operator/test_observability.py).
+    started = time.monotonic()
+    queries = [q for q in observability.all_queries(w.plane.binaries.helm) if q.operator]
+    variables = {"namespace": w.ns, "__rate_interval": "1m"}
+    found = observability.problems(prom.query, queries, variables)
+    assert not found, "\n".join(found)
+    record(f"7c {len(queries)} operator dashboard queries and alerts return data", started)
 
 
 # --- 8 ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,14 @@ def test_values_schema_rejects(values: list[str], message: str) -> None:
             "cluster.enabled needs the PatioCluster CRD",
         ),
         (["--set", "serviceAccount.create=false"], "serviceAccount.name is required"),
+        (
+            ["--set-json", 'operator.extraEnv=[{"name":"POD_IP","value":"1.2.3.4"}]'],
+            "operator.extraEnv sets POD_IP, which the chart sets itself",
+        ),
+        (
+            ["--set-json", 'operator.extraVolumes=[{"name":"tmp","emptyDir":{}}]'],
+            'the name "tmp" is the chart\'s own /tmp volume',
+        ),
     ],
 )
 def test_invalid_combinations_fail(values: list[str], message: str) -> None:
@@ -181,3 +190,59 @@ def test_manifests_match_the_chart(tmp_path: Path) -> None:
         assert (committed / name).read_text() == (tmp_path / name).read_text(), (
             f"manifests/{name} drifted from the chart: run operator/hack/render-manifests.sh"
         )
+
+
+def test_operator_security_context_env_and_volumes_are_configurable() -> None:
+    pod = find(
+        template(
+            # OpenShift's restricted SCC assigns the user: drop the fixed IDs.
+            "--set", "operator.podSecurityContext.runAsUser=null",
+            "--set", "operator.podSecurityContext.runAsGroup=null",
+            "--set", "operator.securityContext.readOnlyRootFilesystem=false",
+            "--set-json", 'operator.extraEnv=[{"name":"HTTPS_PROXY","value":"http://p:3128"}]',
+            "--set-json", 'operator.extraVolumes=[{"name":"ca","configMap":{"name":"ca"}}]',
+            "--set-json", 'operator.extraVolumeMounts=[{"name":"ca","mountPath":"/etc/ca"}]',
+        ),
+        "Deployment",
+    )["spec"]["template"]["spec"]  # fmt: skip
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["env"][-1] == {"name": "HTTPS_PROXY", "value": "http://p:3128"}
+    assert {e["name"] for e in c["env"]} >= {"POD_IP", "PATIO_WORKER_IMAGE"}
+    assert c["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "ca", "mountPath": "/etc/ca"},
+    ]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp", "ca"]
+
+
+def test_one_default_image() -> None:
+    """The chart's default image, its Artifact Hub listing and the operator's built-in default."""
+    from patio_operator import names
+
+    import patio
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    (listed,) = yaml.safe_load(chart["annotations"]["artifacthub.io/images"])
+    rendered = find(template(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert rendered["image"] == listed["image"] == names.DEFAULT_IMAGE
+    assert chart["appVersion"] == patio.__version__
+    env = {e["name"]: e.get("value") for e in rendered["env"]}
+    assert env["PATIO_WORKER_IMAGE"] == names.DEFAULT_IMAGE
+
+
+def test_readme_and_dashboards_match_their_generator() -> None:
+    """charts/patio/README.md and dashboards/ are generated: run operator/hack/chart_files.py."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "operator" / "hack" / "chart_files.py"), "--check"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -71,7 +71,33 @@ render checks them.
 {{- if and .Values.cluster.enabled .Values.watchNamespace (ne .Values.watchNamespace .Release.Namespace) -}}
 {{- fail (printf "cluster.enabled creates a PatioCluster in %q, but watchNamespace is %q: the operator would never reconcile it" .Release.Namespace .Values.watchNamespace) -}}
 {{- end -}}
+{{- range .Values.operator.extraEnv -}}
+{{- if has .name (list "POD_IP" "POD_NAMESPACE" "PATIO_WORKER_IMAGE") -}}
+{{- fail (printf "operator.extraEnv sets %s, which the chart sets itself: use image.*, or drop it" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.operator.extraVolumes -}}
+{{- if eq .name "tmp" -}}
+{{- fail "operator.extraVolumes: the name \"tmp\" is the chart's own /tmp volume; choose another name" -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.cluster.enabled (not .Values.crds.install) (not (.Capabilities.APIVersions.Has "patio.dev/v1alpha1/PatioCluster")) -}}
 {{- fail "cluster.enabled needs the PatioCluster CRD: set crds.install=true or install the CRD first" -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+Monitoring of the workers: what every PatioCluster's pods and mesh Service
+carry (operator/src/patio_operator/names.py), and the relabelling that gives
+each target the patio_cluster label the dashboards and alerts group by (the
+operator's per-cluster ServiceMonitor does the same).
+*/}}
+{{- define "patio.workerMonitorSelector" -}}
+app.kubernetes.io/managed-by: patio-operator
+app.kubernetes.io/component: worker
+{{- end -}}
+
+{{- define "patio.workerRelabelings" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_patio_dev_cluster]
+  targetLabel: patio_cluster
 {{- end -}}

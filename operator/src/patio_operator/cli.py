@@ -11,11 +11,9 @@ from collections.abc import Sequence
 
 import kopf
 
-from patio_operator import desired, handlers, kube, metrics, resync
+from patio_operator import desired, handlers, kube, metrics, names, resync
 from patio_operator.reconciler import Config, Reconciler
 from patio_operator.rotation import MODES
-
-DEFAULT_IMAGE = "ghcr.io/patio/patio:1.0.0a1"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -40,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--worker-image",
-        default=os.environ.get("PATIO_WORKER_IMAGE", DEFAULT_IMAGE),
+        default=os.environ.get("PATIO_WORKER_IMAGE", names.DEFAULT_IMAGE),
         help="image for workers whose spec.image is empty (env PATIO_WORKER_IMAGE)",
     )
     p.add_argument(

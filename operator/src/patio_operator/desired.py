@@ -94,6 +94,7 @@ def spec_of(cluster: Obj) -> Obj:
     metrics = dict(spec.get("metrics") or {})
     metrics.setdefault("port", names.DEFAULT_METRICS_PORT)
     metrics.setdefault("serviceMonitor", False)
+    metrics.setdefault("scrapeInterval", "30s")
     spec["metrics"] = metrics
     return spec
 
@@ -423,15 +424,38 @@ def horizontal_pod_autoscaler(cluster: Obj) -> Obj:
 
 
 def service_monitor(cluster: Obj) -> Obj:
-    """Prometheus-operator ServiceMonitor scraping every worker via the headless Service."""
+    """Prometheus-operator ServiceMonitor scraping every worker via the headless Service.
+
+    Labelled with spec.metrics.serviceMonitorLabels (a Prometheus selects
+    monitors by label, e.g. kube-prometheus-stack by `release`); ours win on a
+    clash, as the operator finds its children by them. Each target gets the
+    label patio_cluster, as from the chart's monitors, for the dashboards and
+    alerts.
+    """
     cname = cluster["metadata"]["name"]
+    metrics = spec_of(cluster)["metrics"]
+    extra = {str(k): str(v) for k, v in (metrics.get("serviceMonitorLabels") or {}).items()}
+    meta = _meta(cluster, cname)
+    meta["labels"] = {**extra, **meta["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _meta(cluster, cname),
+        "metadata": meta,
         "spec": {
             "selector": {"matchLabels": {names.CLUSTER_LABEL: cname, "patio.dev/service": "mesh"}},
-            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+            "endpoints": [
+                {
+                    "port": "metrics",
+                    "path": "/metrics",
+                    "interval": str(metrics["scrapeInterval"]),
+                    "relabelings": [
+                        {
+                            "sourceLabels": [names.POD_CLUSTER_LABEL_META],
+                            "targetLabel": names.CLUSTER_TARGET_LABEL,
+                        }
+                    ],
+                }
+            ],
         },
     }
 

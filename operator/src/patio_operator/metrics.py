@@ -11,6 +11,8 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from patio_operator import rotation
+
 RECONCILES = Counter(
     "patio_operator_reconcile_total", "Full reconcile passes, by result.", ["result"]
 )
@@ -32,6 +34,16 @@ CLUSTERS = Gauge("patio_operator_clusters", "PatioClusters this operator reconci
 CLUSTERS_READY = Gauge(
     "patio_operator_clusters_ready", "PatioClusters whose Ready condition is True."
 )
+
+# Every label value exists from the start, at 0: a rate() or an alert on
+# result="error" then evaluates to 0 instead of to nothing before the first
+# error, and dashboards show the series before the first rotation.
+RESULTS = ("ok", "error")
+for _result in RESULTS:
+    RECONCILES.labels(result=_result)
+    RECONCILE_SECONDS.labels(result=_result)
+for _phase in rotation.PHASES:
+    ROTATION_STEPS.labels(step=_phase)
 
 _ready: dict[tuple[str, str], bool] = {}
 _ready_lock = threading.Lock()

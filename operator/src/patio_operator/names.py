@@ -8,6 +8,8 @@ cluster.
 
 from __future__ import annotations
 
+from patio import __version__ as patio_version
+
 GROUP = "patio.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -23,6 +25,10 @@ FIELD_MANAGER = "patio-operator"
 #: operator's pod index and the StatefulSet selector use it.
 CLUSTER_LABEL = "patio.dev/cluster"
 COMPONENT = "worker"
+#: The label every scraped worker series carries with its cluster's name
+#: (dashboards, alerts), relabelled from the pod label CLUSTER_LABEL.
+CLUSTER_TARGET_LABEL = "patio_cluster"
+POD_CLUSTER_LABEL_META = "__meta_kubernetes_pod_label_patio_dev_cluster"
 
 # Annotations on the operator-managed auth Secret. The rotation state lives
 # there (not in operator memory, not only in status) because the Secret is
@@ -40,6 +46,13 @@ AUTH_MOUNT = "/etc/patio/auth"
 PEERS_MOUNT = "/etc/patio/peers"
 PEERS_ITEM = "peers"
 TLS_MOUNT = "/etc/patio/tls"
+
+#: The project's image; workers without spec.image run it when the operator
+#: was started without --worker-image / PATIO_WORKER_IMAGE. The chart's
+#: default (values.yaml image.repository at Chart.yaml appVersion) is the same
+#: image: tests/operator/test_chart.py checks they agree.
+IMAGE_REPOSITORY = "ghcr.io/patio-project/patio"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{patio_version}"
 
 DEFAULT_PORT = 15383
 DEFAULT_METRICS_PORT = 9383
