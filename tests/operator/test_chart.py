@@ -20,8 +20,18 @@ CRD_FILE = CHART / "files" / "crd-patioclusters.yaml"
         [],
         ["--set", "cluster.enabled=true", "--set", "cluster.spec.registry=tasks:rpc"],
         ["--set", "watchNamespace=apps", "--set", "metrics.serviceMonitor.enabled=true"],
+        [
+            f"--set=metrics.{part}.enabled=true"
+            for part in (
+                "podMonitor",
+                "workers.serviceMonitor",
+                "workers.podMonitor",
+                "prometheusRule",
+                "dashboards",
+            )
+        ],
     ],
-    ids=["defaults", "with-cluster", "namespaced"],
+    ids=["defaults", "with-cluster", "namespaced", "observability"],
 )
 def test_lint(values: list[str]) -> None:
     res = helm("lint", "--strict", str(CHART), *values, check=False)
