@@ -128,6 +128,8 @@ def test_example_cluster_is_a_hook_only_until_its_crd_exists() -> None:
         (["--set", "operator.rotation.check=never"], "/operator/rotation/check"),
         (["--set", "operator.resyncSeconds=1"], "/operator/resyncSeconds"),
         (["--set", "metrics.port=70000"], "/metrics/port"),
+        (["--set", "metrics.prometheusRule.errorRatio=1.5"], "/metrics/prometheusRule/errorRatio"),
+        (["--set", "metrics.prometheusRule.busyRatio=0"], "/metrics/prometheusRule/busyRatio"),
         (["--set", "watchNamespace=Not_A_Namespace"], "/watchNamespace"),
         (["--set", "cluster.enabled=true"], "/cluster/spec/registry"),
         (["--set", "cluster.name=UPPER"], "/cluster/name"),

@@ -57,7 +57,7 @@ def test_rules_pass_promtool_check_and_unit_tests(tmp_path: Path) -> None:
 def test_rule_thresholds_and_labels_come_from_values(tmp_path: Path) -> None:
     rules = observability.render_rules(
         helm_binary(),
-        "--set", "metrics.prometheusRule.errorRatio=0.2",
+        "--set", "metrics.prometheusRule.errorRatio=0.2",  # a string to helm: accepted
         "--set", "metrics.prometheusRule.rotationStuckFor=1h",
         "--set", "metrics.prometheusRule.alertLabels.team=platform",
         "--set", "metrics.prometheusRule.alertLabels.severity=page",
@@ -122,7 +122,10 @@ def test_monitors_have_labels_interval_and_namespace_selector() -> None:
                "targetLabel": "patio_cluster"}  # fmt: skip
     assert endpoint["relabelings"] == [relabel]
     workers_pm = find(docs, "PodMonitor", "t-patio-workers")
-    assert workers_pm["spec"]["namespaceSelector"] == {"matchNames": ["apps"]}
+    assert workers_pm["spec"]["namespaceSelector"] == {"matchNames": ["apps"]}  # not any: true
+    own = template("--set", "metrics.workers.podMonitor.enabled=true",
+                   "--set", "metrics.workers.podMonitor.namespaceSelector.any=false")  # fmt: skip
+    assert find(own, "PodMonitor")["spec"]["namespaceSelector"] == {}
     assert workers_pm["spec"]["podMetricsEndpoints"][0]["relabelings"] == [relabel]
     # What the operator's pods and Services carry is what the monitors select.
     from patio_operator import desired, names

@@ -101,3 +101,16 @@ app.kubernetes.io/component: worker
 - sourceLabels: [__meta_kubernetes_pod_label_patio_dev_cluster]
   targetLabel: patio_cluster
 {{- end -}}
+
+{{/* A NamespaceSelector from values: matchNames, when given, replaces the
+default any: true (Helm merges maps, and any: true would select everything). */}}
+{{- define "patio.namespaceSelector" -}}
+namespaceSelector:
+{{- if .matchNames }}
+  matchNames:
+    {{- toYaml .matchNames | nindent 4 }}
+{{- else if .any }}
+  any: true
+{{- else }} {}
+{{- end }}
+{{- end -}}
