@@ -221,3 +221,26 @@ def test_restricted_pickle_refusal_is_an_unpickling_error() -> None:
     with pytest.raises(pickle.UnpicklingError):
         serializer.unpack(b"not a pickle")
     assert serializer.unpack(pickle.dumps({"a": (1, 2.0)})) == {"a": (1, 2.0)}
+
+
+async def test_signatures_and_helpers_of_014() -> None:
+    """Positional max_workers and key, reconnect_timeout, and the broker's loop/create_task."""
+    from patio import MemoryBroker, NullExecutor, ProcessPoolExecutor, ThreadPoolExecutor
+
+    rpc = Registry()
+    for cls in (AsyncExecutor, ThreadPoolExecutor, ProcessPoolExecutor, NullExecutor):
+        assert cls(rpc, 3).max_workers == 3
+    client = TCPClientBroker(NullExecutor(rpc), KEY, reconnect_timeout=0.5)
+    assert client.key_fingerprint == TCPServerBroker(NullExecutor(rpc), key=KEY).key_fingerprint
+
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with AsyncExecutor(rpc) as executor, MemoryBroker(executor) as broker:
+        assert broker.loop is asyncio.get_running_loop()
+        task = broker.create_task(forever())
+        await started.wait()
+    assert task.cancelled()  # closing the broker cancelled it

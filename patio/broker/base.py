@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 from patio.broker.serializer import AbstractSerializer, MsgpackSerializer
 from patio.executor import AbstractExecutor
 from patio.stats import BrokerStats
 
 log = logging.getLogger("patio.broker")
+
+T = TypeVar("T")
 
 #: Seconds, as patio 0.1.4 spells the type of its ``timeout`` parameters.
 TimeoutType = int | float
@@ -78,6 +80,7 @@ class AbstractBroker(ABC):
         self.stats = BrokerStats()
         self._closing = False
         self._closed_event: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def _closed(self) -> asyncio.Event:
         if self._closed_event is None:
@@ -95,8 +98,25 @@ class AbstractBroker(ABC):
         if not self.registry.is_locked:
             self.registry.lock(by=self)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop (patio 0.1.4 API)."""
+        return asyncio.get_running_loop()
+
+    def create_task(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` as a task the broker cancels when it closes (patio 0.1.4 API)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close(self) -> None:
         self._closing = True
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._closed().set()
 
     async def join(self) -> None:

@@ -50,8 +50,8 @@ class AbstractExecutor(ABC):
     def __init__(
         self,
         registry: Registry,
+        max_workers: int | None = None,  # positional too, as in patio 0.1.4
         *,
-        max_workers: int | None = None,
         max_queue: int | None = None,
     ) -> None:
         if max_workers is None:

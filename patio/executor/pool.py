@@ -80,8 +80,8 @@ class PoolExecutor(AbstractExecutor):
     def __init__(
         self,
         registry: Registry,
+        max_workers: int | None = None,  # positional too, as in patio 0.1.4
         *,
-        max_workers: int | None = None,
         max_queue: int | None = None,
     ) -> None:
         super().__init__(registry, max_workers=max_workers, max_queue=max_queue)
@@ -221,8 +221,8 @@ class ProcessPoolExecutor(PoolExecutor):
     def __init__(
         self,
         registry: Registry,
+        max_workers: int | None = None,  # positional too, as in patio 0.1.4
         *,
-        max_workers: int | None = None,
         max_queue: int | None = None,
         mp_context: multiprocessing.context.BaseContext | None = None,
     ) -> None:

@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from patio.broker.base import AbstractBroker
 from patio.broker.serializer import AbstractSerializer
-from patio.broker.tcp.dialer import Dialer
+from patio.broker.tcp.dialer import RECONNECT_INITIAL, Dialer
 from patio.broker.tcp.links import LinkTable
 from patio.broker.tcp.peer import LinkView, Peer, PeerInfo, PeerState
 from patio.broker.tcp.protocol import Protocol
@@ -110,6 +110,7 @@ class TCPBroker(AbstractBroker):
         allow_empty_key: bool = False,
         prefer_local: bool = False,
         retryable_tasks: Iterable[str] = (),
+        reconnect_timeout: float | None = None,
     ) -> None:
         super().__init__(executor, serializer=serializer)
         self.instance = os.urandom(8).hex()
@@ -153,6 +154,8 @@ class TCPBroker(AbstractBroker):
         )
         self._dialer = Dialer(self, self._links, self._router)
         self._dialer.client_ssl = client_ssl_context
+        if reconnect_timeout is not None:  # patio 0.1.4's name for the longest retry wait
+            self._dialer.backoff_cap = max(float(reconnect_timeout), RECONNECT_INITIAL)
         self._links.on_self_link = self._dialer.mark_self
         self._router.bind(
             reach=self._dialer.reach,

@@ -68,6 +68,8 @@ class Dialer:
         self.sources: dict[str, set[Address]] = {}
         self.targets: dict[Address, Target] = {}
         self.client_ssl: ssl.SSLContext | None = None
+        #: the longest wait between two attempts to reach one target
+        self.backoff_cap: float = RECONNECT_MAX
 
     # -- membership ------------------------------------------------------------------
 
@@ -159,7 +161,7 @@ class Dialer:
                     logged_error = target.last_error
                 self._router.wake()  # calls waiting for this target may fail now
                 await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, RECONNECT_MAX)
+                backoff = min(backoff * 2, self.backoff_cap)
                 continue
             target.node_id = peer.node_id
             target.last_error = ""
