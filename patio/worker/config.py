@@ -23,7 +23,7 @@ from typing import NoReturn
 
 DEFAULT_PORT = 15383
 DEFAULT_METRICS_PORT = 9383
-DEFAULT_READY_PEER_RATIO = 0.5
+DEFAULT_READY_PEER_RATIO = 0.0  # links do not decide readiness (docs/worker-contract.md)
 DEFAULT_DRAIN_TIMEOUT = 30.0
 EXECUTOR_KINDS = ("async", "thread", "process", "null")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -123,8 +123,8 @@ OPTIONS: tuple[tuple[str, str, str], ...] = (
     (
         "--ready-peer-ratio",
         "PATIO_READY_PEER_RATIO",
-        "share of known peers that must be connected "
-        f"for /readyz (default {DEFAULT_READY_PEER_RATIO})",
+        "share of known members that must be connected for /readyz "
+        f"(default {DEFAULT_READY_PEER_RATIO:g}: links do not decide readiness)",
     ),
     (
         "--drain-timeout",

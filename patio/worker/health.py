@@ -9,8 +9,12 @@ a probe timeout, which is exactly what a liveness probe should see.
 - ``/livez``: the loop is responsive. A heartbeat task stamps the time every
   :data:`HEARTBEAT_INTERVAL`; if the last stamp is older than ``stale_after``
   (the loop was blocked, or the heartbeat task died) the answer is 503.
-- ``/readyz``: listening, not draining, and connected to at least
-  ``ready_peer_ratio`` of the known peers; 503 with the reason otherwise.
+- ``/readyz``: listening, not draining, and the executor accepts calls; 503
+  with the reason otherwise. Links to other members do not decide it (a
+  member that lost its peers still serves its own calls, and on Kubernetes
+  the last serving member must stay in its Service), unless
+  ``--ready-peer-ratio`` asks for it. ``/readyz?verbose`` adds one line per
+  check and every member that is not connected (docs/worker-contract.md).
 - ``/metrics``: Prometheus text format.
 """
 
@@ -71,20 +75,47 @@ class Heartbeat:
 class Readiness:
     ready: bool
     reason: str
+    details: tuple[str, ...] = ()  # shown by /readyz?verbose
 
 
 def readiness(
-    *, listening: bool, draining: bool, known: int, connected: int, ratio: float
+    *,
+    listening: bool,
+    draining: bool,
+    accepting: bool,
+    known: int,
+    connected: int,
+    missing: tuple[str, ...] = (),
+    ratio: float = 0.0,
+    node_id: str = "",
 ) -> Readiness:
-    """The /readyz rule, as a pure function."""
-    if draining:
-        return Readiness(False, "draining")
-    if not listening:
-        return Readiness(False, "not listening yet")
+    """The /readyz rule, as a pure function (docs/worker-contract.md).
+
+    Ready = listening, not draining, and an executor that accepts calls.
+    Missing links are reported, not judged, unless ``ratio`` > 0 asks for
+    at least that share of known members to be connected.
+    """
+    links = f"links to {connected} of {known} members"
     needed = math.ceil(known * ratio - 1e-9)
-    if connected < needed:
-        return Readiness(False, f"connected to {connected} of {known} known peers (need {needed})")
-    return Readiness(True, f"ok (connected to {connected} of {known} known peers)")
+    checks = [
+        ("listening", listening, "not listening yet"),
+        ("not draining", not draining, "draining"),
+        ("executor accepts calls", accepting, "the executor does not accept calls"),
+    ]
+    if ratio > 0:
+        checks.append((
+            f"at least {needed} of {known} members connected (--ready-peer-ratio {ratio:g})",
+            connected >= needed,
+            f"{links} (need {needed})",
+        ))  # fmt: skip
+    failed = [why for _, ok, why in checks if not ok]
+    details = [f"node {node_id}"] if node_id else []
+    details += [f"[{'+' if ok else '-'}] {name}" for name, ok, _ in checks]
+    details.append(links)
+    details += [f"missing: {member}" for member in missing]
+    if failed:
+        return Readiness(False, failed[0], tuple(details))
+    return Readiness(True, f"ok ({links})", tuple(details))
 
 
 class HealthServer:
@@ -162,12 +193,11 @@ class HealthServer:
             return (200 if ok else 503), "text/plain", f"{reason}\n".encode(), head_only
         if path == "/readyz":
             state = self._ready()
-            return (
-                (200 if state.ready else 503),
-                "text/plain",
-                f"{state.reason}\n".encode(),
-                head_only,
-            )
+            lines = [state.reason]
+            if "verbose" in target.partition("?")[2].split("&"):
+                lines += state.details
+            body = "\n".join(lines) + "\n"
+            return (200 if state.ready else 503), "text/plain", body.encode(), head_only
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics(), head_only
         if path == "/":

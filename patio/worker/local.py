@@ -326,8 +326,11 @@ class LocalCluster:
                     return worker
             for worker in list(pending):
                 with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
-                    status, _ = await http_get(worker.host, worker.metrics_port, "/readyz", 1.0)
-                    if status == 200:
+                    status, body = await http_get(
+                        worker.host, worker.metrics_port, "/readyz?verbose", 1.0
+                    )
+                    # Ours, not another program that took the port first.
+                    if status == 200 and f"\nnode {worker.node_id}\n" in body:
                         pending.remove(worker)
             if pending and loop.time() > deadline:
                 return pending[0]

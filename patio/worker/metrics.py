@@ -65,6 +65,7 @@ class BrokerView(Protocol):
     @property
     def listening(self) -> Any: ...
     def peers(self) -> Any: ...
+    def membership_links(self) -> tuple[int, int, list[tuple[str, str]]]: ...
 
 
 class TaskLabels:
@@ -192,6 +193,15 @@ class BrokerCollector(Collector):
             "patio_peers_connected",
             "Known peers with an authenticated connection.",
             value=sum(1 for peer in peers if getattr(peer, "connected", False)),
+        )
+        # Readiness does not depend on links (docs/worker-contract.md); this
+        # is the signal for them: members of this worker's membership that it
+        # has no link to (callers connecting in do not count).
+        _, _, missing = broker.membership_links()
+        yield GaugeMetricFamily(
+            "patio_peers_missing",
+            "Members of this worker's membership it has no link to (see /readyz?verbose).",
+            value=len(missing),
         )
 
         for name, text, value in (

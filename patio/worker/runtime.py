@@ -348,13 +348,19 @@ class Worker:
 
     def readiness(self) -> Readiness:
         broker = self.broker
-        peers = list(broker.peers())
+        executor = self.executor
+        up, known, missing = broker.membership_links()
         return readiness(
             listening=bool(broker.listening),
             draining=bool(broker.draining) or self.stopping.is_set(),
-            known=len(peers),
-            connected=sum(1 for p in peers if getattr(p, "connected", False)),
+            # A null executor serves nothing by configuration; it still
+            # forwards outside callers' calls, which is its job.
+            accepting=not executor.is_closed,
+            known=known,
+            connected=up,
+            missing=tuple(f"{name} ({why})" for name, why in missing),
             ratio=self.config.ready_peer_ratio,
+            node_id=broker.node_id,
         )
 
     # -- membership ------------------------------------------------------------

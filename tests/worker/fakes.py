@@ -89,6 +89,11 @@ class FakeMeshBroker(MemoryBroker):
             FakePeer(f"{h}:{p}", (h, p), (h, p) in self.connected) for h, p in sorted(self.known())
         ]
 
+    def membership_links(self) -> tuple[int, int, list[tuple[str, str]]]:
+        known = sorted(self.known())
+        missing = [(f"{h}:{p}", "not connected") for h, p in known if (h, p) not in self.connected]
+        return len(known) - len(missing), len(known), missing
+
     def set_keys(self, key: bytes, accepted_keys: tuple[bytes, ...] = ()) -> None:
         self.key, self.accepted_keys = key, tuple(accepted_keys)
         self.key_history.append((key, self.accepted_keys))

@@ -109,16 +109,22 @@ def test_patio_call_metrics_health_and_clean_exit(spawn: Spawner, tmp_path: Path
     status, body = http_get(a.metrics_url + "/livez")
     assert status == 200 and body.startswith("ok")
     status, body = http_get(a.metrics_url + "/readyz")
-    assert status == 200 and "connected to 1 of 1 known peers" in body
+    assert (status, body) == (200, "ok (links to 1 of 1 members)\n")
 
-    # SIGTERM: clean drain, exit 0; the other worker loses its only peer
+    # SIGTERM: clean drain, exit 0; the other worker loses its only peer but
+    # is still the one serving member: it stays ready (in its Service) and
+    # serves, and names the member it misses.
     a.terminate()
     assert a.wait(30) == 0
     assert "drained cleanly" in a.log()
     deadline = time.monotonic() + 10
-    while http_get(b.metrics_url + "/readyz")[0] != 503:
-        assert time.monotonic() < deadline, "b stayed ready without its only peer"
+    while "missing: wa" not in (verbose := http_get(b.metrics_url + "/readyz?verbose"))[1]:
+        assert time.monotonic() < deadline, verbose
         time.sleep(0.1)
+    assert verbose[0] == 200 and verbose[1].startswith("ok (links to 0 of 1 members)"), verbose
+    assert sample_sum(scrape(b.metrics_url + "/metrics"), "patio_peers_missing") == 1
+    alone = run_patio("call", "--peer", b.address, "--key-file", str(key), "mul", "3", "3")
+    assert alone.stdout == "9\n", alone.stderr
     # --log-format json: one object per line with ts, level, logger, msg
     lines = [json.loads(line) for line in b.log().splitlines() if line.strip()]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(entry) for entry in lines)
@@ -308,8 +314,7 @@ async def test_second_signal_exits_at_once(spawn: Spawner, tmp_path: Path) -> No
 def test_peers_from_dns_and_from_a_watched_file(spawn: Spawner, tmp_path: Path) -> None:
     b = spawn.worker("--key", "k", node_id="dns-b")
     b.wait_ready()
-    # localhost resolves to 127.0.0.1 (where b is) and maybe ::1 (nobody): ready
-    # needs half of the known peers, so one connected address is enough
+    # localhost resolves to 127.0.0.1 (where b is) and maybe ::1 (nobody)
     a = spawn.worker("--key", "k", "--peers-dns", f"localhost:{b.port}", node_id="dns-a")
     a.wait_ready()
     assert sample_sum(scrape(a.metrics_url + "/metrics"), "patio_peers_connected") == 1

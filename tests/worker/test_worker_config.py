@@ -26,7 +26,7 @@ def test_defaults() -> None:
     assert (c.metrics_address, c.metrics_port) == ("127.0.0.1", DEFAULT_METRICS_PORT)
     assert c.node_id == "host-7"
     assert c.executor == "async" and c.max_workers is None
-    assert c.ready_peer_ratio == 0.5 and c.drain_timeout == 30.0
+    assert c.ready_peer_ratio == 0.0 and c.drain_timeout == 30.0
     assert (c.log_level, c.log_format) == ("info", "plain")
     assert c.peers == () and c.peers_file is None and c.peers_dns is None
     assert not c.allow_empty_key and not c.tls_enabled

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -142,8 +143,14 @@ async def test_peers_file_reload_with_the_real_broker(
     peers.write_text("garbage:x\n")  # a broken file keeps the last good set
     await asyncio.sleep(1.5)
     assert known() == {("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 4), ("::1", 5)}
+    # Ready without links (they decide nothing by default); ?verbose names the missing.
     status, body = await h.get("/readyz")
-    assert status == 503 and "connected to 0 of 4 known peers (need 2)" in body
+    assert (status, body) == (200, "ok (links to 0 of 4 members)\n")
+    status, body = await h.get("/readyz?verbose")
+    assert status == 200 and "[+] executor accepts calls" in body, body
+    assert "missing: 127.0.0.1:4 (127.0.0.1:4: " in body and "missing: [::1]:5" in body, body
+    _, text = await h.get("/metrics")
+    assert "patio_peers_missing 4.0" in text
 
 
 async def test_health_endpoints_and_drain(harnesses: list[Harness]) -> None:
@@ -159,7 +166,7 @@ async def test_health_endpoints_and_drain(harnesses: list[Harness]) -> None:
     status, body = await h.get("/livez")
     assert status == 200 and body.startswith("ok (heartbeat"), body
     status, body = await h.get("/readyz")
-    assert status == 503 and "connected to 0 of 4 known peers (need 2)" in body
+    assert status == 503 and body == "links to 0 of 4 members (need 2)\n", body
     h.broker.connected = {("127.0.0.1", 1), ("127.0.0.1", 2)}
     status, body = await h.get("/readyz")
     assert status == 200, body
@@ -236,12 +243,24 @@ def test_tls_mismatch_and_good_pair(tmp_path: Path) -> None:
 
 
 def test_readiness_rule() -> None:
-    assert readiness(listening=True, draining=False, known=0, connected=0, ratio=0.5).ready
-    assert not readiness(listening=False, draining=False, known=0, connected=0, ratio=0.5).ready
-    assert not readiness(listening=True, draining=True, known=2, connected=2, ratio=0.5).ready
-    assert readiness(listening=True, draining=False, known=3, connected=2, ratio=0.5).ready
-    assert not readiness(listening=True, draining=False, known=3, connected=1, ratio=0.5).ready
-    assert readiness(listening=True, draining=False, known=3, connected=0, ratio=0.0).ready
+    def ready(**kw: Any) -> bool:
+        args: dict[str, Any] = {"listening": True, "draining": False, "accepting": True,
+                                "known": 3, "connected": 0}  # fmt: skip
+        return readiness(**{**args, **kw}).ready
+
+    # The last serving member: every link gone, still listening and executing.
+    assert ready(known=1, connected=0)
+    assert ready(known=3, connected=0)
+    assert not ready(listening=False)
+    assert not ready(draining=True, connected=3)
+    assert not ready(accepting=False, connected=3)
+    # Only an explicit ratio makes links decide.
+    assert ready(connected=2, ratio=0.5)
+    assert not ready(connected=1, ratio=0.5)
+    state = readiness(listening=True, draining=False, accepting=True, known=2, connected=1,
+                      missing=("b (refused)",), node_id="a")  # fmt: skip
+    assert state.reason == "ok (links to 1 of 2 members)"
+    assert state.details[0] == "node a" and state.details[-1] == "missing: b (refused)"
 
 
 class View:
@@ -254,6 +273,9 @@ class View:
 
     def peers(self) -> list[FakePeer]:
         return []
+
+    def membership_links(self) -> tuple[int, int, list[tuple[str, str]]]:
+        return 0, 0, []
 
 
 def test_task_label_cardinality_is_bounded() -> None:

@@ -148,7 +148,7 @@ class TCPBroker(AbstractBroker):
         self._router = Router(self, by_node)
         self._sender = CallSender(self, self._router, self.protocol)
         self._server = Server(self, self._router, self._sender)
-        self._status = StatusDesk(self, by_node, self._membership_links, self._addresses)
+        self._status = StatusDesk(self, by_node, self.membership_links, self._addresses)
         self._links = LinkTable(
             self, by_node, self._router, self._sender, self._server, self._status
         )
@@ -363,8 +363,13 @@ class TCPBroker(AbstractBroker):
         """This broker's own status map (what it answers to a STATUS request)."""
         return self._status.own()
 
-    def _membership_links(self) -> tuple[int, int, list[tuple[str, str]]]:
-        """(links up, members known, [(member, why it is not connected)]) from membership."""
+    def membership_links(self) -> tuple[int, int, list[tuple[str, str]]]:
+        """(links up, members known, [(member, why it is not connected)]).
+
+        Counted over membership (the addresses this broker dials), so callers
+        that connect in (``patio call``, an application's client) count for
+        nothing: a member's links to the rest of its mesh.
+        """
         known = up = 0
         missing: list[tuple[str, str]] = []
         for target in self._dialer.targets.values():
