@@ -149,7 +149,10 @@ def test_patio_status_lists_every_member(tmp_path: Path) -> None:
                 cwd=str(tmp_path), timeout=60, check=False,
             )  # fmt: skip
 
-        table = status()
+        # Ready does not wait for links (docs/worker-contract.md): they come up just after.
+        deadline = time.monotonic() + 15
+        while (table := status()).stdout.count(" 2/2 ") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert table.returncode == 0, table.stderr
         rows = [line for line in table.stdout.splitlines() if line.startswith("local-")]
         assert [row.split()[0] for row in rows] == ["local-0", "local-1", "local-2"], table.stdout
