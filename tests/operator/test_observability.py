@@ -130,7 +130,11 @@ def test_monitors_have_labels_interval_and_namespace_selector() -> None:
     # What the operator's pods and Services carry is what the monitors select.
     from patio_operator import desired, names
 
+    demo = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u"}, "spec": {}}
+    mesh = desired.mesh_service(demo)["metadata"]["labels"]
+    assert mesh.items() >= workers_sm["spec"]["selector"]["matchLabels"].items()
     assert names.labels("demo").items() >= workers_pm["spec"]["selector"]["matchLabels"].items()
+    assert endpoint["port"] in {p["name"] for p in desired.mesh_service(demo)["spec"]["ports"]}
     sm = desired.service_monitor(
         {"metadata": {"name": "demo", "namespace": "ns", "uid": "u"},
          "spec": {"metrics": {"serviceMonitor": True, "serviceMonitorLabels": {
