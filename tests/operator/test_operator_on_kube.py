@@ -782,6 +782,20 @@ def test_user_secrets_for_key_and_mutual_tls(
     ]  # fmt: skip
     for s in secrets:
         assert apply_obj(plane, ns, s).returncode == 0
+    # Not labelled for patio: refused, and no worker mounts them.
+    wait_until(
+        lambda: (
+            "is not labelled for patio"
+            in condition(get(plane, ns, "ptc", "tls"), "Degraded").get("message", "")
+        ),
+        timeout=30,
+        what="unlabelled Secrets refused",
+    )
+    assert get(plane, ns, "statefulset", "tls") is None
+    for s in secrets:
+        plane.kubectl(
+            "label", "secret", "-n", ns, s["metadata"]["name"], "patio.dev/mountable=true"
+        )
     pc = wait_condition(plane, ns, "tls", "Ready", timeout=120)
     wait_condition(plane, ns, "tls", "MeshReady")
     wait_condition(plane, ns, "tls", "Degraded", status="False", timeout=30)
@@ -793,6 +807,24 @@ def test_user_secrets_for_key_and_mutual_tls(
     from patio_operator.keyprobe import fetch_report
 
     assert fetch_report(get(plane, ns, "pod", "tls-0")["status"]["podIP"], 9383) == fp
+
+
+def test_privileged_template_is_refused_naming_the_field(
+    kube_control_plane: ControlPlane, kube_namespace: str, operator: Operator
+) -> None:
+    """Issue 16 item 9: a hostPath volume became a StatefulSet as written. The
+    operator (with the chart's RBAC) now refuses it with a condition naming
+    the field and writes no StatefulSet until the spec is fixed."""
+    plane, ns = kube_control_plane, kube_namespace
+    spec = {"podTemplate": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}
+    apply_obj(plane, ns, cluster_obj("priv", **spec))
+    degraded = wait_condition(plane, ns, "priv", "Degraded", timeout=30)
+    assert "spec.podTemplate.volumes[0].hostPath" in condition(degraded, "Degraded")["message"]
+    assert get(plane, ns, "statefulset", "priv") is None
+    assert get(plane, ns, "service", "priv") is not None  # the harmless children are there
+    plane.kubectl("patch", "ptc", "priv", "-n", ns, "--type=json",
+                  "-p", '[{"op": "remove", "path": "/spec/podTemplate"}]')  # fmt: skip
+    wait_until(lambda: get(plane, ns, "statefulset", "priv"), timeout=30, what="StatefulSet")
 
 
 def test_rotation_resumes_after_an_operator_crash(

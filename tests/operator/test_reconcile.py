@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 from operator_factories import cluster, pod
-from patio_operator import desired, peers, rotation
+from patio_operator import desired, kube, peers, rotation
 from patio_operator.reconciler import Config, Reconciler
 
 Obj = dict[str, Any]
@@ -105,7 +105,7 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, mode: str = "metrics") -> None:
+    def __init__(self, mode: str = "metrics", *, allow_privileged: bool = False) -> None:
         self.kube = FakeKube()
         self.clock = Clock()
         self.events: list[tuple[str, str, str]] = []
@@ -117,6 +117,7 @@ class Harness:
                 settings=desired.Settings(default_image="img:1"),
                 rotation_mode=mode,
                 settle_seconds=30,
+                allow_privileged_templates=allow_privileged,
             ),
             lambda body, t, reason, msg: self.events.append((t, reason, msg)),
             clock=self.clock,
@@ -280,7 +281,164 @@ def test_missing_existing_secret_and_missing_servicemonitor_crd_are_degraded() -
     assert "existingSecret 'nope' not found" in degraded["message"]
     assert "monitoring.coreos.com" in degraded["message"]
     assert ("Secret", "ns1", "demo-auth") not in h.kube.objects  # never generated
+    # The workers wait for the Secret: one created later without the patio
+    # label must not be mounted by a StatefulSet applied now.
+    assert ("StatefulSet", "ns1", "demo") not in h.kube.objects
+    assert ("Service", "ns1", "demo") in h.kube.objects
+
+
+def degraded_message(st: Obj) -> str:
+    degraded = next(x for x in st["conditions"] if x["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ReconcileError"
+    return str(degraded["message"])
+
+
+def test_template_breaking_pod_security_is_refused_naming_the_field() -> None:
+    # Issue 16 item 9: a hostPath volume and a foreign ServiceAccount became a
+    # StatefulSet as written.
+    h = Harness()
+    c = cluster(
+        podTemplate={
+            "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+            "serviceAccountName": "ci-deployer",
+        }
+    )
+    message = degraded_message(h.run(c))
+    assert "spec.podTemplate.volumes[0].hostPath" in message
+    assert "spec.podTemplate.serviceAccountName: 'ci-deployer'" in message
+    assert "allowPrivilegedTemplates" in message
+    assert ("StatefulSet", "ns1", "demo") not in h.kube.objects
+    # Fixed spec: applied on the next pass, and the condition clears.
+    del c["spec"]["podTemplate"]
+    st = h.run(c)
     assert ("StatefulSet", "ns1", "demo") in h.kube.objects
+    assert next(x for x in st["conditions"] if x["type"] == "Degraded")["status"] == "False"
+
+
+def test_a_cluster_admin_can_allow_privileged_templates() -> None:
+    h = Harness(allow_privileged=True)
+    c = cluster(podTemplate={"volumes": [{"name": "root", "hostPath": {"path": "/"}}]})
+    h.run(c)
+    sts = h.kube.objects[("StatefulSet", "ns1", "demo")]
+    volumes = sts["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "root", "hostPath": {"path": "/"}} in volumes
+
+
+def user_secret(name: str, labels: dict[str, str]) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": "ns1", "labels": labels},
+        "data": {"key": base64.b64encode(b"k" * 32).decode()},
+    }
+
+
+def test_existing_secrets_must_be_labelled_for_patio() -> None:
+    # Issue 16 item 9: existingSecret mounted any Secret of the namespace.
+    h = Harness()
+    h.kube._store(user_secret("db-password", {"app": "db"}), "create")
+    h.kube._store(user_secret("certs", {}), "create")
+    c = cluster(auth={"existingSecret": "db-password"}, tls={"existingSecret": "certs"})
+    message = degraded_message(h.run(c))
+    assert "spec.auth.existingSecret 'db-password' is not labelled for patio" in message
+    assert "spec.tls.existingSecret 'certs' is not labelled for patio" in message
+    assert ("StatefulSet", "ns1", "demo") not in h.kube.objects
+    for name in ("db-password", "certs"):
+        h.kube._store(user_secret(name, {"patio.dev/mountable": "true"}), "update")
+    h.run(c)
+    sts = h.kube.objects[("StatefulSet", "ns1", "demo")]
+    names_mounted = {
+        v.get("secret", {}).get("secretName") for v in sts["spec"]["template"]["spec"]["volumes"]
+    }
+    assert {"db-password", "certs"} <= names_mounted
+
+
+class RecordingKube(FakeKube):
+    """FakeKube noting the RBAC (resource, verb) each call of the real Kube needs."""
+
+    # Kube method -> the HTTP verb it sends (kube.py), as RBAC names it.
+    VERBS = {
+        "get": "get",
+        "list_objects": "list",
+        "apply": "patch",
+        "create": "create",
+        "replace": "update",
+        "delete": "delete",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: set[tuple[tuple[str, str], str]] = set()
+        self._inside = False
+
+    def _note(self, api_version: str, kind: str, verb: str) -> None:
+        group = api_version.rpartition("/")[0]
+        self.used.add(((group, kube.PLURALS[kind]), verb))
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        verbs = type(self).VERBS
+        if name not in verbs or super().__getattribute__("_inside"):
+            return attr
+
+        def recorded(*args: Any) -> Any:
+            obj = args[0] if len(args) == 1 else {"apiVersion": args[0], "kind": args[1]}
+            self._note(obj["apiVersion"], obj["kind"], verbs[name])
+            self._inside = True  # FakeKube's own get() inside apply() is no request
+            try:
+                return attr(*args)
+            finally:
+                self._inside = False
+
+        return recorded
+
+    def patch_status(self, ns: str, name: str, status: Obj) -> Obj:
+        self.used.add((("patio.dev", "patioclusters/status"), "patch"))
+        return super().patch_status(ns, name, status)
+
+
+def test_the_code_uses_exactly_the_declared_permissions() -> None:
+    # With tests/operator/test_chart.py (chart == kube.PERMISSIONS) this pins
+    # the RBAC to what the operator calls, in both directions.
+    h = Harness()
+    h.kube = RecordingKube()
+    h.rec.kube = h.kube  # type: ignore[assignment]
+    h.kube.pods = [pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True) for i in range(3)]
+    c = cluster()
+    h.run(c)  # generated key, children applied, optional ones deleted
+    h.reports = {p.ip: rotation.fingerprint("key-1") for p in h.pods}
+    c["spec"]["auth"] = {"rotation": "r1"}
+    h.run(c)  # rotation: the Secret is updated
+    h.kube._store(user_secret("mine", {"patio.dev/mountable": "true"}), "create")
+    h.run(cluster(auth={"existingSecret": "mine"}, networkPolicy={"enabled": True},
+                  autoscaling={"minReplicas": 1, "maxReplicas": 3},
+                  metrics={"serviceMonitor": True}))  # fmt: skip
+    h.rec.pods_changed("ns1", "demo")
+    used = set(h.kube.used)
+    # Not calls of the reconciler: kopf lists and watches what its handlers
+    # watch, the resync lists clusters, Events are posted by kube.post_event,
+    # and blockOwnerDeletion needs update on the finalizers subresource.
+    used |= {
+        (("patio.dev", "patioclusters"), "list"),
+        (("patio.dev", "patioclusters"), "watch"),
+        (("", "pods"), "watch"),
+        (("", "events"), "create"),
+        (("patio.dev", "patioclusters/finalizers"), "update"),
+    }
+    declared = {(resource, verb) for resource, verbs in kube.PERMISSIONS.items() for verb in verbs}
+    assert used == declared
+
+
+def test_real_kube_refuses_a_request_outside_its_permissions() -> None:
+    class NoNetwork:
+        def param_serialize(self, **kwargs: Any) -> Any:
+            raise AssertionError("the request must be refused before it is sent")
+
+    client = kube.Kube(NoNetwork())  # type: ignore[arg-type]
+    with pytest.raises(PermissionError, match="may not list secrets"):
+        client.list_objects("v1", "Secret", "ns1", "app=x")
+    with pytest.raises(PermissionError, match="may not delete statefulsets"):
+        client.delete("apps/v1", "StatefulSet", "ns1", "demo")
 
 
 def test_pod_events_republish_peers_without_touching_other_objects() -> None:

@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often a rotation in progress is re-evaluated",
     )
     p.add_argument(
+        "--allow-privileged-templates",
+        action="store_true",
+        default=os.environ.get("PATIO_OPERATOR_ALLOW_PRIVILEGED_TEMPLATES", "") == "true",
+        help="apply worker pod templates that break the Pod Security 'restricted' profile "
+        "(hostPath, privileged, host namespaces, added capabilities, another "
+        "ServiceAccount); by default they are refused with a condition naming the field",
+    )
+    p.add_argument(
         "--log-level",
         default=os.environ.get("PATIO_OPERATOR_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -119,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settle_seconds=args.rotation_settle_seconds,
         resync_seconds=args.resync_seconds,
         rotation_tick_seconds=args.rotation_tick_seconds,
+        allow_privileged_templates=args.allow_privileged_templates,
     )
     registry = kopf.OperatorRegistry()
     client = kube.Kube()

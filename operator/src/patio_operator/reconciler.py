@@ -32,7 +32,7 @@ from typing import Any
 
 from kubernetes.client import ApiException
 
-from patio_operator import desired, metrics, names, peers, rotation, status
+from patio_operator import desired, metrics, names, peers, podsecurity, rotation, status
 from patio_operator.keyprobe import fetch_report, probe_all
 from patio_operator.kube import Kube
 
@@ -54,6 +54,9 @@ class Config:
     settle_seconds: float = 90.0
     resync_seconds: float = 30.0
     rotation_tick_seconds: float = 5.0
+    #: Apply worker templates that break the Pod Security "restricted"
+    #: profile (podsecurity.py); off unless a cluster admin turns it on.
+    allow_privileged_templates: bool = False
 
 
 def new_key() -> str:
@@ -161,14 +164,13 @@ class Reconciler:
 
         pod_list = self.list_pods(cluster)
         key_state = self._sync_secret(cluster, pod_list, problems)
-        if (
-            spec.get("tls")
-            and self.kube.get("v1", "Secret", ns, spec["tls"]["existingSecret"]) is None
-        ):
-            problems.append(f"spec.tls.existingSecret {spec['tls']['existingSecret']!r} not found")
+        refused = self._refusals(cluster, spec)
+        problems.extend(refused)
         published = self._sync_peers(cluster, pod_list)
 
         for obj in want.objects:
+            if refused and obj["kind"] == "StatefulSet":
+                continue  # the workers wait until the spec is fixed; others are harmless
             try:
                 self.kube.apply(obj)
             except ApiException as exc:
@@ -194,6 +196,32 @@ class Reconciler:
         return self._write_status(
             cluster, sts, pods=pod_list, published=published, key_state=key_state, problems=problems
         )
+
+    def _refusals(self, cluster: Obj, spec: Obj) -> list[str]:
+        """Why the workers' StatefulSet must not be applied as the spec stands.
+
+        A template breaking the restricted Pod Security profile (unless
+        allowed), or an existingSecret that is missing or not labelled for
+        patio: mounting it would hand any Secret of the namespace to the
+        workers' image.
+        """
+        ns, cname = cluster["metadata"]["namespace"], cluster["metadata"]["name"]
+        out: list[str] = []
+        if not self.config.allow_privileged_templates:
+            out.extend(podsecurity.violations(cname, spec))
+            if out:
+                out.append(podsecurity.REFUSAL_HINT)
+        for field_name, section in (
+            ("spec.auth.existingSecret", "auth"),
+            ("spec.tls.existingSecret", "tls"),
+        ):
+            secret_name = (spec.get(section) or {}).get("existingSecret")
+            if secret_name:
+                secret = self.kube.get("v1", "Secret", ns, secret_name)
+                problem = podsecurity.secret_problem(field_name, secret_name, secret)
+                if problem is not None:
+                    out.append(problem)
+        return out
 
     # -- lighter pass for pod events ----------------------------------------
 
@@ -270,9 +298,7 @@ class Reconciler:
         spec = desired.spec_of(cluster)
         auth = spec.get("auth") or {}
         if auth.get("existingSecret"):
-            if self.kube.get("v1", "Secret", ns, auth["existingSecret"]) is None:
-                problems.append(f"spec.auth.existingSecret {auth['existingSecret']!r} not found")
-            return None
+            return None  # checked (and the workers held back) by _refusals
 
         name = names.auth_secret_name(meta["name"])
         secret = self.kube.get("v1", "Secret", ns, name)
