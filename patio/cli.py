@@ -219,6 +219,11 @@ def build_parser(
     )
     _add_connection_options(call, timeout=30.0)
     call.add_argument(
+        "--allow-weak-key",
+        action="store_true",
+        help="dial a non-loopback worker with a key under 128 bits (make one with `patio keygen`)",
+    )
+    call.add_argument(
         "--kwargs",
         metavar="JSON",
         help="keyword arguments as a JSON object, e.g. '{\"delay_ms\": 5}' (or @FILE, or -)",
@@ -402,6 +407,7 @@ def run_call_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
         tls_ca=ns.tls_ca,
+        allow_weak_key=ns.allow_weak_key,
     )
     if not request.key:
         print(

@@ -114,6 +114,10 @@ class KeyMismatchError(AuthenticationError, PeerConnectionError):
     """
 
 
+class WeakKeyError(PatioError, ValueError):
+    """A key under 128 bits would be used where strangers can reach the broker."""
+
+
 class SerializationError(PatioError, ValueError):
     """A value could not be serialized or deserialized."""
 

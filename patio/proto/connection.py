@@ -40,6 +40,7 @@ from patio.errors import (
     ProtocolError,
     VersionMismatchError,
 )
+from patio.proto import keys
 from patio.proto.messages import (
     DEFAULT_MAX_FRAME_SIZE,
     HANDSHAKE_MAX_FRAME_SIZE,
@@ -87,8 +88,8 @@ class KeySet:
 
     @property
     def fingerprint(self) -> str:
-        """A short digest naming the primary key without revealing it."""
-        return hashlib.sha256(b"patio-key-fingerprint:" + self.primary).hexdigest()[:12]
+        """A digest naming the primary key without revealing it (keys.fingerprint)."""
+        return keys.fingerprint(self.primary)
 
 
 @dataclass(frozen=True, slots=True)

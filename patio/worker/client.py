@@ -47,6 +47,7 @@ class CallRequest:
     retryable: bool
     kwargs: dict[str, Any] = field(default_factory=dict)
     ssl_context: ssl.SSLContext | None = None
+    allow_weak_key: bool = False
 
 
 def parse_argument(text: str) -> Any:
@@ -129,6 +130,7 @@ def make_request(
     tls_key: str | None = None,
     tls_ca: str | None = None,
     stdin: TextIO | None = None,
+    allow_weak_key: bool = False,
 ) -> CallRequest:
     if key is not None and key_file is not None:
         raise ConfigError("--key and --key-file are exclusive: give one of them")
@@ -164,6 +166,7 @@ def make_request(
         kwargs=named,
         timeout=timeout,
         retryable=retryable,
+        allow_weak_key=allow_weak_key,
     )
 
 
@@ -203,6 +206,7 @@ async def connected_client(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
     command: str = "patio call",
+    allow_weak_key: bool = False,
 ) -> AsyncIterator[TCPClientBroker]:
     """A client broker that serves nothing, connected to every peer that answers.
 
@@ -214,6 +218,7 @@ async def connected_client(
             executor,
             key=key,
             allow_empty_key=True,
+            allow_weak_key=allow_weak_key,
             connect_timeout=min(CONNECT_TIMEOUT, timeout),
             ssl_context=ssl_context,
         )
@@ -246,7 +251,11 @@ async def call_once(request: CallRequest) -> Any:
     Raises what the call raised.
     """
     async with connected_client(
-        request.peers, request.key, timeout=request.timeout, ssl_context=request.ssl_context
+        request.peers,
+        request.key,
+        timeout=request.timeout,
+        ssl_context=request.ssl_context,
+        allow_weak_key=request.allow_weak_key,
     ) as broker:
         return await broker.call(
             request.task,

@@ -77,6 +77,7 @@ class WorkerConfig:
     log_level: str = "info"
     log_format: str = "plain"
     allow_empty_key: bool = False
+    allow_weak_key: bool = False
     event_loop: str = "auto"
 
     @property
@@ -141,6 +142,11 @@ OPTIONS: tuple[tuple[str, str, str], ...] = (
 )
 BOOLEAN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--allow-empty-key", "PATIO_ALLOW_EMPTY_KEY", "permit an empty key on a non-loopback address"),
+    (
+        "--allow-weak-key",
+        "PATIO_ALLOW_WEAK_KEY",
+        "permit a key under 128 bits on a non-loopback address (make one with `patio keygen`)",
+    ),
 )
 
 
@@ -296,6 +302,10 @@ def config_from_namespace(
     else:
         allow_empty_key = _bool("PATIO_ALLOW_EMPTY_KEY", environ.get("PATIO_ALLOW_EMPTY_KEY", ""))
 
+    allow_weak_key = bool(flags.get("allow_weak_key")) or _bool(
+        "PATIO_ALLOW_WEAK_KEY", environ.get("PATIO_ALLOW_WEAK_KEY", "")
+    )
+
     if key_file is None and not key and not allow_empty_key and not is_loopback(listen):
         raise ConfigError(
             f"no key for a worker listening on {listen} (not loopback): give --key-file "
@@ -325,6 +335,7 @@ def config_from_namespace(
         log_level=log_level,
         log_format=log_format,
         allow_empty_key=allow_empty_key,
+        allow_weak_key=allow_weak_key,
         event_loop=event_loop,
     )
 

@@ -36,6 +36,7 @@ import prometheus_client
 from patio import __version__
 from patio import executor as executors
 from patio.broker import TCPMeshBroker
+from patio.errors import WeakKeyError
 from patio.registry import Registry
 from patio.worker.config import ConfigError, PeerAddress, WorkerConfig
 from patio.worker.files import watch_files
@@ -263,6 +264,7 @@ class Worker:
                 client_ssl_context=client_ctx,
                 node_id=config.node_id,
                 allow_empty_key=config.allow_empty_key,
+                allow_weak_key=config.allow_weak_key,
             )
             self.metrics = WorkerMetrics(self.broker, version=__version__, executor=self.executor)
             if config.metrics_enabled:  # nobody can read the histograms otherwise
@@ -397,7 +399,11 @@ class Worker:
         except ConfigError as exc:
             log.error("key reload failed: %s; keeping the previous keys", exc)
             return
-        self.broker.set_keys(key, accepted_keys=accepted)
+        try:
+            self.broker.set_keys(key, accepted_keys=accepted)
+        except WeakKeyError as exc:
+            log.error("key reload refused: %s; keeping the previous keys", exc)
+            return
         log.info(
             "auth keys reloaded: fingerprint %s (%d extra accepted key%s)",
             self.broker.key_fingerprint,

@@ -22,6 +22,11 @@ from patio_operator.reconciler import Config, Reconciler
 Obj = dict[str, Any]
 
 
+def strong_key(n: int) -> str:
+    """Generated keys are strong; weak test keys would all share one fingerprint."""
+    return f"key-{n}-0123456789abcdefghijklmnopqrstuv"
+
+
 class FakeKube:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], Obj] = {}
@@ -121,7 +126,7 @@ class Harness:
             ),
             lambda body, t, reason, msg: self.events.append((t, reason, msg)),
             clock=self.clock,
-            make_key=lambda: f"key-{next(counter)}",
+            make_key=lambda: strong_key(next(counter)),
             probe=lambda ip, port: self.reports.get(ip),
         )
         self.kube.pods = [pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True) for i in range(3)]
@@ -157,7 +162,7 @@ def test_first_pass_creates_everything_owned_and_writes_status() -> None:
         "StatefulSet",
     ]
     data = h.kube.secret_data()
-    assert data == {"key": "key-1"}
+    assert data == {"key": strong_key(1)}
     cm = h.kube.objects[("ConfigMap", "ns1", "demo-peers")]
     assert peers.parse(cm["data"]["peers"]) == [f"10.0.0.{i}:15383" for i in (1, 2, 3)]
     assert st["keyGeneration"] == 1 and st["peers"] == 3
@@ -205,7 +210,7 @@ def test_deleted_generated_secret_gets_a_new_key_and_generation() -> None:
     h.run(c)
     del h.kube.objects[("Secret", "ns1", "demo-auth")]
     st = h.run(c)
-    assert h.kube.secret_data()["key"] == "key-2"
+    assert h.kube.secret_data()["key"] == strong_key(2)
     assert st["keyGeneration"] == 2
     assert ("Warning", "AuthKeyRegenerated") in [(t, r) for t, r, _ in h.events]
 
@@ -225,23 +230,23 @@ def test_rotation_across_passes() -> None:
     c = cluster()
     h.run(c)
     fp = rotation.fingerprint
-    h.reports = {p.ip: fp("key-1") for p in h.pods}
+    h.reports = {p.ip: fp(strong_key(1)) for p in h.pods}
     c["spec"]["auth"] = {"rotation": "2026-11"}
     st = h.run(c)
-    assert h.kube.secret_data() == {"key": "key-1", "next-key": "key-2"}
+    assert h.kube.secret_data() == {"key": strong_key(1), "next-key": strong_key(2)}
     assert st["rotation"]["phase"] == "Accepting"
     assert any(c_["reason"] == "RotatingKey" for c_ in st["conditions"])
 
     h.clock.now += timedelta(seconds=31)
     h.run(c)
-    assert h.kube.secret_data() == {"key": "key-2", "next-key": "key-1"}
+    assert h.kube.secret_data() == {"key": strong_key(2), "next-key": strong_key(1)}
 
     h.clock.now += timedelta(seconds=31)
     h.run(c)  # workers still present key-1: A stays accepted
-    assert h.kube.secret_data() == {"key": "key-2", "next-key": "key-1"}
-    h.reports = {p.ip: fp("key-2") for p in h.pods}
+    assert h.kube.secret_data() == {"key": strong_key(2), "next-key": strong_key(1)}
+    h.reports = {p.ip: fp(strong_key(2)) for p in h.pods}
     h.run(c)
-    assert h.kube.secret_data() == {"key": "key-2"}
+    assert h.kube.secret_data() == {"key": strong_key(2)}
     h.clock.now += timedelta(seconds=31)
     st = h.run(c)
     assert st["rotation"]["phase"] == "Idle"
@@ -268,7 +273,7 @@ def test_concurrent_secret_writer_conflicts_instead_of_forking_keys() -> None:
     with pytest.raises(ApiException) as err:
         h.run(c)
     assert err.value.status == 409
-    assert h.kube.secret_data() == {"key": "key-1"}
+    assert h.kube.secret_data() == {"key": strong_key(1)}
 
 
 def test_missing_existing_secret_and_missing_servicemonitor_crd_are_degraded() -> None:
@@ -406,7 +411,7 @@ def test_the_code_uses_exactly_the_declared_permissions() -> None:
     h.kube.pods = [pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True) for i in range(3)]
     c = cluster()
     h.run(c)  # generated key, children applied, optional ones deleted
-    h.reports = {p.ip: rotation.fingerprint("key-1") for p in h.pods}
+    h.reports = {p.ip: rotation.fingerprint(strong_key(1)) for p in h.pods}
     c["spec"]["auth"] = {"rotation": "r1"}
     h.run(c)  # rotation: the Secret is updated
     h.kube._store(user_secret("mine", {"patio.dev/mountable": "true"}), "create")

@@ -38,6 +38,7 @@ class FakeMeshBroker(MemoryBroker):
         client_ssl_context: Any = None,
         node_id: str = "fake",
         allow_empty_key: bool = False,
+        allow_weak_key: bool = False,
     ) -> None:
         super().__init__(executor)
         self.node_id = node_id

@@ -26,6 +26,10 @@ from patio.registry import Registry
 from .conftest import Spawner
 from .helpers import free_port, http_get, run_patio, sample_sum, scrape
 
+# Strong keys: a weak key's published fingerprint is the same for all weak
+# keys (patio/proto/keys.py), and this test watches the fingerprint change.
+KEY_A, KEY_B, KEY_C = (f"key-{n}-0123456789abcdefghijklmnopqrstuv" for n in "ABC")
+
 
 def write_key(path: Path, key: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -230,25 +234,25 @@ async def can_connect(worker: Any, key: str, *accepted: str) -> bool:
 @pytest.mark.slow
 async def test_key_rotation_by_files_loses_no_call(spawn: Spawner, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
-    kube_secret(secret, 1, {"key": "key-A"})
+    kube_secret(secret, 1, {"key": KEY_A})
     files = ("--key-file", str(secret / "key"), "--next-key-file", str(secret / "next-key"))
     a, b = mesh_pair(spawn, *files, "--drain-timeout", "10")
     before = fingerprints([a, b])
     assert len(before) == 1
 
-    async with caller([(a.host, a.port), (b.host, b.port)], "key-A") as broker:
+    async with caller([(a.host, a.port), (b.host, b.port)], KEY_A) as broker:
         stop = asyncio.Event()
         load = asyncio.ensure_future(run_lanes(broker, 8, stop, retryable=False))
         try:
             # 1. present A, accept A and B
-            kube_secret(secret, 2, {"key": "key-A", "next-key": "key-B"})
+            kube_secret(secret, 2, {"key": KEY_A, "next-key": KEY_B})
             await asyncio.sleep(2.0)
-            assert await can_connect(a, "key-B", "key-A")  # B is accepted already
-            assert not await can_connect(a, "key-C", "key-A")
+            assert await can_connect(a, KEY_B, KEY_A)  # B is accepted already
+            assert not await can_connect(a, KEY_C, KEY_A)
             assert fingerprints([a, b]) == before
 
             # 2. present B, still accept A
-            kube_secret(secret, 3, {"key": "key-B", "next-key": "key-A"})
+            kube_secret(secret, 3, {"key": KEY_B, "next-key": KEY_A})
             deadline = time.monotonic() + 10
             while True:
                 now = fingerprints([a, b])
@@ -256,18 +260,18 @@ async def test_key_rotation_by_files_loses_no_call(spawn: Spawner, tmp_path: Pat
                     break
                 assert time.monotonic() < deadline, now
                 await asyncio.sleep(0.2)
-            broker.set_keys(b"key-B", accepted_keys=(b"key-A",))
-            assert await can_connect(b, "key-A", "key-B")  # A still accepted
-            assert await can_connect(b, "key-B")
+            broker.set_keys(KEY_B.encode(), accepted_keys=(KEY_A.encode(),))
+            assert await can_connect(b, KEY_A, KEY_B)  # A still accepted
+            assert await can_connect(b, KEY_B)
 
             # 3. present B, A refused
-            kube_secret(secret, 4, {"key": "key-B"})
+            kube_secret(secret, 4, {"key": KEY_B})
             await asyncio.sleep(2.0)
-            assert not await can_connect(a, "key-A", "key-B")  # A refused now
-            assert await can_connect(a, "key-B")
+            assert not await can_connect(a, KEY_A, KEY_B)  # A refused now
+            assert await can_connect(a, KEY_B)
             # the command line caller too
             result = await asyncio.to_thread(
-                run_patio, "call", "--peer", a.address, "--key", "key-B", "mul", "4", "5"
+                run_patio, "call", "--peer", a.address, "--key", KEY_B, "mul", "4", "5"
             )
             assert result.stdout.strip() == "20", result.stderr
 

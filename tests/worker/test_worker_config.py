@@ -158,6 +158,12 @@ def test_empty_key_allowed_on_loopback_or_when_asked() -> None:
     assert cfg(["app:rpc", "--listen", "0.0.0.0"], {"PATIO_ALLOW_EMPTY_KEY": "1"}).allow_empty_key
 
 
+def test_weak_key_allowed_only_when_asked() -> None:
+    assert not cfg(["app:rpc", "--listen", "0.0.0.0", "--key", "k" * 40]).allow_weak_key
+    assert cfg(["app:rpc", "--key", "hunter2", "--allow-weak-key"]).allow_weak_key
+    assert cfg(["app:rpc", "--key", "hunter2"], {"PATIO_ALLOW_WEAK_KEY": "true"}).allow_weak_key
+
+
 def test_peer_addresses() -> None:
     assert parse_peer_address("h", default_port=5) == ("h", 5)
     assert parse_peer_address("h:6", default_port=5) == ("h", 6)

@@ -36,11 +36,11 @@ as the keys, so an operator restarted at any point resumes the right step.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+from patio.proto import keys
 from patio_operator import names
 
 IDLE = "Idle"
@@ -120,12 +120,8 @@ def parse_iso(text: str) -> datetime | None:
 
 
 def fingerprint(key: str) -> str:
-    """The worker's fingerprint of a key (patio.proto.connection.KeySet.fingerprint).
-
-    Repeated here rather than imported so the operator does not depend on a
-    private class of the library; tests/operator pins the two together.
-    """
-    return hashlib.sha256(b"patio-key-fingerprint:" + key.encode("utf-8")).hexdigest()[:12]
+    """The fingerprint a worker reports for ``key`` (the library's own function)."""
+    return keys.fingerprint(key.encode("utf-8"))
 
 
 def confirmed(

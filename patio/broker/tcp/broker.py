@@ -55,6 +55,7 @@ from patio.broker.tcp.status import StatusDesk, clean_member
 from patio.errors import PeerConnectionError
 from patio.executor import AbstractExecutor
 from patio.proto import KeySet
+from patio.proto.keys import check_strength as check_key_strength
 from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE, MAX_NODE_ID_LENGTH
 from patio.transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -108,6 +109,7 @@ class TCPBroker(AbstractBroker):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         route_wait: float = DEFAULT_ROUTE_WAIT,
         allow_empty_key: bool = False,
+        allow_weak_key: bool = False,
         prefer_local: bool = False,
         retryable_tasks: Iterable[str] = (),
         reconnect_timeout: float | None = None,
@@ -135,6 +137,7 @@ class TCPBroker(AbstractBroker):
         self.connect_timeout = connect_timeout
         self.route_wait = route_wait
         self.allow_empty_key = allow_empty_key
+        self.allow_weak_key = allow_weak_key
         self.prefer_local = prefer_local
         self.retryable_tasks = frozenset(retryable_tasks)
         self.draining = False
@@ -203,8 +206,16 @@ class TCPBroker(AbstractBroker):
         self._servers.clear()
         await super().close()
 
+    def _check_key_strength(self, where: str, host: str, keys: KeySet | None = None) -> None:
+        accepted = (keys or self.link_settings.keys).all_accepted()
+        if warning := check_key_strength(
+            accepted, where, loopback=is_loopback(host), allow_weak=self.allow_weak_key
+        ):
+            log.warning("%s", warning)
+
     def _check_key_for(self, address: str) -> None:
         if self.link_settings.keys.primary:
+            self._check_key_strength(f"listening on {address}", address)
             return
         if is_loopback(address):
             message = (
@@ -244,6 +255,7 @@ class TCPBroker(AbstractBroker):
 
     def add_peer(self, host: str, port: int = DEFAULT_PORT) -> None:
         """Keep a connection to ``host:port`` (dialled and re-dialled with backoff)."""
+        self._check_key_strength(f"dialling {host}", host.strip("[]"))
         manual = set(self._dialer.sources.get("manual", ()))
         manual.add((host.strip("[]"), int(port)))
         self._dialer.set_source("manual", manual)
@@ -260,7 +272,10 @@ class TCPBroker(AbstractBroker):
 
     def set_keys(self, key: bytes | str, accepted_keys: Iterable[bytes | str] = ()) -> None:
         """Use a new key set for handshakes from now on (links already up stay up)."""
-        self.link_settings.keys = KeySet(_as_key(key), tuple(_as_key(k) for k in accepted_keys))
+        keys = KeySet(_as_key(key), tuple(_as_key(k) for k in accepted_keys))
+        for host, _ in self.listening:
+            self._check_key_strength(f"listening on {host}", host, keys)
+        self.link_settings.keys = keys
 
     def set_ssl_contexts(
         self, server: ssl.SSLContext | None, client: ssl.SSLContext | None
