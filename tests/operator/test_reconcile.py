@@ -379,6 +379,8 @@ class RecordingKube(FakeKube):
     def _note(self, api_version: str, kind: str, verb: str) -> None:
         group = api_version.rpartition("/")[0]
         self.used.add(((group, kube.PLURALS[kind]), verb))
+        if verb == "patch":  # server-side apply: create when the object is new
+            self.used.add(((group, kube.PLURALS[kind]), "create"))
 
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)

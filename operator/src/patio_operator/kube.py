@@ -44,7 +44,8 @@ PLURALS = {
 #: watch for the resources its handlers watch (handlers.py), Events, and
 #: `update` on patioclusters/finalizers, which the API server requires for
 #: blockOwnerDeletion on the children's owner references. Server-side apply
-#: creates a missing object with `patch` alone. The chart's RBAC is asserted
+#: is a `patch` that also needs `create` when the object does not exist yet
+#: (the API server checks it then). The chart's RBAC is asserted
 #: equal to this table (tests/operator/test_chart.py), the table to what the
 #: code calls (tests/operator/test_reconcile.py), and `Kube` refuses any
 #: request outside it, so none of the three can drift.
@@ -53,31 +54,37 @@ PERMISSIONS: dict[tuple[str, str], frozenset[str]] = {
     (names.GROUP, f"{names.PLURAL}/status"): frozenset({"patch"}),
     (names.GROUP, f"{names.PLURAL}/finalizers"): frozenset({"update"}),
     ("", "pods"): frozenset({"list", "watch"}),
-    ("", "configmaps"): frozenset({"get", "patch"}),
+    ("", "configmaps"): frozenset({"get", "create", "patch"}),
     # Only by name: the generated key is created and rotated (update with
     # resourceVersion); a user's existingSecret is only read for its label.
     ("", "secrets"): frozenset({"get", "create", "update"}),
-    ("", "services"): frozenset({"patch"}),
+    ("", "services"): frozenset({"create", "patch"}),
     ("", "events"): frozenset({"create"}),
-    ("apps", "statefulsets"): frozenset({"get", "patch"}),
-    ("policy", "poddisruptionbudgets"): frozenset({"patch"}),
-    ("networking.k8s.io", "networkpolicies"): frozenset({"patch", "delete"}),
-    ("autoscaling", "horizontalpodautoscalers"): frozenset({"patch", "delete"}),
-    ("monitoring.coreos.com", "servicemonitors"): frozenset({"patch", "delete"}),
+    ("apps", "statefulsets"): frozenset({"get", "create", "patch"}),
+    ("policy", "poddisruptionbudgets"): frozenset({"create", "patch"}),
+    ("networking.k8s.io", "networkpolicies"): frozenset({"create", "patch", "delete"}),
+    ("autoscaling", "horizontalpodautoscalers"): frozenset({"create", "patch", "delete"}),
+    ("monitoring.coreos.com", "servicemonitors"): frozenset({"create", "patch", "delete"}),
 }
 
 _VERB_OF_METHOD = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
-def permission_for(method: str, url: str) -> tuple[tuple[str, str], str]:
-    """((group, resource), verb) that RBAC checks for one request of `Kube`."""
+#: Content type of a server-side apply: a patch that may create.
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+
+
+def permission_for(
+    method: str, url: str, content_type: str = ""
+) -> tuple[tuple[str, str], set[str]]:
+    """((group, resource), verbs) that RBAC checks for one request of `Kube`."""
     parts = url.split("?", 1)[0].strip("/").split("/")
     group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
     if rest[:1] == ["namespaces"]:
         rest = rest[2:]
     resource = "/".join([rest[0], *rest[2:3]])  # plural, plus a subresource
     verb = ("get" if len(rest) > 1 else "list") if method == "GET" else _VERB_OF_METHOD[method]
-    return (group, resource), verb
+    return (group, resource), {verb, "create"} if content_type == APPLY_CONTENT_TYPE else {verb}
 
 
 def load_config() -> None:
@@ -108,12 +115,13 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Obj:
-        resource, verb = permission_for(method, url)
-        if verb not in PERMISSIONS.get(resource, ()):
+        resource, verbs = permission_for(method, url, content_type)
+        if missing := verbs - PERMISSIONS.get(resource, frozenset()):
             # A bug, not a runtime condition: the chart grants exactly PERMISSIONS.
             raise PermissionError(
-                f"the operator may not {verb} {resource[1]} ({resource[0] or 'core'}): add it "
-                "to kube.PERMISSIONS and charts/patio/templates/rbac.yaml together"
+                f"the operator may not {'/'.join(sorted(missing))} {resource[1]} "
+                f"({resource[0] or 'core'}): add it to kube.PERMISSIONS and "
+                "charts/patio/templates/rbac.yaml together"
             )
         method_, url_, headers, body_, post = self.api.param_serialize(
             method=method,
@@ -167,7 +175,7 @@ class Kube:
             path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
             body=json.dumps(obj),
             query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
-            content_type="application/apply-patch+yaml",
+            content_type=APPLY_CONTENT_TYPE,
         )
 
     def create(self, obj: Obj) -> Obj:
