@@ -25,7 +25,10 @@ from tests.conftest import free_port
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
-KEY = b"fail-fast-test-key"
+# Strong keys: every weak key has the same fingerprint (patio/proto/keys.py),
+# and the first test tells our key's fingerprint from theirs.
+KEY = b"fail-fast-test-key-0123456789abcdefghij"
+CLIENT_KEY = b"client-key-0123456789abcdefghijklmnopq"
 
 
 def mul(a: int, b: int) -> int:
@@ -44,7 +47,7 @@ async def test_server_that_refuses_our_key_fails_connect_at_once() -> None:
         await server.listen("127.0.0.1", 0)
         async with (
             NullExecutor(Registry()) as null,
-            TCPClientBroker(null, b"client-key", accepted_keys=[KEY]) as client,
+            TCPClientBroker(null, CLIENT_KEY, accepted_keys=[KEY]) as client,
         ):
             t0 = time.monotonic()
             with pytest.raises(AuthenticationError) as info:
@@ -52,7 +55,7 @@ async def test_server_that_refuses_our_key_fails_connect_at_once() -> None:
             assert time.monotonic() - t0 < 1.0
             message = str(info.value)
             assert "refused our key" in message
-            assert KeySet(b"client-key").fingerprint in message  # ours, to compare with theirs
+            assert KeySet(CLIENT_KEY).fingerprint in message  # ours, to compare with theirs
             assert KeySet(KEY).fingerprint not in message  # nothing of theirs leaks
             assert isinstance(info.value, PeerConnectionError)  # what connect() raised before
             assert client.peers() == []
