@@ -15,7 +15,7 @@ def worker_args(*extra: str) -> list[str]:
     return ["worker", TASKS, "--port", str(free_port()), "--metrics-port", "0", *extra]
 
 
-KEY = ("--key", "test-key")
+KEY = ("--key", "test-key-0123456789abcdefghijklmnopqrstuv")  # strong: no weak-key warning line
 
 
 def assert_config_error(args: list[str], message: str) -> None:
