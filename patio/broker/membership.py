@@ -128,12 +128,18 @@ async def watch_dns(
 ) -> None:
     """Re-resolve ``name`` periodically; call ``on_change`` when its records change."""
     last: set[Address] | None = None
+    failing = ""  # logged once per failure, not on every retry
     while True:
         try:
             peers = await resolve_all(name, port)
         except OSError as exc:
-            log.error("resolving %s: %s; keeping the last good peer list", name, exc)
+            if str(exc) != failing:
+                failing = str(exc)
+                log.error("resolving %s: %s; keeping the last good peer list", name, exc)
         else:
+            if failing:
+                failing = ""
+                log.info("resolving %s works again", name)
             if peers != last:
                 last = peers
                 on_change(peers)

@@ -35,6 +35,12 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 # Output we will hold for a peer that does not read. Past it the link is cut:
 # a peer that stops reading must not make us buffer without bound.
 DEFAULT_MAX_BUFFERED_OUTPUT = 64 * 1024 * 1024
+# Key mismatches logged, as (our node, peer host, message): a peer with the
+# wrong key retries every couple of seconds forever; the first attempt is
+# worth a WARNING, the same failure again only a debug line. Bounded, because
+# anyone who can reach the port can make new entries.
+_AUTH_FAILURES_LOGGED: dict[tuple[str, str, str], None] = {}
+MAX_AUTH_FAILURES_REMEMBERED = 1024
 
 
 class LinkHandler(Protocol):
@@ -259,7 +265,17 @@ class Link(asyncio.Protocol):
             stats.handshake_failures["malformed"] += 1
         else:
             stats.frames_rejected[exc.reason] += 1
-        log.warning("closing connection with %s: %s", self._describe(), exc)
+        level = logging.WARNING
+        if isinstance(exc, AuthenticationError):
+            host = self.peername[0] if self.peername else "?"
+            seen = (self.settings.node_id, host, str(exc))
+            if seen in _AUTH_FAILURES_LOGGED:
+                level = logging.DEBUG
+            else:
+                if len(_AUTH_FAILURES_LOGGED) >= MAX_AUTH_FAILURES_REMEMBERED:
+                    _AUTH_FAILURES_LOGGED.pop(next(iter(_AUTH_FAILURES_LOGGED)))
+                _AUTH_FAILURES_LOGGED[seen] = None
+        log.log(level, "closing connection with %s: %s", self._describe(), exc)
         self._rejected = exc
         if isinstance(exc, AuthenticationError):
             # The chunk that carried the peer's bad AUTH may also have carried

@@ -105,8 +105,6 @@ class LinkTable:
             self.retire(existing, "duplicate link")
         else:
             self.retire(peer, "duplicate link")
-        if peer is self.by_node.get(event.node_id):
-            log.info("connected to %s (%s)", event.node_id, describe(link))
         self.send_announce(peer)
         self._router.changed()
 
@@ -147,6 +145,18 @@ class LinkTable:
         peer.routable = frozenset(n for n in announce.routable if type(n) is str)
         peer.capacity = max(announce.capacity, 0)
         peer.window = max(announce.window, 1)
+        if peer.state is PeerState.CONNECTED and peer is self.by_node.get(peer.node_id):
+            # Logged on the first announcement, when we know what the peer is:
+            # a member serving tasks is news; a caller that serves nothing
+            # (patio call, an application's client) connects and leaves all
+            # day, and is only worth a debug line.
+            log.log(
+                logging.INFO if peer.names else logging.DEBUG,
+                "connected to %s (%s, %d tasks)",
+                peer.node_id,
+                describe(peer.link),
+                len(peer.names),
+            )
         if peer.state is not PeerState.RETIRING:
             was_draining = peer.state is PeerState.DRAINING
             draining = announce.draining
@@ -181,7 +191,9 @@ class LinkTable:
                 or peer.state is PeerState.DRAINING
                 or peer.goodbye_received
             )
-            if expected:
+            if not peer.names:  # a caller (see _on_announce): not news
+                log.debug("disconnected from %s: %s", peer.node_id, reason)
+            elif expected:
                 log.info("disconnected from %s: %s", peer.node_id, reason)
             else:
                 log.warning("lost connection to %s: %s", peer.node_id, reason)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any
 
 from patio.broker.base import LoopTurns
@@ -69,8 +70,10 @@ class CallSender:
         stats = core.stats
         stats.calls_started[(name, SIDE_CALLER)] += 1
         observer = stats.call_observer
-        started = loop.time()
-        deadline = None if timeout is None else started + timeout
+        # Durations by perf_counter: loop.time() has 1 ms resolution under
+        # uvloop, which would put every sub-millisecond call in one bucket.
+        clock = time.perf_counter()
+        deadline = None if timeout is None else loop.time() + timeout
         outcome = OUTCOME_ERROR
         payload: bytes | None = None
         tried: set[str] | None = None
@@ -102,7 +105,7 @@ class CallSender:
         finally:
             stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
             if observer is not None:
-                observer(name, SIDE_CALLER, outcome, loop.time() - started)
+                observer(name, SIDE_CALLER, outcome, time.perf_counter() - clock)
 
     def _retry_or_raise(
         self,

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from patio.broker.tcp.codec import (
@@ -44,11 +45,56 @@ log = logging.getLogger("patio.broker")
 # Calls a peer may have outstanding on one link: at least this many, else
 # twice its capacity, so the pipe stays full while the executor queue is short.
 MIN_WINDOW: Final = 1024
+# One WARNING per failing task per this many seconds (TaskErrorLog).
+TASK_ERROR_LOG_INTERVAL: Final = 10.0
+MAX_LOGGED_MESSAGE: Final = 500
 
 
 def call_window(executor: AbstractExecutor) -> int:
     """The calls we let one peer have running here at once (announced to it)."""
     return max(2 * executor.max_workers, MIN_WINDOW)
+
+
+class TaskErrorLog:
+    """A task that raises is logged at WARNING: at most once per task per interval.
+
+    A task failing on every call (a bad deploy, a database down) must show in
+    the log at once, and must not flood it; the next line says how many more
+    failed in between.
+    """
+
+    def __init__(
+        self, interval: float = TASK_ERROR_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def report(self, name: str, exc: BaseException, caller: str) -> None:
+        now = self._clock()
+        last = self._last.get(name)
+        if last is not None and now - last < self.interval:
+            self._since[name] = self._since.get(name, 0) + 1
+            return
+        self._last[name] = now
+        more = self._since.pop(name, 0)
+        try:
+            text = str(exc)
+        except Exception:  # a task's exception may not even print; the log must not fail
+            text = "(its message cannot be printed)"
+        if len(text) > MAX_LOGGED_MESSAGE:
+            text = text[: MAX_LOGGED_MESSAGE - 3] + "..."
+        log.warning(
+            "task %r raised %s: %s (call from %s)%s",
+            name,
+            type(exc).__name__,
+            text,
+            caller,
+            f"; {more} more failure{'s' if more != 1 else ''} of it in the last {now - last:.0f}s"
+            if more and last is not None
+            else "",
+        )
 
 
 def _started(task: asyncio.Task[None]) -> bool:
@@ -60,6 +106,7 @@ class Server:
         self._core = core
         self._router = router
         self._sender = sender
+        self.task_errors = TaskErrorLog()
 
     @property
     def window(self) -> int:
@@ -139,7 +186,6 @@ class Server:
         route: bool,
     ) -> None:
         core = self._core
-        loop = core.running_loop()
         stats = core.stats
         # An outside caller's call that a member hands on is counted as
         # forwarded, not executed, so summing executions over members is exact.
@@ -148,7 +194,7 @@ class Server:
             target = self._router.choose(name, {peer.node_id})
         side = SIDE_EXECUTOR if target is LOCAL else SIDE_FORWARDER
         stats.calls_started[(name, side)] += 1
-        started = loop.time()
+        started = time.perf_counter()  # not loop.time(): 1 ms resolution under uvloop
         outcome = OUTCOME_ERROR
         link = peer.link
         try:
@@ -171,8 +217,18 @@ class Server:
         finally:
             self._served(peer, call_id, deadline)
             stats.calls_finished[(name, side, outcome)] += 1
+            seconds = time.perf_counter() - started
             if stats.call_observer is not None:
-                stats.call_observer(name, side, outcome, loop.time() - started)
+                stats.call_observer(name, side, outcome, seconds)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "call %r from %s: %s in %.3f ms%s",
+                    name,
+                    peer.node_id,
+                    outcome,
+                    seconds * 1000,
+                    "" if side == SIDE_EXECUTOR else " (forwarded)",
+                )
 
     def _reply_failure(self, peer: Peer, call_id: int, name: str, exc: BaseException) -> str:
         """Answer ERROR for a call that failed here; return its outcome."""
@@ -190,6 +246,7 @@ class Server:
             return OUTCOME_CANCELLED
         rule = rule_for(exc)
         if rule is None:  # the task's own exception
+            self.task_errors.report(name, exc, peer.node_id)
             max_size = core.link_settings.max_frame_size
             description = describe_error(exc, core.serializer, max_size)
             peer.reply_error(call_id, ErrorKind.EXCEPTION, description)
