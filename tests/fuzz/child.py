@@ -1,0 +1,27 @@
+"""One libFuzzer process for one target: ``python -m tests.fuzz.child TARGET [libFuzzer flags]``.
+
+Run it through ``python -m tests.fuzz``, which picks the corpus directories
+and the limits. patio and the harness are instrumented for coverage (msgpack
+is a C extension and is not); the first corpus directory given receives the
+new inputs found.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports(include=["patio", "tests.fuzz"]):
+    from tests.fuzz.targets import TARGETS
+
+
+def main() -> None:
+    name = sys.argv[1]
+    target = TARGETS[name]
+    atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
