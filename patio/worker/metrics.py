@@ -13,6 +13,7 @@ docs/metrics.md lists every metric; keep the two in step.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -257,6 +258,17 @@ class BrokerCollector(Collector):
             "1 while the worker drains after SIGTERM, else 0.",
             value=1 if broker.draining else 0,
         )
+
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped off the loop (a test): nothing to count
+            pass
+        else:
+            yield GaugeMetricFamily(
+                "patio_event_loop_tasks",
+                "asyncio tasks alive on the worker's event loop (a leak shows as growth).",
+                value=tasks,
+            )
 
 
 def _summed(

@@ -187,6 +187,9 @@ async def test_health_endpoints_and_drain(harnesses: list[Harness]) -> None:
     assert "patio_peers_known 4.0" in text and "patio_peers_connected 2.0" in text
     assert 'patio_worker_info{node_id="t1"' in text and "patio_draining 0.0" in text
     assert "patio_executor_capacity 1024.0" in text
+    # the loop's tasks: at least the worker's own (heartbeat, listener, this request)
+    tasks = next(line for line in text.splitlines() if line.startswith("patio_event_loop_tasks "))
+    assert float(tasks.split()[1]) >= 2, tasks
     # drain: /readyz turns 503 and run() returns 0
     h.worker.request_stop()
     await until(lambda: h.broker.draining)
