@@ -56,6 +56,15 @@ GROWTH_LIMITS = {"rss_mb": (8.0, 0.10), "fds": (4.0, 0.20), "tasks": (8.0, 0.20)
 _METRIC = re.compile(r"^(patio_event_loop_tasks|patio_peers_connected) ([0-9.e+-]+)$", re.M)
 
 
+def _proc_usage(pid: int) -> tuple[int, int]:
+    """(resident set in KiB, open file descriptors) of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+)", status)
+    if match is None:
+        raise ValueError(f"no VmRSS for {pid}")
+    return int(match.group(1)), len(os.listdir(f"/proc/{pid}/fd"))
+
+
 @dataclass
 class Member:
     slot: int
@@ -97,9 +106,12 @@ class Soak:
         taken: set[tuple[str, int]] = set()
         self.members = [
             Member(
-                slot, host, free_port(host, 21000 + slot, taken),
-                free_port(host, 22000 + slot, taken), self.workdir / f"soak-{slot}.log",
-            )  # fmt: skip
+                slot,
+                host,
+                free_port(host, 21000 + slot, taken),
+                free_port(host, 22000 + slot, taken),
+                self.workdir / f"soak-{slot}.log",
+            )
             for slot, host in enumerate(loopback_hosts(args.slots))
         ]
         if len({m.host for m in self.members}) < len(self.members):
@@ -173,9 +185,12 @@ class Soak:
             started = time.monotonic()
             call = asyncio.ensure_future(
                 broker.call(
-                    "lookup", f"k{lane}-{n}", args.delay_ms,
-                    timeout=args.call_timeout, retryable=True,
-                )  # fmt: skip
+                    "lookup",
+                    f"k{lane}-{n}",
+                    args.delay_ms,
+                    timeout=args.call_timeout,
+                    retryable=True,
+                )
             )
             done, _ = await asyncio.wait({call}, timeout=args.call_timeout + HANG_MARGIN)
             if not done:
@@ -235,11 +250,8 @@ class Soak:
         if not member.running:
             return None
         assert member.process is not None
-        pid = member.process.pid
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-            fds = len(os.listdir(f"/proc/{pid}/fd"))
+            rss_kb, fds = _proc_usage(member.process.pid)
             code, body = await http_get(member.host, member.metrics_port, "/metrics", 2.0)
         except (OSError, AttributeError, TimeoutError, ValueError, IndexError):
             return None
@@ -334,6 +346,9 @@ class Soak:
         }
         return not problems, summary
 
+    def write(self, path: str, summary: dict[str, Any]) -> None:
+        Path(path).write_text(json.dumps({"samples": self.samples, **summary}, indent=1))
+
     # -- run -------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -345,9 +360,12 @@ class Soak:
         async with broker:
             for member in self.members:
                 broker.add_peer(member.host, member.port)
-            async with asyncio.timeout(30):
-                while sum(1 for p in broker.peers() if p.connected and p.names) < args.members:
-                    await asyncio.sleep(0.1)
+            for _ in range(300):
+                if sum(1 for p in broker.peers() if p.connected and p.names) >= args.members:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"the caller did not reach {args.members} members in 30 s")
             print(
                 f"soak: {args.members} members up, {args.lanes} lanes, churn every "
                 f"{args.churn_every} s, {args.minutes} min; logs in {self.workdir}",
@@ -369,7 +387,7 @@ class Soak:
         passed, summary = self.verdict(retried)
         print(json.dumps(summary, indent=2), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps({"samples": self.samples, **summary}, indent=1))
+            self.write(args.out, summary)
         print("PASS" if passed else "FAIL: " + "; ".join(summary["problems"]), flush=True)
         return 0 if passed else 1
 

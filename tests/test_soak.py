@@ -23,9 +23,17 @@ def test_three_minute_soak_with_churn_passes(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "bench.soak", "3", "--report-every", "15",
-            "--warmup", "45", "--out", str(out),
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "bench.soak",
+            "3",
+            "--report-every",
+            "15",
+            "--warmup",
+            "45",
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

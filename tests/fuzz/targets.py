@@ -32,6 +32,7 @@ Targets:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from collections.abc import Callable
@@ -279,10 +280,8 @@ _PICKLE = RestrictedPickleSerializer()
 
 
 def restricted_pickle(data: bytes) -> None:
-    try:
+    with contextlib.suppress(SerializationError):
         _PICKLE.unpack(data)
-    except SerializationError:
-        pass
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
