@@ -14,6 +14,9 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need+=(golang-go)
+# The partition tests put members in network namespaces (ip) and cut links (iptables).
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 # The container image (hack/image) and the containers that run it.
 for tool in mmdebstrap buildah runc; do command -v $tool >/dev/null 2>&1 || need+=($tool); done
 if [ ${#need[@]} -gt 0 ]; then

@@ -19,6 +19,8 @@ import decimal
 import enum
 import io
 import pickle
+import re
+import struct
 import sys
 import traceback
 import types
@@ -414,6 +416,14 @@ class _NamesGlobal(Exception):
     """The payload names a global: only the checked unpickler may read it."""
 
 
+# The C unpickler sizes its memo by the largest index a PUT names: an 11-byte
+# payload (LONG_BINPUT 150000000) took 2.3 GB and 5 s. A payload that may hold
+# an index of 65536 or more (LONG_BINPUT with a high byte set, PUT with six
+# digits or more) is read by the checked unpickler, whose memo is a dict. The
+# pattern also matches such bytes inside strings: those only take the slower path.
+_LARGE_MEMO_INDEX: Final = re.compile(rb"r..(?:[^\x00].|\x00[^\x00])|p\d{6}", re.DOTALL)
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """The fast path: the C unpickler, for payloads that name no global.
 
@@ -476,6 +486,18 @@ _guard(pickle.NEWOBJ, lambda _u, stack: _check_size_arguments(stack[-2], stack[-
 _guard(pickle.NEWOBJ_EX, lambda _u, stack: _check_size_arguments(stack[-3], stack[-2], stack[-1]))
 
 
+def _load_bytearray8(unpickler: Any) -> None:  # read and append: not in typeshed
+    # pickle's own version allocates the declared size before reading: 18
+    # bytes claiming 16 GiB made this process zero-fill 16 GiB (found by fuzzing).
+    (size,) = struct.unpack("<Q", unpickler.read(8))
+    data = unpickler.read(size)
+    if len(data) != size:
+        raise pickle.UnpicklingError("pickle data was truncated")
+    unpickler.append(bytearray(data))
+
+
+_RestrictedUnpickler.dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
 #: patio 0.1.4's public name for its restricted unpickler: ``RestrictedUnpickler(file).load()``.
 RestrictedUnpickler = _RestrictedUnpickler
 
@@ -500,8 +522,10 @@ class RestrictedPickleSerializer(PickleSerializer):
     or bytes. Only allow classes whose constructor and ``__setstate__`` are
     harmless with arbitrary arguments. A payload that names any class is read
     by pickle's pure-Python unpickler, the one whose opcodes can be checked
-    (several times slower than ``PickleSerializer``); plain data (numbers,
-    strings, bytes, lists, dicts, tuples, sets) by the C one.
+    (several times slower than ``PickleSerializer``), and so is one whose
+    bytes may name a memo slot of 65536 or more (the C unpickler would size
+    its memo to it; text containing an ``r`` can look like that too); plain
+    data (numbers, strings, bytes, lists, dicts, tuples, sets) by the C one.
     """
 
     def __init__(
@@ -524,10 +548,12 @@ class RestrictedPickleSerializer(PickleSerializer):
 
     def unpack(self, data: bytes) -> Any:
         try:
-            try:
-                return _PlainDataUnpickler(io.BytesIO(data), fix_imports=False).load()
-            except _NamesGlobal:
-                return _RestrictedUnpickler(io.BytesIO(data), self.allowed).load()
+            if _LARGE_MEMO_INDEX.search(data) is None:
+                try:
+                    return _PlainDataUnpickler(io.BytesIO(data), fix_imports=False).load()
+                except _NamesGlobal:
+                    pass
+            return _RestrictedUnpickler(io.BytesIO(data), self.allowed).load()
         except PickleRefusedError:
             raise
         except Exception as e:

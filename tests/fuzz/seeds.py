@@ -79,6 +79,7 @@ def _open_messages() -> list[list[object]]:
         [7],
         [8],
         [9, "draining"],
+        [10],
     ]
 
 
