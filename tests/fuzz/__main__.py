@@ -31,8 +31,8 @@ from tests.fuzz.seeds import CORPUS, MAX_LEN, write_seeds
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = list(MAX_LEN)
-_DONE = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)")
-_RUNS = re.compile(r"Done (\d+) runs in (\d+) second")
+_COVERAGE = re.compile(r"cov: (\d+) ft: (\d+) corp: (\d+)")
+_RUNS = re.compile(r"stat::number_of_executed_units: (\d+)")
 
 
 def run_one(target: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -53,16 +53,18 @@ def run_one(target: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     elapsed = time.monotonic() - started
     output = proc.stderr + proc.stdout
-    done = _DONE.search(output)
+    # The final statistics (-print_final_stats), and the last coverage line:
+    # "cov" counts the instrumented edges of patio's Python code reached.
+    coverage = _COVERAGE.findall(output)
     runs = _RUNS.search(output)
     result: dict[str, Any] = {
         "target": target,
         "ok": proc.returncode == 0,
         "returncode": proc.returncode,
-        "runs": int(runs.group(1)) if runs else int(done.group(1)) if done else 0,
-        "cov": int(done.group(2)) if done else None,
-        "ft": int(done.group(3)) if done else None,
-        "corpus": int(done.group(4)) if done else None,
+        "runs": int(runs.group(1)) if runs else 0,
+        "cov": int(coverage[-1][0]) if coverage else None,
+        "ft": int(coverage[-1][1]) if coverage else None,
+        "corpus": int(coverage[-1][2]) if coverage else None,
         "seconds": round(elapsed, 1),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -47,6 +47,7 @@ from patio.broker.serializer import (
 )
 from patio.errors import ProtocolError, SerializationError
 from patio.proto import Connection, KeySet, PeerAuthenticated, Role
+from patio.proto.messages import MESSAGE_TYPES
 
 KEYS = KeySet(b"fuzz-key", (b"fuzz-next-key",))
 ACCEPTOR_NONCE = bytes(range(32))
@@ -189,7 +190,9 @@ def roundtrip(data: bytes) -> None:
     received: list[Any] = []
     for chunk in chunked(out) if fdp.ConsumeBool() else [out]:
         received += ours.receive_data(chunk)
-    assert received == expected, (received, expected)
+    # Handed up typed (Call, Result...), field for field what was sent.
+    assert [list(m) for m in received] == expected, (received, expected)
+    assert all(type(m) is MESSAGE_TYPES[m[0]] for m in received), received
 
 
 # Every message type a side sends once open (PONG only as the answer to PING).
