@@ -89,6 +89,18 @@ class FrameTooLargeError(ProtocolError):
     reason: ClassVar[str] = "oversized"
 
 
+class NameTooLongError(ProtocolError):
+    """A task name in a CALL or ANNOUNCE is longer than ``MAX_NAME_LENGTH``."""
+
+    reason: ClassVar[str] = "name_too_long"
+
+
+class TooManyNamesError(ProtocolError):
+    """An ANNOUNCE lists more than ``MAX_ANNOUNCED_NAMES`` names."""
+
+    reason: ClassVar[str] = "too_many_names"
+
+
 class HandshakeError(ProtocolError):
     """The hello exchange failed: wrong version, timeout or malformed hello."""
 

@@ -37,7 +37,9 @@ from patio.errors import (
     AuthenticationError,
     FrameTooLargeError,
     HandshakeError,
+    NameTooLongError,
     ProtocolError,
+    TooManyNamesError,
     VersionMismatchError,
 )
 from patio.proto import keys
@@ -46,6 +48,8 @@ from patio.proto.messages import (
     HANDSHAKE_MAX_FRAME_SIZE,
     HEADER,
     MAGIC,
+    MAX_ANNOUNCED_NAMES,
+    MAX_NAME_LENGTH,
     MAX_NODE_ID_LENGTH,
     MESSAGE_TYPES,
     NONCE_SIZE,
@@ -115,11 +119,32 @@ def _checked_call(message: list[Any]) -> list[Any]:
         or (timeout is not None and type(timeout) is not int and type(timeout) is not float)
     ):
         raise ProtocolError(shape_error(message) or "malformed CALL")
+    if len(name) > MAX_NAME_LENGTH:
+        raise NameTooLongError(_name_too_long("CALL", name))
     if type(timeout) is float and isnan(timeout):
         # A NaN deadline in the event loop's timer heap breaks its order:
         # every timer of the process would fire at once.
         raise ProtocolError("CALL timeout is NaN")
     return message
+
+
+def _name_too_long(where: str, name: str) -> str:
+    return (
+        f"{where} names a task of {len(name)} characters, over the limit of "
+        f"{MAX_NAME_LENGTH}: {name[:40]!r}..."
+    )
+
+
+def _check_announce(message: list[Any]) -> None:
+    """Bound what one ANNOUNCE makes a peer keep: how many names, how long each."""
+    for names in (message[1], message[2]):
+        if len(names) > MAX_ANNOUNCED_NAMES:
+            raise TooManyNamesError(
+                f"ANNOUNCE lists {len(names)} names, over the limit of {MAX_ANNOUNCED_NAMES}"
+            )
+        for name in names:
+            if type(name) is str and len(name) > MAX_NAME_LENGTH:
+                raise NameTooLongError(_name_too_long("ANNOUNCE", name))
 
 
 def _proof(
@@ -193,6 +218,10 @@ class Connection:
         self, names: list[str], routable: list[str], capacity: int, window: int, draining: bool
     ) -> None:
         self._require_open()
+        try:
+            _check_announce([MessageType.ANNOUNCE, names, routable])
+        except ProtocolError as exc:  # the peer would close the link: refuse it here
+            raise ValueError(str(exc)) from None
         self._queue([MessageType.ANNOUNCE, names, routable, capacity, window, draining])
 
     def send_call(
@@ -201,6 +230,8 @@ class Connection:
         # Hot path: no state check beyond the one that matters.
         if self.state is not State.OPEN:
             self._require_open()
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(_name_too_long("CALL", name))
         body = self._packer.pack([3, call_id, name, payload, timeout, route])
         self._out += HEADER.pack(len(body))
         self._out += body
@@ -305,10 +336,12 @@ class Connection:
         if problem is not None:
             raise ProtocolError(problem)
         kind = message[0]
-        if kind == MessageType.PING:
+        if kind == MessageType.ANNOUNCE:
+            _check_announce(message)
+        elif kind == MessageType.PING:
             self._queue([MessageType.PONG])
             return None
-        if kind == MessageType.REFUSED:
+        elif kind == MessageType.REFUSED:
             raise self._refused()
         return _new(MESSAGE_TYPES[kind], message)
 
