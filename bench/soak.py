@@ -2,7 +2,7 @@
 
 ``bash bench/soak.sh [MINUTES]`` (or ``python -m bench.soak MINUTES``).
 
-- ``--members`` (6) ``patio worker`` processes serve ``examples/local/demo_tasks``,
+- ``--members`` (6) ``patio worker`` processes serve the demo tasks of ``patio local``
   each on its own loopback address and given every slot as a static peer, as
   pods get them from the operator. ``--slots`` (8) leaves room to add members.
 - This process joins as a caller (it serves nothing) and keeps ``--lanes``
@@ -44,16 +44,29 @@ from pathlib import Path
 from typing import Any
 
 from patio import NullExecutor, Registry, TCPMeshBroker
-from patio.worker.local import _die_with_parent, free_port, http_get, loopback_hosts, percentile
+from patio.worker.local import (
+    DEMO_REGISTRY,
+    _die_with_parent,
+    free_port,
+    http_get,
+    loopback_hosts,
+    percentile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-REGISTRY = "examples.local.demo_tasks:rpc"
 HANG_MARGIN = 5.0
 RESTART_DELAY = 2.0
 # Growth of a stable member after warm-up that counts as a trend, over the
 # whole measured span: (absolute floor, share of the mean), whichever is larger.
 GROWTH_LIMITS = {"rss_mb": (8.0, 0.10), "fds": (4.0, 0.20), "tasks": (8.0, 0.20)}
 _METRIC = re.compile(r"^(patio_event_loop_tasks|patio_peers_connected) ([0-9.e+-]+)$", re.M)
+
+
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
 
 
 def _proc_usage(pid: int) -> tuple[int, int]:
@@ -127,7 +140,7 @@ class Soak:
     def start(self, member: Member) -> None:
         peers = ",".join(f"{m.host}:{m.port}" for m in self.members if m is not member)
         argv = [
-            sys.executable, "-m", "patio", "worker", REGISTRY,
+            sys.executable, "-m", "patio", "worker", DEMO_REGISTRY,
             "--listen", member.host, "--port", str(member.port),
             "--metrics-port", str(member.metrics_port),
             "--node-id", member.node_id, "--key-file", str(self.key_file),
@@ -167,13 +180,13 @@ class Soak:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if not member.running:
-                raise RuntimeError(f"{member.node_id} exited; log: {member.log}")
+                raise RuntimeError(f"{member.node_id} exited:\n{_tail(member.log)}")
             with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
                 status, _ = await http_get(member.host, member.metrics_port, "/livez", 1.0)
                 if status == 200:
                     return
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"{member.node_id} not live after {limit} s; log: {member.log}")
+        raise RuntimeError(f"{member.node_id} not live after {limit} s:\n{_tail(member.log)}")
 
     # -- load ------------------------------------------------------------------
 
