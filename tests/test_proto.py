@@ -579,3 +579,16 @@ def test_refusing_side_says_refused_and_nothing_else(refused_while: str) -> None
     with pytest.raises(AuthenticationError, match=f"refused our key.*{KeySet(OTHER).fingerprint}"):
         a.receive_data(refusal)
     assert a.state is State.CLOSED
+
+
+def test_on_output_is_told_once_per_batch_of_queued_frames() -> None:
+    a, _ = open_pair()
+    calls: list[int] = []
+    a.on_output = lambda: calls.append(a.pending_output)
+    a.send_call(1, "t", b"", None, False)
+    a.send_result(2, b"")
+    a.send_cancel(3)
+    assert calls == [0]  # told when the first frame was queued, not again
+    assert unframe(a.data_to_send())[0][0] == MessageType.CALL
+    a.send_goodbye("bye")
+    assert calls == [0, 0]

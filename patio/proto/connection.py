@@ -26,6 +26,7 @@ import enum
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import isnan
 from typing import Any, Final
@@ -189,6 +190,9 @@ class Connection:
         self._in = bytearray()
         self._out = bytearray()
         self._packer = msgpack.Packer(use_bin_type=True)
+        #: Called when output is queued while none was waiting (the driver
+        #: schedules a write): every send_* is then the whole of a send.
+        self.on_output: Callable[[], None] | None = None
         self._queue([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, node_id, instance, self._nonce])
 
     # -- output -------------------------------------------------------------
@@ -207,8 +211,11 @@ class Connection:
 
     def _queue(self, message: list[Any]) -> None:
         body = self._packer.pack(message)
-        self._out += HEADER.pack(len(body))
-        self._out += body
+        out = self._out
+        if not out and self.on_output is not None:
+            self.on_output()
+        out += HEADER.pack(len(body))
+        out += body
 
     def _require_open(self) -> None:
         if self.state is not State.OPEN:
@@ -233,15 +240,21 @@ class Connection:
         if len(name) > MAX_NAME_LENGTH:
             raise ValueError(_name_too_long("CALL", name))
         body = self._packer.pack([3, call_id, name, payload, timeout, route])
-        self._out += HEADER.pack(len(body))
-        self._out += body
+        out = self._out
+        if not out and self.on_output is not None:
+            self.on_output()
+        out += HEADER.pack(len(body))
+        out += body
 
     def send_result(self, call_id: int, payload: bytes) -> None:
         if self.state is not State.OPEN:
             self._require_open()
         body = self._packer.pack([4, call_id, payload])
-        self._out += HEADER.pack(len(body))
-        self._out += body
+        out = self._out
+        if not out and self.on_output is not None:
+            self.on_output()
+        out += HEADER.pack(len(body))
+        out += body
 
     def send_error(self, call_id: int, kind: int, payload: bytes) -> None:
         self._require_open()

@@ -79,6 +79,9 @@ class Link(asyncio.Protocol):
             settings.keys,
             max_frame_size=settings.max_frame_size,
         )
+        # Whatever the owner queues on the connection leaves at the end of this
+        # loop iteration: sending is one call, never a send plus a flush.
+        self.connection.on_output = self.schedule_flush
         self.state: Any = None
         self.peername: tuple[str, int] | None = None
         self.closed = False

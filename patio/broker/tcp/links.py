@@ -218,7 +218,6 @@ class LinkTable:
             self._server.window,
             core.draining,
         )
-        link.schedule_flush()
 
     def announce(self) -> None:
         """Send every peer our current names, capacity and draining state."""

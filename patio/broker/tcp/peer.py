@@ -116,7 +116,6 @@ class Peer:
             return
         self.goodbye_sent = True
         link.connection.send_goodbye("no more calls")
-        link.schedule_flush()
 
     def reply_error(self, call_id: int, kind: ErrorKind | int, text: str | bytes) -> None:
         link = self.link
@@ -124,7 +123,6 @@ class Peer:
             return
         payload = text if isinstance(text, bytes) else text.encode()
         link.connection.send_error(call_id, kind, payload)
-        link.schedule_flush()
 
     def close_if_quiet(self, broker_draining: bool) -> None:
         """Close a retired (or drained) link once both goodbyes crossed and no call is left."""

@@ -179,7 +179,6 @@ class CallSender:
         pending[call_id] = PendingCall(future, name)
         remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
         link.connection.send_call(call_id, name, payload, remaining, self._router.route_flag)
-        link.schedule_flush()
         timer = None
         if deadline is not None:
             timer = loop.call_at(deadline, _expire, future, name, timeout)
@@ -190,7 +189,6 @@ class CallSender:
             if peer.pending.pop(call_id, None) is not None:
                 if not link.closed:
                     link.connection.send_cancel(call_id)
-                    link.schedule_flush()
                 self._call_done(peer)
             raise
         finally:

@@ -209,7 +209,6 @@ class Server:
                 reply = await self.run(name, payload)
             if not link.closed:
                 link.connection.send_result(call_id, reply)
-                link.schedule_flush()
             outcome = OUTCOME_OK
         except (Exception, asyncio.CancelledError) as exc:
             # The task ends here either way: a cancellation is answered, not re-raised.
