@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,7 +32,8 @@ from patio.broker.base import AbstractBroker
 from tests.conftest import free_port
 from tests.partition.lab import Lab, missing_tools
 
-KEY = "partition-key"
+# Members listen on non-loopback addresses: a weak key would be refused there.
+KEY = secrets.token_urlsafe(32)
 SIZE = 4
 VICTIM = 1
 ENTRY = 2
