@@ -224,7 +224,7 @@ async def connected_client(
         )
         async with broker:
             outcomes = await asyncio.gather(
-                *(broker.connect(host, port) for host, port in peers),
+                *(broker.connect(host, port, first_attempt_only=True) for host, port in peers),
                 return_exceptions=True,
             )
             failures = [o for o in outcomes if isinstance(o, BaseException)]

@@ -443,21 +443,42 @@ class TCPClientBroker(TCPBroker):
         kwargs.setdefault("client_ssl_context", ssl_context)
         super().__init__(executor, key, **kwargs)
 
-    async def connect(self, address: str, port: int = DEFAULT_PORT) -> None:
+    async def connect(
+        self, address: str, port: int = DEFAULT_PORT, *, first_attempt_only: bool = False
+    ) -> None:
         """Connect to a server and keep the connection up (reconnecting with backoff).
 
         Returns once the first connection is authenticated. Raises
         :class:`~patio.errors.AuthenticationError` at once when the server
         refuses our key (or we refuse its), and
         :class:`~patio.errors.PeerConnectionError` when no connection can be
-        made within ``connect_timeout`` seconds.
+        made within ``connect_timeout`` seconds -- or, with
+        ``first_attempt_only``, as soon as the first attempt fails (a refused
+        connection: a one-off command such as ``patio call`` reports it at
+        once instead of retrying for the whole ``connect_timeout``).
         """
-        self.running_loop()
+        loop = self.running_loop()
         host = address.strip("[]")
         self.add_peer(host, port)
         target = self._dialer.targets[(host, int(port))]
         try:
             async with asyncio.timeout(self.connect_timeout):
+                if first_attempt_only:
+                    # The dialer wakes routing after a failed attempt; success
+                    # resolves ``connected``. Wait for whichever comes first.
+                    limit = loop.time() + self.connect_timeout
+                    while not target.connected.done() and target.failures == 0:
+                        change = loop.create_task(self._router.wait_for_change(limit))
+                        try:
+                            await asyncio.wait(
+                                (change, target.connected), return_when=asyncio.FIRST_COMPLETED
+                            )
+                        finally:
+                            change.cancel()
+                    if not target.connected.done():
+                        raise PeerConnectionError(
+                            f"cannot connect to {address}:{port}: {target.last_error}"
+                        )
                 await asyncio.shield(target.connected)
         except TimeoutError:
             self.remove_peer(host, port)
