@@ -7,6 +7,7 @@ Examples (from the repository root, with the virtualenv's python)::
         --log /var/tmp/patio-fuzz/runs.jsonl        # the long run, counted
     python -m tests.fuzz seed                       # rewrite the seed corpus
     python -m tests.fuzz total /var/tmp/patio-fuzz/runs.jsonl
+    python -m tests.fuzz coverage --work /var/tmp/patio-fuzz   # line coverage (coverage.py)
 
 Each target runs in its own libFuzzer process (tests/fuzz/child.py) with the
 seeds of tests/fuzz/corpus/TARGET read only, and new inputs written to
@@ -111,6 +112,27 @@ def total(args: argparse.Namespace) -> int:
     return 0
 
 
+def line_coverage(args: argparse.Namespace) -> int:
+    """Replay every input of the corpora through its target under coverage.py.
+
+    In a fresh interpreter, started by coverage, so that patio's import-time
+    lines count as they would in a worker.
+    """
+    include = "patio/proto/*,patio/broker/serializer.py"
+    with tempfile.TemporaryDirectory(prefix="patio-fuzz-cov-") as scratch:
+        data = f"--data-file={scratch}/coverage"
+        replay = ["-m", "tests.fuzz.replay", *([args.work] if args.work else [])]
+        for command in (
+            ["run", "--branch", f"--include={include}", data, *replay],
+            ["report", data],
+        ):
+            argv = [sys.executable, "-m", "coverage", *command]
+            proc = subprocess.run(argv, cwd=ROOT, check=False)
+            if proc.returncode != 0:
+                return proc.returncode
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.fuzz", description=__doc__.split("\n")[0]
@@ -127,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("seed", help="rewrite tests/fuzz/corpus from tests/fuzz/seeds.py")
     total_parser = sub.add_parser("total", help="sum the inputs run, from a --log file")
     total_parser.add_argument("log")
+    coverage_parser = sub.add_parser("coverage", help="line coverage of the corpora")
+    coverage_parser.add_argument("--work", help="also replay the inputs found in this folder")
     args = parser.parse_args(argv)
+    if args.command == "coverage":
+        return line_coverage(args)
     if args.command == "seed":
         write_seeds()
         return 0
