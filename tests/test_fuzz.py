@@ -10,6 +10,7 @@ The other tests pin the inputs the fuzzer found, so they stay fixed.
 
 from __future__ import annotations
 
+import math
 import pickle
 import resource
 import struct
@@ -22,6 +23,7 @@ import pytest
 
 from patio.broker.serializer import RestrictedPickleSerializer
 from patio.errors import PickleRefusedError
+from patio.proto import Connection, KeySet, Role
 
 REPO = Path(__file__).resolve().parent.parent
 SECONDS_PER_TARGET = 7
@@ -82,3 +84,17 @@ def test_restricted_pickle_still_reads_memo_and_bytearrays() -> None:
         assert got == value and got[2] is got[0]
     many = [str(i) for i in range(70_000)] * 2  # memo indexes past 65536: the checked path
     assert RestrictedPickleSerializer().unpack(pickle.dumps(many, protocol=2)) == many
+
+
+def test_the_sender_refuses_a_nan_timeout_the_peer_would_refuse() -> None:
+    """Found by the round-trip target: a NaN timeout was queued, then the peer closed the link."""
+    keys = KeySet(b"k")
+    ours = Connection(Role.ACCEPTOR, "a", "ia", keys)
+    theirs = Connection(Role.DIALER, "d", "id", keys)
+    theirs.receive_data(ours.data_to_send())
+    ours.receive_data(theirs.data_to_send())
+    theirs.receive_data(ours.data_to_send())
+    with pytest.raises(ValueError, match="NaN"):
+        theirs.send_call(1, "mul", b"", math.nan, False)
+    theirs.send_call(2, "mul", b"", math.inf, False)  # no deadline: allowed
+    assert [m[1] for m in ours.receive_data(theirs.data_to_send())] == [2]

@@ -239,6 +239,8 @@ class Connection:
             self._require_open()
         if len(name) > MAX_NAME_LENGTH:
             raise ValueError(_name_too_long("CALL", name))
+        if type(timeout) is float and isnan(timeout):  # the peer would close the link
+            raise ValueError("CALL timeout is NaN")
         body = self._packer.pack([3, call_id, name, payload, timeout, route])
         out = self._out
         if not out and self.on_output is not None:

@@ -220,9 +220,9 @@ def _send(conn: Connection, kind: int, fdp: Any) -> list[Any] | None:
         if choice == 1:
             timeout = fdp.ConsumeRegularFloat()
         elif choice == 2:
-            timeout = fdp.PickValueInList([math.inf, -math.inf, 0.0, -0.0])
+            timeout = fdp.PickValueInList([math.inf, -math.inf, 0.0, -0.0, math.nan])
         route = fdp.ConsumeBool()
-        conn.send_call(call_id, name, payload, timeout, route)
+        conn.send_call(call_id, name, payload, timeout, route)  # NaN: ValueError
         return [3, call_id, name, payload, timeout, route]
     if kind == 4:
         call_id, payload = fdp.ConsumeInt(9), fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64))
