@@ -181,3 +181,22 @@ def test_status_maps_from_peers_are_reduced_to_known_fields() -> None:
         "capacity": True, "secret": "dropped", "uptime": 1.5,
     })  # fmt: skip
     assert member == {"node_id": "a", "failed": 1, "tasks": ["x", "y"], "uptime": 1.5}
+
+
+@pytest.mark.slow
+def test_retryable_call_whose_only_peer_dies_names_it(spawn: Spawner, tmp_path: Path) -> None:
+    """Not NoRouteError: the task is served, its only known peer is gone."""
+    worker = spawn.worker("--key", "strong-enough-key-for-this-test-0001")
+    worker.wait_ready()
+    call = subprocess.Popen(
+        [sys.executable, "-m", "patio", "call", "--peer", worker.address, "--key",
+         "strong-enough-key-for-this-test-0001", "--retryable", "sleep", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=patio_env(),
+        cwd=str(REPO),
+    )  # fmt: skip
+    time.sleep(1.5)  # the call is running on the worker
+    worker.kill()
+    _, err = call.communicate(timeout=60)
+    assert call.returncode == 1, err
+    assert "NoRouteError" not in err and "PeersUnreachableError" in err, err
+    assert worker.address in err

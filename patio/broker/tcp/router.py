@@ -195,13 +195,20 @@ class Router:
             + ")"
         )
 
-    def _gave_up(self, name: str, why: NoPeer) -> Exception:
+    def _gave_up(self, name: str, why: NoPeer, *, timed_out: bool = False) -> Exception:
         if why is NoPeer.SATURATED:
             return CallTimeoutError(
                 f"call to {name!r} timed out waiting for a peer with free capacity"
             )
-        if why is NoPeer.UNREACHABLE:
-            down = self._unreachable()
+        if why is NoPeer.WAITING and timed_out and self._unreachable():
+            # The call's own deadline came while the peers that might serve it were down.
+            missing = "; ".join(f"{address} ({error})" for address, error in self._unreachable())
+            return CallTimeoutError(f"call to {name!r} timed out waiting for a peer: {missing}")
+        # Waiting ran out while peers were down or reconnecting (say the only
+        # peer of a retried call died): that is a connection failure naming
+        # them, not a "nobody serves it" that no connected member has said.
+        down = self._unreachable() if why in (NoPeer.UNREACHABLE, NoPeer.WAITING) else []
+        if why is NoPeer.UNREACHABLE or down:
             served = "no connected peer serves it and " if self._peers else ""
             return PeersUnreachableError(
                 f"call to {name!r} failed: {served}every other known peer is unreachable: "
@@ -263,7 +270,8 @@ class Router:
                 limit = route_limit if deadline is None else min(route_limit, deadline)
                 waiters = self._route_waiters
             if limit is not None and loop.time() >= limit:
-                raise self._gave_up(name, why)
+                timed_out = deadline is not None and loop.time() >= deadline
+                raise self._gave_up(name, why, timed_out=timed_out)
             waiter: asyncio.Future[None] = loop.create_future()
             waiters.append(waiter)
             handle = loop.call_at(limit, _resolve, waiter) if limit is not None else None
