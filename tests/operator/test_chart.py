@@ -77,8 +77,8 @@ def test_watch_namespace_uses_a_role_not_a_clusterrole() -> None:
     docs = template("--set", "watchNamespace=apps")
     kinds = {d["kind"] for d in docs}
     assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
-    role = find(docs, "Role")
-    binding = find(docs, "RoleBinding")
+    role = find(docs, "Role", "t-patio-operator")
+    binding = find(docs, "RoleBinding", "t-patio-operator")
     assert role["metadata"]["namespace"] == "apps" == binding["metadata"]["namespace"]
     assert binding["subjects"][0]["namespace"] == "patio-system"
     args = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -90,7 +90,7 @@ def test_rbac_grants_exactly_the_operator_permissions(values: list[str]) -> None
     # Issue 16 item 9: the ClusterRole granted list, watch, patch and delete
     # on every Secret of the cluster; the code needs get, create and update.
     docs = template(*values)
-    role = find(docs, "Role" if values else "ClusterRole")
+    role = find(docs, "Role", "t-patio-operator") if values else find(docs, "ClusterRole")
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         for group in rule["apiGroups"]:

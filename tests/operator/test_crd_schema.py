@@ -67,6 +67,13 @@ def test_validation_rules(crd: dict[str, Any]) -> None:
     auto = props["autoscaling"]
     assert "self.minReplicas <= self.maxReplicas" in auto["x-kubernetes-validations"][0]["rule"]
     assert auto["x-kubernetes-validations"][0]["fieldPath"] == ".minReplicas"
+    # While the autoscaler owns replicas, a hand-set count must stay in bounds
+    # (a transition rule: it also guards /scale); unchanged replicas pass.
+    owner = [
+        r for r in spec_schema["x-kubernetes-validations"] if r.get("fieldPath") == ".replicas"
+    ]
+    assert "oldSelf.replicas" in owner[0]["rule"]
+    assert "operator owns replicas" in owner[0]["message"]
 
 
 def test_defaults_match_the_operator(crd: dict[str, Any]) -> None:

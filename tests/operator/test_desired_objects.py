@@ -183,24 +183,18 @@ def test_optional_objects_are_applied_or_listed_for_deletion() -> None:
     plain = desired.desired_objects(cluster(), SETTINGS)
     kinds = {o["kind"] for o in plain.objects}
     assert kinds == {"StatefulSet", "Service", "PodDisruptionBudget"}
-    assert {k for _, k, _ in plain.absent} == {
-        "NetworkPolicy",
-        "HorizontalPodAutoscaler",
-        "ServiceMonitor",
-    }
+    assert {k for _, k, _ in plain.absent} == {"NetworkPolicy", "ServiceMonitor"}
     full = desired.desired_objects(
         cluster(
             networkPolicy={"enabled": True, "clientsFrom": [{"podSelector": {}}]},
-            autoscaling={"minReplicas": 2, "maxReplicas": 9},
+            # The operator scales by itself: no HPA among its children.
+            autoscaling={"enabled": True, "minReplicas": 2, "maxReplicas": 9},
             metrics={"serviceMonitor": True, "port": 9400},
         ),
         SETTINGS,
     )
     assert not full.absent
-    hpa = by_kind(full.objects, "HorizontalPodAutoscaler")
-    # The HPA must scale the PatioCluster (through /scale), not the StatefulSet.
-    assert hpa["spec"]["scaleTargetRef"]["kind"] == "PatioCluster"
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 9)
+    assert {o["kind"] for o in full.objects} == kinds | {"NetworkPolicy", "ServiceMonitor"}
     netpol = by_kind(full.objects, "NetworkPolicy")
     mesh_rule, metrics_rule = netpol["spec"]["ingress"]
     assert mesh_rule["from"][0] == {"podSelector": {"matchLabels": {"patio.dev/cluster": "demo"}}}
@@ -232,3 +226,37 @@ def test_same_spec_same_objects() -> None:
     a = desired.desired_objects(cluster(), SETTINGS)
     b = desired.desired_objects(cluster(), SETTINGS)
     assert a.objects == b.objects
+
+
+def test_workers_also_follow_the_headless_service_dns() -> None:
+    assert env(cluster(port=16000))["PATIO_PEERS_DNS"] == "demo-mesh.ns1.svc:16000"
+
+
+def test_complete_pod_template_init_containers_sidecars_env_from_runtime_class() -> None:
+    warnings: list[str] = []
+    c = cluster(
+        podTemplate={
+            "initContainers": [{"name": "fetch", "image": "busybox"}],
+            "sidecars": [
+                {"name": "proxy", "image": "envoy"},
+                {"name": "worker", "image": "clash"},  # taken by the worker itself
+            ],
+            "envFrom": [{"configMapRef": {"name": "settings"}}],
+            "containerSecurityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": False},
+            "runtimeClassName": "gvisor",
+        }
+    )
+    sts = desired.statefulset(c, SETTINGS, warnings)
+    pod_spec = sts["spec"]["template"]["spec"]
+    assert pod_spec["initContainers"] == [
+        {"name": "fetch", "image": "busybox"},
+        {"name": "proxy", "image": "envoy", "restartPolicy": "Always"},
+    ]
+    assert pod_spec["runtimeClassName"] == "gvisor"
+    worker = pod_spec["containers"][0]
+    assert worker["envFrom"] == [{"configMapRef": {"name": "settings"}}]
+    assert worker["securityContext"] == {"runAsNonRoot": True, "readOnlyRootFilesystem": False}
+    assert warnings == ["podTemplate.sidecars: container name 'worker' is taken; ignored"]
+    plain = desired.statefulset(cluster(), SETTINGS, [])["spec"]["template"]["spec"]
+    assert "initContainers" not in plain and "runtimeClassName" not in plain
+    assert "envFrom" not in plain["containers"][0]

@@ -619,17 +619,12 @@ def test_optional_objects_follow_the_spec(
     full = cluster_obj(
         "opt", replicas=1,
         networkPolicy={"enabled": True, "clientsFrom": [{"podSelector": {}}]},
-        autoscaling={"minReplicas": 1, "maxReplicas": 4},
         metrics={"serviceMonitor": True},
     )  # fmt: skip
     assert apply_obj(plane, ns, full).returncode == 0
     uid = get(plane, ns, "ptc", "opt")["metadata"]["uid"]
     netpol = wait_until(lambda: get(plane, ns, "networkpolicy", "opt"), timeout=30)
-    hpa = wait_until(lambda: get(plane, ns, "hpa", "opt"), timeout=30)
-    assert owned_by(netpol, uid) and owned_by(hpa, uid)
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "patio.dev/v1alpha1", "kind": "PatioCluster", "name": "opt",
-    }  # fmt: skip
+    assert owned_by(netpol, uid)
     # No prometheus-operator here: reported, not fatal.
     degraded = wait_condition(plane, ns, "opt", "Degraded")
     assert "monitoring.coreos.com/v1 is not installed" in condition(degraded, "Degraded")["message"]
@@ -638,7 +633,6 @@ def test_optional_objects_follow_the_spec(
     wait_until(
         lambda: get(plane, ns, "networkpolicy", "opt") is None, timeout=30, what="netpol gone"
     )
-    wait_until(lambda: get(plane, ns, "hpa", "opt") is None, timeout=30, what="hpa gone")
     wait_condition(plane, ns, "opt", "Degraded", status="False", timeout=30)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 from operator_factories import cluster, pod
-from patio_operator import desired, kube, peers, rotation
+from patio_operator import autoscale, desired, kube, peers, rotation
 from patio_operator.reconciler import Config, Reconciler
 
 Obj = dict[str, Any]
@@ -91,6 +91,14 @@ class FakeKube:
             raise ApiException(status=404, reason="Not Found")
         return self.objects.pop(self._key(kind, ns, name), None) is not None
 
+    def patch_scale(self, ns: str, name: str, body: Obj) -> Obj:
+        obj = self.objects[("PatioCluster", ns, name)]
+        if obj["metadata"].get("resourceVersion") != body["metadata"]["resourceVersion"]:
+            raise ApiException(status=409, reason="Conflict")
+        obj["spec"]["replicas"] = body["spec"]["replicas"]
+        self.writes.append(("scale", "PatioCluster", name))
+        return {}
+
     def patch_status(self, ns: str, name: str, status: Obj) -> Obj:
         self.writes.append(("status", "PatioCluster", name))
         self.objects[("PatioCluster", ns, name)]["status"] = copy.deepcopy(status)
@@ -128,7 +136,9 @@ class Harness:
             clock=self.clock,
             make_key=lambda: strong_key(next(counter)),
             probe=lambda ip, port: self.reports.get(ip),
+            sample=lambda targets, port: {n: self.loads[n] for n, _ in targets if n in self.loads},
         )
+        self.loads: dict[str, autoscale.Load] = {}
         self.kube.pods = [pod(f"demo-{i}", f"10.0.0.{i + 1}", ready=True) for i in range(3)]
         self.pods = [peers.pod_view(p) for p in self.kube.pods]
 
@@ -403,6 +413,10 @@ class RecordingKube(FakeKube):
         self.used.add((("patio.dev", "patioclusters/status"), "patch"))
         return super().patch_status(ns, name, status)
 
+    def patch_scale(self, ns: str, name: str, body: Obj) -> Obj:
+        self.used.add((("patio.dev", "patioclusters/scale"), "patch"))
+        return super().patch_scale(ns, name, body)
+
 
 def test_the_code_uses_exactly_the_declared_permissions() -> None:
     # With tests/operator/test_chart.py (chart == kube.PERMISSIONS) this pins
@@ -417,10 +431,15 @@ def test_the_code_uses_exactly_the_declared_permissions() -> None:
     c["spec"]["auth"] = {"rotation": "r1"}
     h.run(c)  # rotation: the Secret is updated
     h.kube._store(user_secret("mine", {"patio.dev/mountable": "true"}), "create")
-    h.run(cluster(auth={"existingSecret": "mine"}, networkPolicy={"enabled": True},
-                  autoscaling={"minReplicas": 1, "maxReplicas": 3},
-                  metrics={"serviceMonitor": True}))  # fmt: skip
+    busy = cluster(auth={"existingSecret": "mine"}, networkPolicy={"enabled": True},
+                   autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 5},
+                   metrics={"serviceMonitor": True})  # fmt: skip
+    h.run(busy)
     h.rec.pods_changed("ns1", "demo")
+    h.loads = {p.name: autoscale.Load(4, 4, 4) for p in h.pods}
+    busy["metadata"]["resourceVersion"] = "1"
+    h.store(busy)
+    assert h.rec.autoscale("ns1", "demo") is not None  # the autoscaler writes /scale
     used = set(h.kube.used)
     # Not calls of the reconciler: kopf lists and watches what its handlers
     # watch, the resync lists clusters, Events are posted by kube.post_event,
@@ -462,3 +481,44 @@ def test_pod_events_republish_peers_without_touching_other_objects() -> None:
     cm = h.kube.objects[("ConfigMap", "ns1", "demo-peers")]
     assert "10.0.0.9:15383" in peers.parse(cm["data"]["peers"])
     assert st["readyReplicas"] == 2
+
+
+def test_autoscale_writes_scale_status_and_an_event() -> None:
+    h = Harness()
+    c = cluster(autoscaling={"enabled": True, "maxReplicas": 5, "maxStep": 2})
+    c["metadata"]["resourceVersion"] = "7"
+    h.store(c)
+    h.loads = {f"demo-{i}": autoscale.Load(4, 4, 4) for i in range(3)}  # 24 calls on 12 slots
+    decision = h.rec.autoscale("ns1", "demo")
+    assert decision is not None and decision.replicas == 5
+    stored = h.kube.objects[("PatioCluster", "ns1", "demo")]
+    assert stored["spec"]["replicas"] == 5
+    auto = stored["status"]["autoscaling"]
+    assert auto["desiredReplicas"] == 5 and auto["lastScaleReason"].startswith("scaled up")
+    assert auto["lastScaleTime"] == "2026-11-25T12:00:00Z"
+    assert [e[1] for e in h.events] == ["ScaledUp"]
+    # Someone scales by hand within bounds: noted in an Event, the autoscaler continues.
+    stored["spec"]["replicas"] = 3
+    h.loads = {f"demo-{i}": autoscale.Load(2, 0, 4) for i in range(3)}
+    h.rec.autoscale("ns1", "demo")
+    assert h.events[-1][1] == "ManualScale"
+
+
+def test_autoscale_is_off_unless_enabled() -> None:
+    h = Harness()
+    h.store(cluster(autoscaling={"maxReplicas": 5}))
+    assert h.rec.autoscale("ns1", "demo") is None
+    assert not [w for w in h.kube.writes if w[0] == "scale"]
+
+
+def test_a_failed_pass_is_retried_with_backoff_and_posts_an_event() -> None:
+    h = Harness()
+    h.store(cluster())
+    h.kube.missing_kinds.add("StatefulSet")  # the apply raises 404: not a handled problem
+    with pytest.raises(ApiException):
+        h.rec.reconcile("ns1", "demo")
+    assert h.rec.retry_at(("ns1", "demo")) is not None
+    assert h.events[-1][:2] == ("Warning", "ReconcileFailed")
+    h.kube.missing_kinds.clear()
+    h.rec.reconcile("ns1", "demo")
+    assert h.rec.retry_at(("ns1", "demo")) is None

@@ -84,6 +84,9 @@ render checks them.
 {{- if and .Values.cluster.enabled (not .Values.crds.install) (not (.Capabilities.APIVersions.Has "patio.dev/v1alpha1/PatioCluster")) -}}
 {{- fail "cluster.enabled needs the PatioCluster CRD: set crds.install=true or install the CRD first" -}}
 {{- end -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) -}}
+{{- fail (printf "operator.replicas is %v but operator.leaderElection.enabled is false: every replica would reconcile the same clusters" .Values.operator.replicas) -}}
+{{- end -}}
 {{- end -}}
 
 {{/*

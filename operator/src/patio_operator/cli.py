@@ -7,13 +7,17 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import kopf
 
-from patio_operator import desired, handlers, kube, metrics, names, resync
+from patio_operator import desired, handlers, kube, leader, metrics, names, resync
 from patio_operator.reconciler import Config, Reconciler
 from patio_operator.rotation import MODES
+
+log = logging.getLogger("patio_operator")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -96,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ServiceAccount); by default they are refused with a condition naming the field",
     )
     p.add_argument(
+        "--leader-election-lease",
+        default=os.environ.get("PATIO_OPERATOR_LEADER_LEASE", ""),
+        metavar="NAME",
+        help="run as one of several replicas: only the holder of this coordination.k8s.io "
+        "Lease in --operator-namespace reconciles (env PATIO_OPERATOR_LEADER_LEASE; "
+        "default: no election, this process always reconciles)",
+    )
+    p.add_argument(
         "--log-level",
         default=os.environ.get("PATIO_OPERATOR_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -140,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.scanning.disabled = True
     # Only watch-event handlers are registered: kopf stores no progress or
     # diff-base annotations and adds no finalizer to PatioClusters.
-    settings.posting.level = logging.WARNING  # only warnings become k8s Events from logs
+    # kopf turns log lines into Events only inside its own handler contexts;
+    # the Reconciler posts every Event itself (kube.post_event), from
+    # watch handlers and the resync alike, so kopf's posting stays off.
+    settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
@@ -148,8 +163,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics.serve(args.metrics_port, args.listen_address)
     host = f"[{args.listen_address}]" if ":" in args.listen_address else args.listen_address
     liveness = f"http://{host}:{args.health_port}/healthz" if args.health_port else None
-    asyncio.run(_run(reconciler, registry, settings, namespaces, liveness))
-    return 0
+    elector = None
+    if args.leader_election_lease:
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        elector = leader.Elector(
+            client, args.operator_namespace, args.leader_election_lease, identity
+        )
+    health = (args.listen_address, args.health_port) if args.health_port else None
+    return asyncio.run(
+        _lead(elector, health, _run(reconciler, registry, settings, namespaces, liveness))
+    )
+
+
+async def _standby_health(address: tuple[str, int]) -> asyncio.Server:
+    """/healthz while waiting for the lease: a standby is alive, just not leading.
+
+    kopf serves its own liveness endpoint once this process leads, on the
+    same port, so this server is closed before kopf starts.
+    """
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            body = b"standby: waiting for the leader lease\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, address[0], address[1], reuse_address=True)
+
+
+async def _lead(
+    elector: leader.Elector | None,
+    health: tuple[str, int] | None,
+    work: Coroutine[Any, Any, None],
+) -> int:
+    """Wait for the lease (if electing), then run `work` while renewing it.
+
+    Returns 1 when leadership is lost: the process exits and its Deployment
+    restarts it as a standby, which is simpler and safer than trying to
+    stop kopf's watchers half-way and resume later.
+    """
+    if elector is None:
+        await work
+        return 0
+    server = await _standby_health(health) if health else None
+    try:
+        while True:
+            if await asyncio.to_thread(elector.try_lead):
+                break
+            await asyncio.sleep(leader.RENEW_SECONDS)
+    except BaseException:
+        work.close()
+        raise
+    finally:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+    log.info("leading as %s", elector.identity)
+    metrics.LEADER.set(1)
+    running = asyncio.ensure_future(work)
+    try:
+        while not running.done():
+            await asyncio.wait({running}, timeout=leader.RENEW_SECONDS)
+            if not running.done() and not await asyncio.to_thread(elector.try_lead):
+                log.error("lost the leader lease; exiting so a standby takes over")
+                return 1
+        running.result()
+        return 0
+    finally:
+        metrics.LEADER.set(0)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await asyncio.to_thread(elector.release)
 
 
 async def _run(

@@ -119,8 +119,15 @@ def termination_grace_seconds(spec: Obj) -> int:
     )
 
 
-def worker_env(spec: Obj) -> list[Obj]:
+def peers_dns_name(cluster: Obj) -> str:
+    """The headless Service's name, qualified by namespace (resolvable from any pod)."""
+    meta = cluster["metadata"]
+    return f"{names.mesh_service_name(meta['name'])}.{meta['namespace']}.svc"
+
+
+def worker_env(cluster: Obj) -> list[Obj]:
     """Environment of the worker container, per docs/worker-contract.md."""
+    spec = spec_of(cluster)
     env: list[Obj] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -130,6 +137,10 @@ def worker_env(spec: Obj) -> list[Obj]:
         {"name": "PATIO_PORT", "value": str(spec["port"])},
         {"name": "PATIO_NODE_ID", "value": "$(POD_NAME)"},
         {"name": "PATIO_PEERS_FILE", "value": f"{names.PEERS_MOUNT}/{names.PEERS_ITEM}"},
+        # A second source of peers: the headless Service lists every pod,
+        # so the mesh keeps healing (a replaced pod's new address is found)
+        # while no operator runs to rewrite the peers file.
+        {"name": "PATIO_PEERS_DNS", "value": f"{peers_dns_name(cluster)}:{spec['port']}"},
         {"name": "PATIO_KEY_FILE", "value": f"{names.AUTH_MOUNT}/{names.KEY_ITEM}"},
         {"name": "PATIO_NEXT_KEY_FILE", "value": f"{names.AUTH_MOUNT}/{names.NEXT_KEY_ITEM}"},
         {"name": "PATIO_EXECUTOR", "value": str(spec["executor"])},
@@ -157,6 +168,32 @@ def worker_env(spec: Obj) -> list[Obj]:
             index[extra["name"]] = len(env)
             env.append(copy.deepcopy(extra))
     return env
+
+
+def _extra_containers(tmpl: Obj, warnings: list[str]) -> list[Obj]:
+    """podTemplate.initContainers, then podTemplate.sidecars as native sidecars.
+
+    Sidecars are init containers with `restartPolicy: Always` (Kubernetes
+    1.29+): they start after the user's init containers and before the
+    worker, and keep running until the worker has drained, so a proxy or
+    log shipper outlives the worker's last call. Names must be unique in the
+    pod; one that collides is dropped with a warning.
+    """
+    out: list[Obj] = []
+    used = {"worker"}
+    for field_name, sidecar in (("initContainers", False), ("sidecars", True)):
+        for c in tmpl.get(field_name) or []:
+            if c["name"] in used:
+                warnings.append(
+                    f"podTemplate.{field_name}: container name {c['name']!r} is taken; ignored"
+                )
+                continue
+            used.add(c["name"])
+            container = copy.deepcopy(c)
+            if sidecar:
+                container["restartPolicy"] = "Always"
+            out.append(container)
+    return out
 
 
 def statefulset(cluster: Obj, settings: Settings, warnings: list[str]) -> Obj:
@@ -212,7 +249,7 @@ def statefulset(cluster: Obj, settings: Settings, warnings: list[str]) -> Obj:
             {"name": "mesh", "containerPort": int(spec["port"]), "protocol": "TCP"},
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
         ],
-        "env": worker_env(spec),
+        "env": worker_env(cluster),
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "metrics"},
             "periodSeconds": 5,
@@ -227,13 +264,16 @@ def statefulset(cluster: Obj, settings: Settings, warnings: list[str]) -> Obj:
         # Give the client Service time to drop the pod before SIGTERM makes
         # the worker stop taking calls; the drain itself happens in-process.
         "lifecycle": {"preStop": {"sleep": {"seconds": names.PRESTOP_SLEEP_SECONDS}}},
-        "securityContext": {
+        "securityContext": copy.deepcopy(tmpl.get("containerSecurityContext"))
+        or {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": mounts,
     }
+    if tmpl.get("envFrom"):
+        container["envFrom"] = copy.deepcopy(tmpl["envFrom"])
     if spec.get("imagePullPolicy"):
         container["imagePullPolicy"] = spec["imagePullPolicy"]
     if spec.get("resources"):
@@ -262,7 +302,16 @@ def statefulset(cluster: Obj, settings: Settings, warnings: list[str]) -> Obj:
         "containers": [container],
         "volumes": volumes,
     }
-    for key in ("nodeSelector", "affinity", "serviceAccountName", "priorityClassName"):
+    init = _extra_containers(tmpl, warnings)
+    if init:
+        pod_spec["initContainers"] = init
+    for key in (
+        "nodeSelector",
+        "affinity",
+        "serviceAccountName",
+        "priorityClassName",
+        "runtimeClassName",
+    ):
         if tmpl.get(key):
             pod_spec[key] = copy.deepcopy(tmpl[key])
     for key in ("tolerations", "topologySpreadConstraints"):
@@ -388,41 +437,6 @@ def network_policy(cluster: Obj, settings: Settings) -> Obj:
     }
 
 
-def horizontal_pod_autoscaler(cluster: Obj) -> Obj:
-    """An HPA that scales the PatioCluster through its /scale subresource.
-
-    It targets the PatioCluster, not the StatefulSet: the operator owns the
-    StatefulSet's replicas and would undo anything written there directly.
-    """
-    spec = spec_of(cluster)
-    cname = cluster["metadata"]["name"]
-    auto = spec["autoscaling"]
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _meta(cluster, cname),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": cname},
-            "minReplicas": int(auto.get("minReplicas", 1)),
-            "maxReplicas": int(auto["maxReplicas"]),
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {
-                            "type": "Utilization",
-                            "averageUtilization": int(
-                                auto.get("targetCPUUtilizationPercentage", 80)
-                            ),
-                        },
-                    },
-                }
-            ],
-        },
-    }
-
-
 def service_monitor(cluster: Obj) -> Obj:
     """Prometheus-operator ServiceMonitor scraping every worker via the headless Service.
 
@@ -499,10 +513,6 @@ def desired_objects(cluster: Obj, settings: Settings) -> Desired:
         out.objects.append(network_policy(cluster, settings))
     else:
         out.absent.append(("networking.k8s.io/v1", "NetworkPolicy", cname))
-    if spec.get("autoscaling"):
-        out.objects.append(horizontal_pod_autoscaler(cluster))
-    else:
-        out.absent.append(("autoscaling/v2", "HorizontalPodAutoscaler", cname))
     if spec["metrics"].get("serviceMonitor"):
         out.objects.append(service_monitor(cluster))
     else:

@@ -10,6 +10,9 @@ wires them to a configured Reconciler and nothing happens at import time.
   follow pods within a second. Handlers pass only names; the Reconciler
   re-reads everything under a per-cluster lock, so a queued event never
   acts on a stale body.
+- Errors: kopf never retries `on.event` handlers, so a failure is handed
+  to `Reconciler.failed`, which posts a Warning Event and makes the resync
+  loop retry the cluster with exponential backoff.
 - No kopf timers: kopf puts a finalizer on objects that have timers, and a
   PatioCluster deleted while the operator is down (or uninstalled together
   with it) would then hang forever. The periodic level-based pass lives in
@@ -52,10 +55,26 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         # Our own status writes come back as events: only a new generation
         # (spec change, /scale) or the operator's initial listing needs a pass.
         if kwargs["event"].get("type") in (None, "ADDED") or observed != meta.get("generation"):
-            reconciler.reconcile(meta["namespace"], meta["name"])
+            try:
+                reconciler.reconcile(meta["namespace"], meta["name"])
+            except Exception:
+                # Already recorded (Event + backoff retry by the resync loop).
+                log.warning(
+                    "reconcile of %s/%s failed; retrying with backoff",
+                    meta["namespace"],
+                    meta["name"],
+                    exc_info=True,
+                )
 
     @kopf.on.event(
         "v1", "pods", id="pod_event", labels={names.CLUSTER_LABEL: kopf.PRESENT}, registry=registry
     )
     def pod_event(**kwargs: Any) -> None:
-        reconciler.pods_changed(kwargs["namespace"], kwargs["labels"][names.CLUSTER_LABEL])
+        namespace, name = kwargs["namespace"], kwargs["labels"][names.CLUSTER_LABEL]
+        try:
+            reconciler.pods_changed(namespace, name)
+        except Exception as exc:
+            log.warning(
+                "pod update of %s/%s failed; retrying with backoff", namespace, name, exc_info=True
+            )
+            reconciler.failed(namespace, name, exc)

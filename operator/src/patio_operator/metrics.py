@@ -30,6 +30,14 @@ ROTATION_STEPS = Counter(
     "Key rotation steps written, by the phase entered.",
     ["step"],
 )
+AUTOSCALE_CHANGES = Counter(
+    "patio_operator_autoscale_changes_total",
+    "Replica changes the autoscaler wrote, by direction.",
+    ["direction"],
+)
+LEADER = Gauge(
+    "patio_operator_leader", "1 while this replica holds the leader Lease and reconciles."
+)
 CLUSTERS = Gauge("patio_operator_clusters", "PatioClusters this operator reconciles.")
 CLUSTERS_READY = Gauge(
     "patio_operator_clusters_ready", "PatioClusters whose Ready condition is True."

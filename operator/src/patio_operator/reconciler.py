@@ -32,7 +32,17 @@ from typing import Any
 
 from kubernetes.client import ApiException
 
-from patio_operator import desired, metrics, names, peers, podsecurity, rotation, status
+from patio_operator import (
+    autoscale,
+    desired,
+    loadprobe,
+    metrics,
+    names,
+    peers,
+    podsecurity,
+    rotation,
+    status,
+)
 from patio_operator.keyprobe import fetch_report, probe_all
 from patio_operator.kube import Kube
 
@@ -57,6 +67,17 @@ class Config:
     #: Apply worker templates that break the Pod Security "restricted"
     #: profile (podsecurity.py); off unless a cluster admin turns it on.
     allow_privileged_templates: bool = False
+
+
+#: First retry of a failed pass; doubled per further failure up to resync_seconds.
+RETRY_BASE_SECONDS = 1.0
+
+
+def retry_delay(failures: int, cap: float) -> float:
+    """Exponential backoff for a cluster whose pass failed `failures` times in a row."""
+    if failures <= 0:
+        return 0.0
+    return float(min(cap, RETRY_BASE_SECONDS * 2 ** min(failures - 1, 30)))
 
 
 def new_key() -> str:
@@ -94,6 +115,9 @@ class Reconciler:
         clock: Callable[[], datetime] = utcnow,
         make_key: Callable[[], str] = new_key,
         probe: Callable[[str, int], str | None] = fetch_report,
+        sample: Callable[
+            [list[tuple[str, str]], int], Mapping[str, autoscale.Load]
+        ] = loadprobe.sample,
     ) -> None:
         self.kube = kube
         self.config = config
@@ -101,8 +125,11 @@ class Reconciler:
         self.clock = clock
         self.make_key = make_key
         self.probe = probe
+        self.sample = sample
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        #: (failures in a row, monotonic time of the next retry) per failing cluster.
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         # kopf runs the timer, the cluster's event handler and pod events
@@ -114,7 +141,40 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._failures.pop((namespace, name), None)
         metrics.forget_cluster(namespace, name)
+
+    def retry_at(self, key: tuple[str, str]) -> float | None:
+        """When a failed cluster's next pass is due (monotonic), None when it is healthy."""
+        with self._locks_guard:
+            entry = self._failures.get(key)
+        return entry[1] if entry else None
+
+    def failed(self, namespace: str, name: str, exc: BaseException) -> None:
+        """Schedule a retry with backoff (the resync loop runs it) and say so in an Event.
+
+        kopf never retries `on.event` handlers, so whoever failed (a watch
+        event or the resync) lands here. Events are posted on the 1st, 3rd and
+        every 10th failure in a row, not on each retry.
+        """
+        failures = self._record((namespace, name), ok=False)
+        if failures in (1, 3) or failures % 10 == 0:
+            self.emit(
+                {"metadata": {"namespace": namespace, "name": name}},
+                "Warning",
+                "ReconcileFailed",
+                f"pass failed ({failures} in a row; retrying with backoff): {exc}",
+            )
+
+    def _record(self, key: tuple[str, str], ok: bool) -> int:
+        with self._locks_guard:
+            if ok:
+                self._failures.pop(key, None)
+                return 0
+            failures = self._failures.get(key, (0, 0.0))[0] + 1
+            delay = retry_delay(failures, self.config.resync_seconds)
+            self._failures[key] = (failures, time.monotonic() + delay)
+            return failures
 
     # -- reading -----------------------------------------------------------
 
@@ -150,7 +210,12 @@ class Reconciler:
                 out = self._reconcile(cluster) if cluster is not None else None
             result = "ok"
             return out
+        except Exception as exc:
+            self.failed(namespace, name, exc)
+            raise
         finally:
+            if result == "ok":
+                self._record((namespace, name), ok=True)
             metrics.observe_reconcile(result, time.monotonic() - started)
 
     def _reconcile(self, cluster: Obj) -> Obj:
@@ -268,6 +333,77 @@ class Reconciler:
         return rotation.from_secret(
             _decode(secret.get("data")), (secret.get("metadata") or {}).get("annotations") or {}
         )
+
+    # -- autoscaling -----------------------------------------------------------
+
+    def autoscale(self, namespace: str, name: str) -> autoscale.Decision | None:
+        """Sample the workers' load and move spec.replicas (autoscale.py decides).
+
+        Runs from the resync loop every tick for clusters with autoscaling
+        enabled. A change goes through the /scale subresource with the
+        resourceVersion just read, so a concurrent edit makes it fail (409)
+        and the next tick decides again. The StatefulSet follows in the full
+        pass that the new generation triggers.
+        """
+        with self._lock(namespace, name):
+            cluster = self._fresh(namespace, name)
+            if cluster is None:
+                return None
+            spec = desired.spec_of(cluster)
+            policy = autoscale.policy_of(spec)
+            if policy is None:
+                return None
+            pod_list = self.list_pods(cluster)
+            ready = [(p.name, p.ip) for p in pod_list if p.ready and not p.terminating and p.ip]
+            loads = self.sample(ready, int(spec["metrics"]["port"]))
+            previous = (cluster.get("status") or {}).get("autoscaling") or {}
+            current = int(spec["replicas"])
+            now = self.clock()
+            decision = autoscale.decide(
+                policy,
+                current=current,
+                pods=pod_list,
+                loads=loads,
+                pending=autoscale.pending_from_status(previous.get("pending")),
+                now=now,
+            )
+            new: Obj = {
+                "desiredReplicas": decision.replicas,
+                "pending": decision.pending.to_status() if decision.pending else None,
+                "lastScaleTime": previous.get("lastScaleTime"),
+                "lastScaleReason": previous.get("lastScaleReason"),
+                "message": decision.reason,
+            }
+            last_written = previous.get("desiredReplicas")
+            if last_written is not None and int(last_written) != current:
+                self.emit(
+                    cluster,
+                    "Normal",
+                    "ManualScale",
+                    f"spec.replicas was set to {current} by someone else; with "
+                    "spec.autoscaling.enabled the autoscaler owns it and continues from there",
+                )
+            if decision.changes(current):
+                body = {
+                    "metadata": {"resourceVersion": cluster["metadata"]["resourceVersion"]},
+                    "spec": {"replicas": decision.replicas},
+                }
+                self.kube.patch_scale(namespace, name, body)
+                new["lastScaleTime"] = rotation.iso(now)
+                new["lastScaleReason"] = decision.reason
+                metrics.AUTOSCALE_CHANGES.labels(
+                    direction="up" if decision.replicas > current else "down"
+                ).inc()
+                self.emit(
+                    cluster,
+                    "Normal",
+                    "ScaledUp" if decision.replicas > current else "ScaledDown",
+                    decision.reason,
+                )
+                log.info("autoscaled %s/%s: %s", namespace, name, decision.reason)
+            if any(previous.get(k) != v for k, v in new.items()):
+                self.kube.patch_status(namespace, name, {"autoscaling": new})
+            return decision
 
     # -- pieces ----------------------------------------------------------------
 
