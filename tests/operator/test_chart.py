@@ -47,6 +47,8 @@ def test_default_render() -> None:
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",  # the leader Lease, in the release's namespace
+            "RoleBinding",
             "Service",
             "Deployment",
             "Pod",
@@ -68,7 +70,24 @@ def test_default_render() -> None:
     assert c["image"] == "ghcr.io/patio-project/patio:1.0.0a1"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert not any(a.startswith("--namespace") for a in c["args"])
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas, one active through the Lease: a rolling upgrade is safe.
+    assert dep["spec"]["replicas"] == 2
+    assert "--leader-election-lease=t-patio-operator" in c["args"]
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    leader = find(docs, "Role")
+    assert leader["metadata"]["namespace"] == "patio-system"
+    assert leader["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "create", "update"]},
+    ]  # fmt: skip
+    single = find(
+        template("--set", "operator.replicas=1", "--set", "operator.leaderElection.enabled=false"),
+        "Deployment",
+    )
+    assert single["spec"]["strategy"]["type"] == "Recreate"
+    assert not any(
+        "leader" in a for a in single["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     test_pod = find(docs, "Pod")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
 
@@ -169,6 +188,10 @@ def test_values_schema_rejects(values: list[str], message: str) -> None:
         (
             ["--set-json", 'operator.extraVolumes=[{"name":"tmp","emptyDir":{}}]'],
             'the name "tmp" is the chart\'s own /tmp volume',
+        ),
+        (
+            ["--set", "operator.leaderElection.enabled=false"],
+            "every replica would reconcile the same clusters",
         ),
     ],
 )

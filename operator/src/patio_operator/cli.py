@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -165,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     liveness = f"http://{host}:{args.health_port}/healthz" if args.health_port else None
     elector = None
     if args.leader_election_lease:
-        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        # Unique per process, as client-go does it: a crashed leader whose
+        # container restarts is a new candidate and waits like any standby.
+        identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         elector = leader.Elector(
             client, args.operator_namespace, args.leader_election_lease, identity
         )
