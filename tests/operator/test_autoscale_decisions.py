@@ -199,3 +199,35 @@ def test_resync_visits_failed_clusters_at_their_retry_time_and_samples_autoscale
     assert not resync.autoscaled(c)
     c["spec"] = {"autoscaling": {"enabled": True, "maxReplicas": 2}}
     assert resync.autoscaled(c)
+
+
+def test_sample_reads_real_workers_metrics_and_skips_silent_ones() -> None:
+    import http.server
+    import threading
+
+    from patio_operator import loadprobe
+
+    page = b"patio_executor_busy 2.0\npatio_executor_queued 1.0\npatio_executor_capacity 4.0\n"
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        # Port `port` on 127.0.0.1 answers; on 127.0.0.2 nobody listens.
+        got = loadprobe.sample([("demo-0", "127.0.0.1"), ("demo-1", "127.0.0.2")], int(port))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert got == {"demo-0": Load(2.0, 1.0, 4.0)}

@@ -101,6 +101,14 @@ def _http_get(ip: str, port: int, path: str, deadline_seconds: float) -> bytes |
     return body
 
 
+def fetch_metrics(
+    ip: str, port: int, *, deadline_seconds: float = FETCH_DEADLINE_SECONDS
+) -> str | None:
+    """The worker's /metrics text, fetched the same distrustful way; None when it fails."""
+    body = _http_get(ip, port, "/metrics", deadline_seconds)
+    return None if body is None else body.decode("utf-8", "replace")
+
+
 def fetch_report(
     ip: str, port: int, *, deadline_seconds: float = FETCH_DEADLINE_SECONDS
 ) -> str | None:
