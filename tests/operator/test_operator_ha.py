@@ -31,6 +31,9 @@ def test_standby_operator_takes_over_a_crashed_leader(
 ) -> None:
     plane, ns = kube_control_plane, kube_namespace
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    plane.kubectl(
+        "wait", "--for=condition=Established", "crd/patioclusters.patio.dev", "--timeout=60s"
+    )
     plane.helm(
         "install", "p", str(CHART), "-n", ns,
         "--set", f"watchNamespace={ns}",
