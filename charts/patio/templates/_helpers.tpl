@@ -72,7 +72,7 @@ render checks them.
 {{- fail (printf "cluster.enabled creates a PatioCluster in %q, but watchNamespace is %q: the operator would never reconcile it" .Release.Namespace .Values.watchNamespace) -}}
 {{- end -}}
 {{- range .Values.operator.extraEnv -}}
-{{- if has .name (list "POD_IP" "POD_NAMESPACE" "PATIO_WORKER_IMAGE") -}}
+{{- if has .name (list "POD_IP" "POD_NAMESPACE" "POD_NAME" "PATIO_WORKER_IMAGE") -}}
 {{- fail (printf "operator.extraEnv sets %s, which the chart sets itself: use image.*, or drop it" .name) -}}
 {{- end -}}
 {{- end -}}
