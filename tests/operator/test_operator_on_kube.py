@@ -596,14 +596,19 @@ def test_helm_install_runs_the_operator_in_cluster(
         wait_condition(plane, ns, "demo", "MeshReady")
         # The release owns the cluster (no hook: the CRD existed at install).
         assert pc["metadata"]["annotations"]["meta.helm.sh/release-name"] == "p"
-        op_pod = get(plane, ns, "pods", "-l", "app.kubernetes.io/component=operator")["items"][0]
+        # Two replicas; the active one holds the Lease ("<pod name>_<suffix>").
+        holder = get(plane, ns, "lease", "p-patio-operator")["spec"]["holderIdentity"]
+        op_pods = get(plane, ns, "pods", "-l", "app.kubernetes.io/component=operator")["items"]
+        (op_pod,) = [p for p in op_pods if holder.startswith(p["metadata"]["name"] + "_")]
         assert op_pod["spec"]["serviceAccountName"] == "p-patio-operator"
         # Its metrics on the pod's own address (what the Service would serve).
         import urllib.request
 
         url = f"http://{op_pod['status']['podIP']}:8000/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
-            assert "patio_operator_clusters_ready 1.0" in resp.read().decode()
+            text = resp.read().decode()
+        assert "patio_operator_clusters_ready 1.0" in text
+        assert "patio_operator_leader 1.0" in text
     finally:
         plane.helm("uninstall", "p", "-n", ns, "--wait", "--timeout", "60s", check=False)
         plane.kubectl("delete", "ptc", "--all", "-n", ns, "--wait=false", check=False)
