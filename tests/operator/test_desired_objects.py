@@ -260,3 +260,23 @@ def test_complete_pod_template_init_containers_sidecars_env_from_runtime_class()
     plain = desired.statefulset(cluster(), SETTINGS, [])["spec"]["template"]["spec"]
     assert "initContainers" not in plain and "runtimeClassName" not in plain
     assert "envFrom" not in plain["containers"][0]
+
+
+def test_init_containers_and_sidecars_fall_under_the_pod_security_check() -> None:
+    from patio_operator import podsecurity
+
+    spec = {
+        "podTemplate": {
+            "initContainers": [{"name": "a", "securityContext": {"privileged": True}}],
+            "sidecars": [
+                {"name": "b", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}
+            ],
+            "containerSecurityContext": {"allowPrivilegeEscalation": True},
+        }
+    }
+    problems = podsecurity.violations("demo", spec)
+    assert [p.split(":")[0] for p in problems] == [
+        "spec.podTemplate.initContainers[0].securityContext.privileged",
+        "spec.podTemplate.sidecars[0].securityContext.capabilities.add",
+        "spec.podTemplate.containerSecurityContext.allowPrivilegeEscalation",
+    ]
