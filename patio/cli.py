@@ -171,6 +171,11 @@ def _add_connection_options(parser: argparse.ArgumentParser, *, timeout: float) 
     )
     parser.add_argument("--key-file", help="file holding the shared key")
     parser.add_argument("--key", help="the shared key inline")
+    parser.add_argument(
+        "--allow-weak-key",
+        action="store_true",
+        help="dial a non-loopback worker with a key under 128 bits (make one with `patio keygen`)",
+    )
     parser.add_argument("--tls-cert", help="PEM client certificate (for a mesh with mutual TLS)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-ca", help="PEM CA bundle that signed the workers' certificates")
@@ -218,11 +223,6 @@ def build_parser(
         "Every option also reads a PATIO_* variable (shown in brackets).",
     )
     _add_connection_options(call, timeout=30.0)
-    call.add_argument(
-        "--allow-weak-key",
-        action="store_true",
-        help="dial a non-loopback worker with a key under 128 bits (make one with `patio keygen`)",
-    )
     call.add_argument(
         "--kwargs",
         metavar="JSON",
@@ -445,6 +445,7 @@ def run_status_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> in
             as_json=ns.json,
             watch=ns.watch,
             ssl_context=target.ssl_context,
+            allow_weak_key=ns.allow_weak_key,
         )
     )
 

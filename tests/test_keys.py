@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +126,19 @@ async def test_rotating_to_a_weak_key_is_refused_and_changes_nothing() -> None:
         with pytest.raises(WeakKeyError):
             server.set_keys(b"hunter2", [STRONG])
         assert server.key_fingerprint == before
+
+
+@pytest.mark.parametrize("command", ["call", "status"])
+def test_cli_refuses_a_weak_key_off_loopback_at_once(command: str) -> None:
+    argv = [sys.executable, "-m", "patio", command, "--peer", "192.0.2.1:15383"]
+    argv += [
+        "--key",
+        "hunter2",
+        "--timeout",
+        "5",
+        *(["mul", "1", "2"] if command == "call" else []),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "refusing a weak key dialling 192.0.2.1" in result.stderr
+    assert "patio keygen" in result.stderr and "--allow-weak-key" in result.stderr

@@ -27,6 +27,7 @@ class StatusRequest:
     as_json: bool = False
     watch: float | None = None  # seconds between refreshes
     ssl_context: Any = None
+    allow_weak_key: bool = False
 
 
 def format_uptime(seconds: float) -> str:
@@ -98,6 +99,7 @@ async def gather_status(request: StatusRequest, out: TextIO) -> int:
         timeout=request.timeout,
         ssl_context=request.ssl_context,
         command="patio status",
+        allow_weak_key=request.allow_weak_key,
     ) as broker:
         while True:
             members = await broker.mesh_status(timeout=request.timeout)
