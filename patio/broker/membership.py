@@ -9,8 +9,10 @@ empties a running mesh.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,28 @@ FILE_POLL_INTERVAL = 1.0
 DNS_POLL_INTERVAL = 5.0
 
 
+# A DNS name (labels of letters, digits, '-' and '_', dot-separated, an
+# optional final dot); anything else that is not an IP address is a typo or
+# garbage in a peers file, and is refused rather than dialled forever.
+_HOSTNAME = re.compile(r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")  # fmt: skip
+
+
+def valid_host(host: str) -> bool:
+    """An IP address (v4, or v6 with an optional %zone) or a DNS name."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return bool(_HOSTNAME.match(host))
+    return True
+
+
+def _checked(host: str, text: str) -> str:
+    if not valid_host(host):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name (in {text!r})")
+    return host
+
+
 def parse_address(text: str, default_port: int) -> Address:
     """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
     text = text.strip()
@@ -36,16 +60,16 @@ def parse_address(text: str, default_port: int) -> Address:
         if not sep:
             raise ValueError(f"unclosed '[' in {text!r}")
         if not rest:
-            return host, default_port
+            return _checked(host, text), default_port
         if not rest.startswith(":"):
             raise ValueError(f"expected ':port' after ']' in {text!r}")
-        return host, _port(rest[1:], text)
+        return _checked(host, text), _port(rest[1:], text)
     if text.count(":") > 1:  # a bare IPv6 address
-        return text, default_port
+        return _checked(text, text), default_port
     host, sep, port = text.partition(":")
     if not host:
         raise ValueError(f"missing host in {text!r}")
-    return host, _port(port, text) if sep else default_port
+    return _checked(host, text), _port(port, text) if sep else default_port
 
 
 def _port(text: str, whole: str) -> int:

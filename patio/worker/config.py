@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from patio.broker.membership import valid_host
+
 DEFAULT_PORT = 15383
 DEFAULT_METRICS_PORT = 9383
 DEFAULT_READY_PEER_RATIO = 0.0  # links do not decide readiness (docs/worker-contract.md)
@@ -394,6 +396,8 @@ def parse_peer_address(text: str, *, default_port: int, what: str = "peer") -> P
         host, _, port_text = text.partition(":")
         if not host:
             raise ConfigError(f"malformed {what} address {text!r}: missing host")
+    if not valid_host(host):
+        raise ConfigError(f"malformed {what} address {text!r}: not an IP address or host name")
     if not port_text:
         return host, default_port
     try:

@@ -140,6 +140,7 @@ def test_empty_variable_counts_as_unset() -> None:
         (["app:rpc", "--peers", "[::1"], {}, "missing ']'"),
         (["app:rpc", "--peers", "h:notaport"], {}, "port is not a number"),
         (["app:rpc", "--peers", "fe80::1:x:y"], {}, "IPv6"),
+        (["app:rpc", "--peers", "bad..host:1"], {}, "not an IP address or host name"),
         (["app:rpc"], {"PATIO_ALLOW_EMPTY_KEY": "maybe"}, "true or false"),
         (["app:rpc", "--bogus"], {}, "unrecognized arguments: --bogus"),
         (["app:rpc", "--listen", "10.0.0.1"], {}, "no key for a worker listening on 10.0.0.1"),

@@ -59,3 +59,16 @@ def test_symlink_swap_is_noticed_even_with_same_size_and_mtime(tmp_path: Path) -
     assert watch.changed()
     assert not watch.changed()
     assert file_identity(str(tmp_path / "missing")) is None
+
+
+def test_a_garbage_line_is_refused_not_dialled_forever() -> None:
+    """`this is garbage` used to become a host name that was dialled, failing, for ever."""
+    from patio.broker.membership import parse_peers
+    from patio.worker.peers import PeersFileError, parse_peers_text
+
+    with pytest.raises(ValueError, match="neither an IP address nor a host name"):
+        parse_peers("127.0.0.2:1\nthis is garbage\n", 15383)
+    with pytest.raises(PeersFileError, match="line 2"):
+        parse_peers_text("127.0.0.2:1\nthis is garbage\n", default_port=15383)
+    assert parse_peers("patio-0.patio.ns.svc:1\n[::1]:2\n10.0.0.1\n", 15383) == {
+        ("patio-0.patio.ns.svc", 1), ("::1", 2), ("10.0.0.1", 15383)}  # fmt: skip
