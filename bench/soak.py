@@ -2,7 +2,7 @@
 
 ``bash bench/soak.sh [MINUTES]`` (or ``python -m bench.soak MINUTES``).
 
-- ``--members`` (6) ``patio worker`` processes serve the demo tasks of ``patio local``
+- ``--members`` (6) ``patio worker`` processes serve the demo tasks of ``patio local``,
   each on its own loopback address and given every slot as a static peer, as
   pods get them from the operator. ``--slots`` (8) leaves room to add members.
 - This process joins as a caller (it serves nothing) and keeps ``--lanes``

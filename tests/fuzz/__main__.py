@@ -102,13 +102,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def total(args: argparse.Namespace) -> int:
-    per_target: dict[str, int] = {}
+    """A table of the inputs run per target, from a --log file (latest coverage)."""
+    runs: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    latest: dict[str, dict[str, Any]] = {}
+    failed: dict[str, int] = {}
     for line in Path(args.log).read_text().splitlines():
         entry = json.loads(line)
-        per_target[entry["target"]] = per_target.get(entry["target"], 0) + entry["runs"]
-    for target, count in sorted(per_target.items()):
-        print(f"{target:18} {count}")
-    print(f"{'total':18} {sum(per_target.values())}")
+        target = entry["target"]
+        runs[target] = runs.get(target, 0) + entry["runs"]
+        seconds[target] = seconds.get(target, 0.0) + entry["seconds"]
+        failed[target] = failed.get(target, 0) + (not entry["ok"])
+        latest[target] = entry
+    print("| target | inputs | wall time (nice 19) | edges (libFuzzer cov) | corpus | failed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for target in sorted(runs):
+        print(
+            f"| {target} | {runs[target]:,} | {seconds[target] / 60:.0f} min "
+            f"| {latest[target]['cov']} | {latest[target]['corpus']} | {failed[target]} |"
+        )
+    print(
+        f"| total | {sum(runs.values()):,} | {sum(seconds.values()) / 60:.0f} min | | | "
+        f"{sum(failed.values())} |"
+    )
     return 0
 
 
