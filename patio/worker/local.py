@@ -545,19 +545,14 @@ async def scrape_summary(cluster: LocalCluster) -> list[str]:
                     and sample.labels.get("side") == "executor"
                 ):
                     executed[sample.labels.get("outcome", "?")] += int(sample.value)
-                elif sample.name in (
-                    "patio_peers_connected",
-                    "patio_peers_known",
-                    "patio_bytes_received_total",
-                ):
+                elif sample.name in ("patio_peers_missing", "patio_bytes_received_total"):
                     values[sample.name] = sample.value
         outcomes = ", ".join(
             f"{k} {v}" for k, v in sorted(executed.items(), key=lambda kv: (kv[0] != "ok", kv[0]))
         )
         lines.append(
             f"  {worker.node_id}  executed {sum(executed.values())} calls ({outcomes or 'none'}); "
-            f"peers {int(values.get('patio_peers_connected', 0))}/"
-            f"{int(values.get('patio_peers_known', 0))} connected; "
+            f"{int(values.get('patio_peers_missing', 0))} links missing; "
             f"received {values.get('patio_bytes_received_total', 0) / 1024:,.0f} KiB"
         )
     return lines

@@ -169,6 +169,18 @@ def test_patio_status_lists_every_member(tmp_path: Path) -> None:
                 assert {"mul", "sha256", "lookup", "flaky"} <= set(member["tasks"])
                 assert member["executor"] == "AsyncExecutor" and member["capacity"] > 0
 
+        # --watch refreshes until Ctrl-C, which ends it cleanly.
+        watch = subprocess.Popen(
+            [*command, "--json", "--watch", "0.2"], stdout=subprocess.PIPE, text=True,
+            env=patio_env(), cwd=str(tmp_path),
+        )  # fmt: skip
+        time.sleep(2.5)
+        watch.send_signal(signal.SIGINT)
+        watched, _ = watch.communicate(timeout=30)
+        assert watch.returncode == 0, watched
+        frames = [json.loads(line) for line in watched.splitlines()]
+        assert len(frames) >= 2 and all(len(f["members"]) == 3 for f in frames), watched
+
         os.kill(pids["local-2"], signal.SIGKILL)
         run.until("worker local-2 .* was killed by SIGKILL", 10)
         deadline = time.monotonic() + 15
