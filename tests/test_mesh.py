@@ -334,3 +334,73 @@ async def test_sixteen_member_mesh_connects(processes: Processes) -> None:
     elapsed = time.monotonic() - started
     print(f"16-member mesh fully connected and serving in {elapsed:.2f} s")
     assert len(seen) == 16
+
+
+async def _outside_load(mesh: Mesh, concurrency: tuple[int, int], calls: int) -> list[float]:
+    """Two outside callers, each on its own member, in closed loops; each entry's forwarded share.
+
+    Each caller makes ``calls`` calls per 64 in flight after as many of warm-up (the
+    first calls meet a mesh whose load reports are not in yet, and are not counted).
+    """
+    async with (
+        NullExecutor(Registry()) as null0,
+        NullExecutor(Registry()) as null1,
+        TCPClientBroker(null0, key=mesh.key) as client0,
+        TCPClientBroker(null1, key=mesh.key) as client1,
+    ):
+        clients = (client0, client1)
+        for client, host in zip(clients, mesh.hosts, strict=True):
+            await client.connect(host, mesh.port)
+        async with asyncio.timeout(20):  # the members have linked: node-0 forwards to node-1
+            while (
+                len(
+                    {
+                        r[1]
+                        for r in await asyncio.gather(
+                            *[client0.call("work", 0, 0.05) for _ in range(40)]
+                        )
+                    }
+                )
+                < 2
+            ):
+                await asyncio.sleep(0.1)
+
+        async def loop(client: TCPClientBroker, width: int, served: Counter[str]) -> None:
+            total = calls * width // 64
+            made = 0
+
+            async def worker() -> None:
+                nonlocal made
+                while made < 2 * total:
+                    made += 1
+                    counted = made > total
+                    node = (await client.call("work", 1, 0.02))[1]
+                    if counted:
+                        served[node] += 1
+
+            await asyncio.gather(*[worker() for _ in range(width)])
+
+        served: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
+        await asyncio.gather(
+            *[loop(c, w, s) for c, w, s in zip(clients, concurrency, served, strict=True)]
+        )
+    shares = [1 - s[f"node-{i}"] / s.total() for i, s in enumerate(served)]
+    print(f"forwarded shares with {concurrency} in flight: {shares}")
+    return shares
+
+
+async def test_equally_loaded_members_keep_outside_calls(processes: Processes) -> None:
+    """Load figures travel between members: equal loads forward (almost) nothing."""
+    mesh = Mesh(processes, 2)
+    mesh.start_all()
+    forwarded = await _outside_load(mesh, (64, 64), 2000)
+    assert max(forwarded) <= 0.10, forwarded
+
+
+async def test_calls_shift_from_a_member_twice_as_loaded(processes: Processes) -> None:
+    mesh = Mesh(processes, 2)
+    mesh.start_all()
+    forwarded = await _outside_load(mesh, (128, 64), 2000)
+    # Balanced would be 96 calls in flight on each: a quarter of node-0's calls move.
+    assert forwarded[0] >= 0.10, forwarded
+    assert forwarded[1] <= 0.05, forwarded

@@ -19,6 +19,7 @@ from patio.proto import (
     Call,
     Connection,
     KeySet,
+    Load,
     Message,
     MessageType,
     PeerAuthenticated,
@@ -592,3 +593,11 @@ def test_on_output_is_told_once_per_batch_of_queued_frames() -> None:
     assert unframe(a.data_to_send())[0][0] == MessageType.CALL
     a.send_goodbye("bye")
     assert calls == [0, 0]
+
+
+def test_load_travels_typed_and_a_malformed_one_is_refused() -> None:
+    a, b = open_pair()
+    a.send_load(37)
+    assert b.receive_data(a.data_to_send()) == [Load(MessageType.LOAD, 37)]
+    with pytest.raises(ProtocolError, match="LOAD field 1 is str"):
+        b.receive_data(frame([MessageType.LOAD, "37"]))

@@ -282,6 +282,10 @@ class Connection:
         self._require_open()
         self._queue([MessageType.STATUS_REPLY, request_id, members])
 
+    def send_load(self, load: int) -> None:
+        self._require_open()
+        self._queue([MessageType.LOAD, load])
+
     def close(self) -> None:
         self.state = State.CLOSED
 

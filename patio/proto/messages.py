@@ -16,6 +16,7 @@ of one msgpack array whose first element is the message type::
     REFUSED   [10]
     STATUS    [11, request_id, gather]
     STATUS_REPLY [12, request_id, members]
+    LOAD      [13, load]
 
 REFUSED is the last frame a side sends when the peer's AUTH does not verify
 against any key it accepts: it tells the peer that it was refused (so the
@@ -27,6 +28,11 @@ mesh member it is connected to (with ``gather`` false, so nothing fans out
 twice) and answers for all of them. ``members`` is a list of maps, one per
 member, of plain values (docs/protocol.md lists the keys); they are broker
 facts, not user data, and are checked field by field by whoever reads them.
+
+LOAD tells a peer how many calls the sender's executor has running or
+queued (``load``, an int >= 0), so a peer routing calls compares members by
+their real load, not only by the calls it sent them itself. It is sent
+while the figure changes, a few times a second at most, and never when idle.
 
 ``names`` are the tasks the sender executes itself; ``routable`` the further
 tasks it will forward to a mesh peer for a caller that sets ``route``.
@@ -75,6 +81,7 @@ class MessageType(enum.IntEnum):
     REFUSED = 10
     STATUS = 11
     STATUS_REPLY = 12
+    LOAD = 13
 
 
 class ErrorKind(enum.IntEnum):
@@ -113,6 +120,7 @@ SHAPES: Final[dict[int, tuple[tuple[type, ...], ...]]] = {
     MessageType.REFUSED: ((),),
     MessageType.STATUS: ((), _INT, _BOOL),
     MessageType.STATUS_REPLY: ((), _INT, _LIST),
+    MessageType.LOAD: ((), _INT),
 }
 
 
@@ -180,7 +188,12 @@ class StatusReply(NamedTuple):
     members: list[Any]  # maps of plain values, checked field by field by the reader
 
 
-Message = Announce | Call | Result | Error | Cancel | Pong | Goodbye | Status | StatusReply
+class Load(NamedTuple):
+    kind: int
+    load: int  # calls running or queued on the sender's executor; checked >= 0 by the reader
+
+
+Message = Announce | Call | Result | Error | Cancel | Pong | Goodbye | Status | StatusReply | Load
 
 #: The type each post-handshake message code is handed up as (PING and
 #: REFUSED are handled by the connection itself and never handed up).
@@ -194,6 +207,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
     MessageType.GOODBYE: Goodbye,
     MessageType.STATUS: Status,
     MessageType.STATUS_REPLY: StatusReply,
+    MessageType.LOAD: Load,
 }
 
 

@@ -164,6 +164,7 @@ class TCPBroker(AbstractBroker):
             reach=self._dialer.reach,
             unreachable=self._dialer.unreachable,
             routable_changed=self._links.announce,
+            load_changed=self._links.load_changed,
         )
 
     # -- lifecycle -----------------------------------------------------------

@@ -27,6 +27,7 @@ from patio.proto.messages import (
     Cancel,
     Error,
     Goodbye,
+    Load,
     Message,
     Result,
     Status,
@@ -38,6 +39,9 @@ log = logging.getLogger("patio.broker")
 
 # A retired link (duplicate, removed peer) that never quiets down is cut after this.
 RETIRE_TIMEOUT: Final = 30.0
+# How often, at most, our executor's load is reported to peers while it
+# changes. No timer runs while the load stays at zero.
+LOAD_INTERVAL: Final = 0.05
 
 
 def describe(link: Link) -> str:
@@ -65,6 +69,9 @@ class LinkTable:
         self._status = status
         #: told of a link that turned out to be this broker itself
         self.on_self_link: Callable[[Link], None] = lambda link: None
+        self._load_sent = 0
+        self._last_peak = 0
+        self._load_timer: asyncio.TimerHandle | None = None
 
     def peer_for(self, node_id: str | None) -> Peer | None:
         return self.by_node.get(node_id) if node_id else None
@@ -106,6 +113,8 @@ class LinkTable:
         else:
             self.retire(peer, "duplicate link")
         self.send_announce(peer)
+        if self._load_sent:
+            peer.link.connection.send_load(self._load_sent)
         self._router.changed()
 
     def _keep_new(self, new: Link, old: Link, peer_node: str) -> bool:
@@ -131,6 +140,9 @@ class LinkTable:
             self._sender.on_error(peer, message.call_id, message.error_kind, message.payload)
         elif isinstance(message, Cancel):
             self._server.on_cancel(peer, message.call_id)
+        elif isinstance(message, Load):
+            peer.load = max(message.load, 0)
+            peer.load_base = len(peer.pending)
         elif isinstance(message, Announce):
             self._on_announce(peer, message)
         elif isinstance(message, Goodbye):
@@ -218,6 +230,40 @@ class LinkTable:
             self._server.window,
             core.draining,
         )
+
+    def load_changed(self) -> None:
+        """Our executor's load may have changed: report it within LOAD_INTERVAL."""
+        if self._load_timer is None and not self._core.closing:
+            loop = self._core.running_loop()
+            self._load_timer = loop.call_at(loop.time() + LOAD_INTERVAL, self._report_load)
+
+    def _report_load(self) -> None:
+        """Send peers our load (the recent peak) if it moved by more than its jitter.
+
+        Ticks every LOAD_INTERVAL until the load rests at zero.
+        """
+        self._load_timer = None
+        core = self._core
+        if core.closing:
+            return
+        executor = core.executor
+        router = self._router
+        now = executor.busy + executor.queued
+        # The peak over the last two intervals: a wave of calls that came just
+        # before the tick still counts, so a busy member never reports "idle".
+        peak = max(router.local_peak, now)
+        load = router.local_load = max(peak, self._last_peak)
+        self._last_peak = peak
+        router.local_peak = now
+        last = self._load_sent
+        if load != last and (load == 0 or abs(load - last) > max(last >> 4, 1)):
+            self._load_sent = load
+            for peer in self.peers:
+                link = peer.link
+                if not link.closed and peer.state is not PeerState.RETIRING:
+                    link.connection.send_load(load)
+        if load or self._load_sent:
+            self.load_changed()
 
     def announce(self) -> None:
         """Send every peer our current names, capacity and draining state."""

@@ -63,6 +63,8 @@ class Peer:
         "goodbye_sent",
         "instance",
         "link",
+        "load",
+        "load_base",
         "names",
         "node_id",
         "pending",
@@ -83,6 +85,10 @@ class Peer:
         self.routable: frozenset[str] = frozenset()
         self.capacity = 0
         self.window = 0
+        # The peer's own load figure (LOAD), and our calls in flight to it when
+        # that figure arrived: routing adds the calls we sent it since.
+        self.load = 0
+        self.load_base = 0
         self.goodbye_sent = False
         self.goodbye_received = False
         self.read_paused = False

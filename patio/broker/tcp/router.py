@@ -1,10 +1,16 @@
 """Routing: which peer (or this broker's own executor) a call goes to.
 
-A call goes to the routable peer serving its name with the fewest calls in
-flight relative to its capacity, ties broken at random; a peer whose window
-is full is skipped. When no peer can take the call, the reason decides what
-happens (see :meth:`Router.wait`): wait for room, wait briefly for peers
-still connecting, or fail at once because the answer is already known.
+A call goes to the routable peer serving its name with the lowest load
+relative to its capacity, ties broken at random; a peer whose window is full
+is skipped. A peer's load is the figure it last reported (LOAD) plus the
+calls we sent it since, and never less than our calls in flight to it. Our
+own executor, when it serves the name, keeps the call unless the best peer
+is clearly less loaded (see :func:`local_keeps`): a forwarded call costs a
+hop, so equal loads must not make calls cross the mesh.
+
+When no peer can take the call, the reason decides what happens (see
+:meth:`Router.wait`): wait for room, wait briefly for peers still
+connecting, or fail at once because the answer is already known.
 """
 
 from __future__ import annotations
@@ -49,6 +55,19 @@ class NoPeer(enum.Enum):
     NONE = "none"  # every peer is connected and announced; none serves it
 
 
+# Our executor keeps a call unless its load exceeds the best peer's (scaled to
+# our capacity) by this factor plus LOCAL_MARGIN calls: equal loads and their
+# jitter stay local, a member twice as loaded hands calls to the other.
+LOCAL_FACTOR: Final = 1.25
+LOCAL_MARGIN: Final = 2
+
+
+def local_keeps(local_load: int, max_workers: int, peer_score: float) -> bool:
+    """Whether our executor, with ``local_load`` calls, keeps a call the best peer scores
+    ``peer_score`` for (its load per unit of capacity)."""
+    return local_load <= peer_score * max_workers * LOCAL_FACTOR + LOCAL_MARGIN
+
+
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -61,6 +80,14 @@ class Router:
         self._reach: Callable[[], Reach] = lambda: Reach.REACHED
         self._unreachable: Callable[[], list[tuple[str, str]]] = list
         self._routable_changed: Callable[[], None] = lambda: None
+        #: told when our executor's load may have changed (the link table reports it)
+        self.load_changed: Callable[[], None] = lambda: None
+        # Our executor's load as peers see it: the peak over the last report
+        # intervals (``local_load``, what LOAD carries) and over the current one.
+        # Calls often come in waves (a closed loop of callers), so a sample at
+        # one instant says little; peaks compare like with like on both sides.
+        self.local_load = 0
+        self.local_peak = 0
         self._routes: dict[str, list[Peer]] = {}
         self._route_waiters: list[asyncio.Future[None]] = []
         self.capacity_waiters: deque[asyncio.Future[None]] = deque()
@@ -75,11 +102,13 @@ class Router:
         reach: Callable[[], Reach],
         unreachable: Callable[[], list[tuple[str, str]]],
         routable_changed: Callable[[], None],
+        load_changed: Callable[[], None],
     ) -> None:
-        """Connect the questions routing asks the dialer, and whom to tell of new names."""
+        """Connect the questions routing asks the dialer, whom to tell of new names and load."""
         self._reach = reach
         self._unreachable = unreachable
         self._routable_changed = routable_changed
+        self.load_changed = load_changed
 
     # -- what changed ------------------------------------------------------------
 
@@ -155,7 +184,9 @@ class Router:
             in_flight = len(peer.pending)
             if in_flight >= peer.window:
                 continue
-            score = in_flight / (peer.capacity or 1)
+            # Its last report plus what we sent since; never below our own calls there.
+            load = peer.load + in_flight - peer.load_base
+            score = (load if load > in_flight else in_flight) / (peer.capacity or 1)
             if score < best_score:
                 best, best_score, ties = peer, score, 1
             elif score == best_score:
@@ -164,12 +195,12 @@ class Router:
                     best = peer
         if self._local_serves(name):
             executor = self._core.executor
+            load = executor.busy + executor.queued
+            self.local_peak = max(self.local_peak, load)
             if self._core.prefer_local and executor.busy < executor.max_workers:
                 return LOCAL
-            local_score = (executor.busy + executor.queued) / executor.max_workers
-            if best is None or local_score < best_score:
-                return LOCAL
-            if local_score == best_score and random.random() * (ties + 1) < 1.0:
+            load = max(load, self.local_load)
+            if best is None or local_keeps(load, executor.max_workers, best_score):
                 return LOCAL
         return best
 

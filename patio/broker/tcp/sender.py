@@ -207,6 +207,7 @@ class CallSender:
             # Calls served here may complete without ever suspending: give the
             # loop its turn now and then, or a task looping over them starves it.
             await asyncio.sleep(0)
+        self._router.load_changed()
         executor = self._core.executor
         if deadline is None:
             return await executor.execute(name, *args, **kwargs)

@@ -134,6 +134,7 @@ class Server:
         deadline = None if timeout is None else loop.time() + timeout
         task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
         peer.serving[call_id] = task
+        self._router.load_changed()
         if deadline is not None:
             # A timer handle, cheaper than an asyncio.timeout scope per call.
             peer.deadlines[call_id] = loop.call_at(deadline, self._expire, peer, call_id)
