@@ -26,7 +26,7 @@ from patio.errors import PickleRefusedError
 from patio.proto import Connection, KeySet, Role
 
 REPO = Path(__file__).resolve().parent.parent
-SECONDS_PER_TARGET = 7
+SECONDS_PER_TARGET = 5
 
 
 @pytest.mark.slow
