@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGETS = list(MAX_LEN)
 _COVERAGE = re.compile(r"cov: (\d+) ft: (\d+) corp: (\d+)")
 _RUNS = re.compile(r"stat::number_of_executed_units: (\d+)")
+_PEAK = re.compile(r"stat::peak_rss_mb: +(\d+)")
 
 
 def run_one(target: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def run_one(target: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         "cov": int(coverage[-1][0]) if coverage else None,
         "ft": int(coverage[-1][1]) if coverage else None,
         "corpus": int(coverage[-1][2]) if coverage else None,
+        "peak_rss_mb": int(peak.group(1)) if (peak := _PEAK.search(output)) else None,
         "seconds": round(elapsed, 1),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -107,6 +109,7 @@ def total(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     latest: dict[str, dict[str, Any]] = {}
     failed: dict[str, int] = {}
+    peak: dict[str, int] = {}
     for line in Path(args.log).read_text().splitlines():
         entry = json.loads(line)
         target = entry["target"]
@@ -114,15 +117,17 @@ def total(args: argparse.Namespace) -> int:
         seconds[target] = seconds.get(target, 0.0) + entry["seconds"]
         failed[target] = failed.get(target, 0) + (not entry["ok"])
         latest[target] = entry
-    print("| target | inputs | wall time (nice 19) | edges (libFuzzer cov) | corpus | failed |")
-    print("|---|---:|---:|---:|---:|---:|")
+        peak[target] = max(peak.get(target, 0), entry.get("peak_rss_mb") or 0)
+    print("| target | inputs | wall time (nice 19) | edges | corpus | peak RSS | failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for target in sorted(runs):
         print(
             f"| {target} | {runs[target]:,} | {seconds[target] / 60:.0f} min "
-            f"| {latest[target]['cov']} | {latest[target]['corpus']} | {failed[target]} |"
+            f"| {latest[target]['cov']} | {latest[target]['corpus']} "
+            f"| {peak[target] or '?'} MB | {failed[target]} |"
         )
     print(
-        f"| total | {sum(runs.values()):,} | {sum(seconds.values()) / 60:.0f} min | | | "
+        f"| total | {sum(runs.values()):,} | {sum(seconds.values()) / 60:.0f} min | | | | "
         f"{sum(failed.values())} |"
     )
     return 0
