@@ -107,6 +107,9 @@ class PeerAuthenticated:
 
 
 _new = tuple.__new__
+# The hot path compares plain ints: an IntEnum member is a slower lookup.
+_CALL: Final = int(MessageType.CALL)
+_RESULT: Final = int(MessageType.RESULT)
 
 
 def _checked_call(message: list[Any]) -> list[Any]:
@@ -307,16 +310,15 @@ class Connection:
         events: list[PeerAuthenticated | Message] = []
         pos = 0
         end = len(buf)
+        opened = self.state is State.OPEN
+        limit = self.max_frame_size if opened else HANDSHAKE_MAX_FRAME_SIZE
         try:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
-                limit = (
-                    self.max_frame_size if self.state is State.OPEN else HANDSHAKE_MAX_FRAME_SIZE
-                )
                 if size > limit:
                     raise FrameTooLargeError(
                         f"frame of {size} bytes exceeds the limit of {limit} bytes"
-                        + ("" if self.state is State.OPEN else " before authentication")
+                        + ("" if opened else " before authentication")
                     )
                 if end - pos - 4 < size:
                     break
@@ -327,10 +329,21 @@ class Connection:
                 except Exception as exc:
                     raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
                 event: PeerAuthenticated | Message | None
-                if self.state is State.OPEN:
-                    event = self._message(message)
-                else:
+                if not opened:
                     event = self._handshake(message)
+                    opened = self.state is State.OPEN
+                    limit = self.max_frame_size if opened else HANDSHAKE_MAX_FRAME_SIZE
+                elif (  # hot path: a well-formed RESULT, checked in line
+                    type(message) is list
+                    and len(message) == 3
+                    and message[0] == _RESULT
+                    and type(message[0]) is int
+                    and type(message[1]) is int
+                    and type(message[2]) is bytes
+                ):
+                    event = _new(Result, message)
+                else:
+                    event = self._message(message)
                 if event is not None:
                     events.append(event)
         except ProtocolError:
@@ -343,14 +356,14 @@ class Connection:
 
     def _message(self, message: Any) -> Message | None:
         """Check one post-handshake message and type it; None for what is handled here."""
-        if type(message) is list and message and type(message[0]) is int:
-            # Hot path: RESULT and CALL are checked field by field, without shape_error.
-            kind, size = message[0], len(message)
-            if kind == MessageType.RESULT and size == 3:
-                if type(message[1]) is int and type(message[2]) is bytes:
-                    return _new(Result, message)
-            elif kind == MessageType.CALL and size == 6:
-                return _new(Call, _checked_call(message))
+        if (
+            type(message) is list
+            and len(message) == 6
+            and message[0] == _CALL
+            and type(message[0]) is int
+        ):
+            # Hot path: a CALL is checked field by field, without shape_error.
+            return _new(Call, _checked_call(message))
         problem = shape_error(message)
         if problem is not None:
             raise ProtocolError(problem)
