@@ -309,13 +309,28 @@ def _run_mesh(
         float(_usage(s).get("cpu_s", 0.0)) - float(_usage(r0).get("cpu_s", 0.0))
         for s, r0 in zip(stats, ready, strict=True)
     )
+    # Local vs remote execution: a mesh member may run its own calls itself,
+    # which measures the executor, not the network. Each node reports the
+    # calls it executed for the others over its whole load (warm-up included);
+    # a system that cannot tell (no mesh broker: server + client brokers,
+    # the ceiling) sends every call to another process.
+    remote_counts = [s.get("served_remote") for s in stats]
+    executed = issued + sc.warmup * len(nodes)
+    if all(isinstance(n, int) for n in remote_counts) and executed:
+        remote_share = min(sum(remote_counts) / executed, 1.0)
+    else:
+        remote_share = 1.0
+    calls_per_s = completed / span
     body: dict[str, Any] = {
         "issued": issued,
         "completed": completed,
         "errors": errors,
         "first_error": next((r["first_error"] for r in results if r.get("first_error")), None),
         "elapsed_s": span,
-        "calls_per_s": completed / span,
+        "calls_per_s": calls_per_s,
+        "remote_share": remote_share,
+        "remote_calls_per_s": calls_per_s * remote_share,
+        "local_calls_per_s": calls_per_s * (1.0 - remote_share),
         "per_node_calls_per_s": [r.get("calls_per_s") for r in results],
         # latency over the mesh: median of the nodes' p50, worst of their p99
         "p50_us": statistics.median(float(r["p50_us"]) for r in results),

@@ -246,6 +246,15 @@ async def mesh_connect(broker: Any, ports: list[int]) -> None:
     raise TimeoutError(f"mesh: only {len(connected)} of {len(ports)} peers connected")
 
 
+def served_for_peers(broker: Any) -> int | None:
+    """Calls this broker has executed for other processes so far (None: it cannot tell)."""
+    stats = getattr(broker, "stats", None)
+    started = getattr(stats, "calls_started", None)
+    if started is None:
+        return None
+    return sum(n for (_, side), n in started.items() if side == "executor")
+
+
 async def mesh_native(
     cfg: dict[str, Any], control: common.Control, mesh_cls: Any, rpc: Registry
 ) -> None:
@@ -262,6 +271,7 @@ async def mesh_native(
         await mesh_connect(broker, cfg["peers"])
         common.emit("connected")
         await control.wait("start")
+        served_before = served_for_peers(broker)
         result = await run_load(cfg, broker)
         common.emit(
             "result",
@@ -271,7 +281,11 @@ async def mesh_native(
             usage=common.usage(),
         )
         await control.wait("stop")
-        common.emit("stats", usage=common.usage())
+        served = served_for_peers(broker)
+        remote = None if served is None or served_before is None else served - served_before
+        # Executions for other members over the whole load (warm-up included):
+        # the runner tells local from remote execution with it.
+        common.emit("stats", usage=common.usage(), served_remote=remote)
     finally:
         await close_quietly(broker, executor)
 
