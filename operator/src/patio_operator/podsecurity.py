@@ -129,6 +129,72 @@ _RULES: Final[dict[str, Callable[[Any], str | None]]] = {
 }
 
 
+def _seccomp_confined(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("type") in ("RuntimeDefault", "Localhost")
+
+
+def _container_contexts(template: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(spec path, securityContext) of every container the template puts in the pod.
+
+    The worker's is the operator's own default unless containerSecurityContext
+    replaces it; init containers and sidecars have only what they say.
+    """
+    root = "spec.podTemplate"
+    worker = template.get("containerSecurityContext")
+    out: list[tuple[str, Mapping[str, Any]]] = [
+        (
+            f"{root}.containerSecurityContext",
+            worker
+            if isinstance(worker, Mapping)
+            else {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        )
+    ]
+    for field in ("initContainers", "sidecars"):
+        for i, container in enumerate(template.get(field) or []):
+            if isinstance(container, Mapping):
+                ctx = container.get("securityContext")
+                out.append(
+                    (
+                        f"{root}.{field}[{i}].securityContext",
+                        ctx if isinstance(ctx, Mapping) else {},
+                    )
+                )
+    return out
+
+
+def _missing(template: Mapping[str, Any]) -> list[str]:
+    """What the restricted profile requires and the template leaves out.
+
+    Explicit bad values are ``_RULES``' business; this is about omissions:
+    every container must forbid privilege escalation and drop ALL
+    capabilities, and run as non-root with a confined seccomp profile, set
+    on the pod or on every container.
+    """
+    problems: list[str] = []
+    contexts = _container_contexts(template)
+    for where, ctx in contexts:
+        if ctx.get("allowPrivilegeEscalation") is None:
+            problems.append(f"{where}.allowPrivilegeEscalation: must be set to false")
+        drop = (ctx.get("capabilities") or {}).get("drop") or []
+        if "ALL" not in drop:
+            problems.append(f"{where}.capabilities.drop: must include ALL")
+    pod = template.get("securityContext")
+    if isinstance(pod, Mapping):  # replaces the operator's non-root, seccomp default
+        root = "spec.podTemplate.securityContext"
+        if pod.get("runAsNonRoot") is None and not all(
+            ctx.get("runAsNonRoot") is True for _, ctx in contexts
+        ):
+            problems.append(f"{root}.runAsNonRoot: must be true (here or in every container)")
+        if pod.get("seccompProfile") is None and not all(
+            _seccomp_confined(ctx.get("seccompProfile")) for _, ctx in contexts
+        ):
+            problems.append(
+                f"{root}.seccompProfile: must be RuntimeDefault or Localhost "
+                "(here or in every container)"
+            )
+    return problems
+
+
 def violations(cluster_name: str, spec: Mapping[str, Any]) -> list[str]:
     """Fields of ``spec.podTemplate`` that break the restricted profile, each named.
 
@@ -144,6 +210,7 @@ def violations(cluster_name: str, spec: Mapping[str, Any]) -> list[str]:
         problem = rule(value) if rule is not None else None
         if problem is not None:
             problems.append(f"{here}{problem}" if problem.startswith(".") else f"{here}: {problem}")
+    problems.extend(_missing(template))
     for i, volume in enumerate(template.get("volumes") or []):
         if not isinstance(volume, Mapping):
             continue
