@@ -34,7 +34,7 @@ from tests.kube.controlplane import ControlPlane
 from tests.kube.helpers import wait_until
 from tests.kube.nodeagent import NodeAgent
 
-pytestmark = pytest.mark.kube
+pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 LOAD = """
 import asyncio, json, pathlib, sys

@@ -21,7 +21,7 @@ from tests.kube.controlplane import ControlPlane
 from tests.kube.helpers import wait_until
 from tests.kube.nodeagent import NodeAgent
 
-pytestmark = pytest.mark.kube
+pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 LEASE = "p-patio-operator"
 
