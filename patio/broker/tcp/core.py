@@ -8,7 +8,8 @@ tested, knowing only the settings it uses.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from patio.broker.serializer import AbstractSerializer
 from patio.executor import AbstractExecutor
@@ -32,6 +33,7 @@ class BrokerCore(Protocol):
     prefer_local: bool
     route_wait: float
     connect_timeout: float
+    retryable_tasks: frozenset[str]
 
     @property
     def closing(self) -> bool: ...
@@ -40,3 +42,5 @@ class BrokerCore(Protocol):
     def own_names(self) -> frozenset[str]: ...
 
     def running_loop(self) -> asyncio.AbstractEventLoop: ...
+
+    def task_name(self, func: str | Callable[..., Any]) -> str: ...

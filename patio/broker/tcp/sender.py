@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from patio.broker.base import LoopTurns
@@ -55,15 +56,18 @@ class CallSender:
 
     async def call(
         self,
-        name: str,
+        func: str | Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
-        retry: bool,
+        retryable: bool | None,
     ) -> Any:
+        """The whole of a call, as ``TCPBroker.call`` describes it."""
         core = self._core
         router = self._router
         loop = core.running_loop()
+        name = func if type(func) is str else core.task_name(func)
+        retry = retryable if retryable is not None else name in core.retryable_tasks
         if timeout is not None and not timeout < math.inf:
             _not_nan(timeout)
             timeout = None  # infinite: no deadline
