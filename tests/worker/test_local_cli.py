@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ class Running:
         )  # fmt: skip
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        self.finished = False
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -58,9 +60,14 @@ class Running:
 
     def finish(self, timeout: float = 60) -> str:
         self.proc.wait(timeout)
-        while (line := self.lines.get(timeout=5)) is not None:
+        while not self.finished and (line := self.lines.get(timeout=5)) is not None:
             self.seen.append(line)
-        return "".join(self.seen)
+        self.finished = True
+        out = "".join(self.seen)
+        # A worker that died makes patio local keep the logs for the user; not here.
+        for kept in re.findall(r"worker logs kept in (\S+)", out):
+            shutil.rmtree(kept, ignore_errors=True)
+        return out
 
 
 @contextmanager
@@ -76,6 +83,7 @@ def running(*args: str) -> Iterator[Running]:
             except subprocess.TimeoutExpired:
                 run.proc.kill()
                 run.proc.wait(5)
+        run.finish()
 
 
 def listening(address: str) -> bool:
