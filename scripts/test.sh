@@ -16,9 +16,11 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need+=(golang-go)
 # The partition tests put members in network namespaces (ip) and cut links (iptables).
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v iptables >/dev/null 2>&1 || need+=(iptables)
-# The container image (hack/image) and the containers that run it.
-for tool in mmdebstrap buildah runc; do command -v $tool >/dev/null 2>&1 || need+=($tool); done
+# The container image (hack/image), the containers and the real node (hack/node).
+for tool_pkg in mmdebstrap:mmdebstrap buildah:buildah runc:runc iptables:iptables \
+    conntrack:conntrack nft:nftables; do
+    command -v "${tool_pkg%%:*}" >/dev/null 2>&1 || need+=("${tool_pkg#*:}")
+done
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -44,6 +46,9 @@ bash hack/k8s/ensure.sh
 
 step "container image from ./Dockerfile (Debian base, buildah; cached in ~/.cache/patio)"
 bash hack/image/build.sh
+
+step "real node: containerd, CNI, crictl, kubelet, kube-proxy, CoreDNS, pause (cached in ~/.cache/patio)"
+bash hack/node/build.sh
 
 step "ruff"
 .venv/bin/ruff check .

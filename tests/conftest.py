@@ -19,7 +19,7 @@ import trustme
 ROOT = Path(__file__).resolve().parent.parent
 
 # The real Kubernetes control plane and node agent (tests/kube), for every folder.
-pytest_plugins = ["tests.kube.plugin"]
+pytest_plugins = ["tests.kube.plugin", "tests.realnode.plugin"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

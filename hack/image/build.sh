@@ -63,7 +63,10 @@ flock 9
 [ -f "$out/.done" ] && { echo "[image] patio image up to date: $out"; exit 0; }
 
 # buildah only ever touches this cache's store, never the machine's.
-bh() { nice buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver vfs "$@"; }
+# Its network settings too: buildah writes a CNI lock under its config folder
+# (/etc/cni/net.d by default) even with --network host.
+mkdir -p "$cache/cni" && printf '[network]\nnetwork_config_dir = "%s"\n' "$cache/cni" >"$cache/containers.conf"
+bh() { CONTAINERS_CONF="$cache/containers.conf" nice buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver vfs "$@"; }
 t_start=$(date +%s)
 
 # --- base

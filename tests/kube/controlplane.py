@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -35,6 +36,26 @@ VERSIONS_FILE = REPO_ROOT / "hack" / "k8s" / "versions.env"
 BUILD_COMMAND = "hack/k8s/build.sh"
 HOST = "127.0.0.1"
 SERVICE_CIDR = "10.0.0.0/24"
+
+
+@dataclass(frozen=True)
+class Network:
+    """Where the API server listens and which Service addresses it hands out.
+
+    The default serves the node agent: everything on 127.0.0.1. A real node
+    (tests/realnode) needs the API server on an address its pods can reach
+    (its bridge's), Node authorization, and a client certificate to reach
+    kubelets for logs and exec.
+    """
+
+    host: str = HOST
+    service_cidr: str = SERVICE_CIDR
+    kubelet_client: CertPair | None = None
+
+    @property
+    def kubernetes_service_ip(self) -> str:
+        """The ClusterIP of the ``kubernetes`` Service (the range's first address)."""
+        return str(next(ipaddress.ip_network(self.service_cidr).hosts()))
 
 
 class ControlPlaneError(RuntimeError):
@@ -274,13 +295,26 @@ def start_apiserver(
     port: int,
     timeout: float = 120,
     extra_args: Sequence[str] = (),
+    network: Network = Network(),
 ) -> Component:
-    url = f"https://{HOST}:{port}"
+    host = network.host
+    url = f"https://{host}:{port}"
+    if network.kubelet_client is None:
+        kubelet = ["--authorization-mode=RBAC"]
+    else:
+        kubelet = [
+            "--authorization-mode=Node,RBAC",
+            f"--kubelet-client-certificate={network.kubelet_client.cert}",
+            f"--kubelet-client-key={network.kubelet_client.key}",
+        ]
+    # 127.0.0.1 may not be written into Endpoints, so keep the reconciler of
+    # the `kubernetes` Service off there; any other address is its endpoint.
+    reconciler = "none" if ipaddress.ip_address(host).is_loopback else "lease"
     argv = [
         str(binary),
         f"--etcd-servers={etcd_url}",
-        f"--bind-address={HOST}",
-        f"--advertise-address={HOST}",
+        f"--bind-address={host}",
+        f"--advertise-address={host}",
         f"--secure-port={port}",
         f"--cert-dir={cert_dir}",
         f"--tls-cert-file={pki.serving.cert}",
@@ -289,12 +323,10 @@ def start_apiserver(
         "--service-account-issuer=https://kubernetes.default.svc",
         f"--service-account-key-file={pki.sa_public}",
         f"--service-account-signing-key-file={pki.sa_private}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--authorization-mode=RBAC",
+        f"--service-cluster-ip-range={network.service_cidr}",
+        *kubelet,
         "--allow-privileged=true",
-        # 127.0.0.1 may not be written into Endpoints, so keep the reconciler
-        # of the `kubernetes` Service off.
-        "--endpoint-reconciler-type=none",
+        f"--endpoint-reconciler-type={reconciler}",
         # The test node's only reachable address (for `kubectl logs`).
         "--kubelet-preferred-address-types=InternalIP",
         "--v=1",
@@ -349,6 +381,7 @@ def start_controller_manager(
     *,
     port: int,
     timeout: float = 90,
+    service_cidr: str = SERVICE_CIDR,
 ) -> Component:
     url = f"https://{HOST}:{port}"
     argv = [
@@ -366,7 +399,7 @@ def start_controller_manager(
         f"--root-ca-file={pki.ca.cert}",
         f"--cluster-signing-cert-file={pki.ca.cert}",
         f"--cluster-signing-key-file={pki.ca.key}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--service-cluster-ip-range={service_cidr}",
         # Fast reactions for tests.
         "--node-monitor-grace-period=40s",
         "--concurrent-deployment-syncs=5",
@@ -422,12 +455,13 @@ class ControlPlane:
     pki: Pki
     kubeconfig: Path
     log_dir: Path
+    network: Network = Network()
     components: dict[str, Component] = field(default_factory=dict)
     _api_client: Any = None
 
     @property
     def server(self) -> str:
-        return f"https://{HOST}:{self.ports.apiserver}"
+        return f"https://{self.network.host}:{self.ports.apiserver}"
 
     @property
     def bin_dir(self) -> Path:
@@ -441,17 +475,21 @@ class ControlPlane:
         ports: Ports | None = None,
         *,
         ready_timeout: float = 120,
+        network: Network = Network(),
+        pki: Pki | None = None,
     ) -> ControlPlane:
         """Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler.
 
         On any failure, everything started so far is stopped before the
-        :class:`ControlPlaneError` propagates.
+        :class:`ControlPlaneError` propagates. ``pki`` (made for
+        ``network``'s addresses) is created when not given.
         """
         binaries = binaries or Binaries.find()
         workdir.mkdir(parents=True, exist_ok=True)
         log_dir = workdir / "logs"
         log_dir.mkdir(exist_ok=True)
-        pki = Pki.create(workdir / "pki")
+        if pki is None:
+            pki = Pki.create(workdir / "pki", (network.host, network.kubernetes_service_ip))
         plane = cls(
             workdir=workdir,
             binaries=binaries,
@@ -459,6 +497,7 @@ class ControlPlane:
             pki=pki,
             kubeconfig=workdir / "kubeconfig",
             log_dir=log_dir,
+            network=network,
         )
         try:
             plane._start_all(ready_timeout)
@@ -486,6 +525,7 @@ class ControlPlane:
             etcd_url=etcd.url,
             port=p.apiserver,
             timeout=timeout,
+            network=self.network,
         )
         write_kubeconfig(self.kubeconfig, self.server, self.pki.ca.cert, self.pki.admin)
         self.components["kube-controller-manager"] = start_controller_manager(
@@ -496,6 +536,7 @@ class ControlPlane:
             self.workdir / "controller-manager-certs",
             port=p.controller_manager,
             timeout=timeout,
+            service_cidr=self.network.service_cidr,
         )
         self.components["kube-scheduler"] = start_scheduler(
             b.kube_scheduler,

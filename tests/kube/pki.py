@@ -126,7 +126,8 @@ class Pki:
                 "kubernetes.default.svc.cluster.local",
             )
         ]
-        sans += [x509.IPAddress(ipaddress.ip_address(h)) for h in (*hosts, "10.0.0.1")]
+        ips = dict.fromkeys((*hosts, "10.0.0.1"))
+        sans += [x509.IPAddress(ipaddress.ip_address(h)) for h in ips]
         pki.serving = pki.issue("kube-apiserver", server_sans=sans, name="apiserver")
         pki.admin = pki.issue("admin", orgs=("system:masters",), name="admin")
         return pki

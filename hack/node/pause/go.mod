@@ -1,0 +1,3 @@
+module patio.local/hack/node/pause
+
+go 1.22

@@ -1,0 +1,1 @@
+"""A real Kubernetes node (containerd, runc, CNI, kubelet, kube-proxy, CoreDNS) for the tests."""

@@ -1,0 +1,244 @@
+"""What a real node changes on the machine, recorded before and undone after.
+
+kubelet, kube-proxy, containerd and the CNI plugins change the host beyond
+their own folders: sysctls (``kernel.panic``, ``vm.overcommit_memory``,
+``net.ipv4.ip_forward``, ...), iptables chains and tables, fixed paths
+(``/var/lib/kubelet/device-plugins``, ``/var/log/containers``, ...), cgroups,
+mounts. :meth:`HostState.record` takes a snapshot; :meth:`HostState.restore`
+undoes every difference it can and returns the ones it could not, so that a
+test session leaves the machine as it found it or says what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# sysctls that change by themselves (counters, random values, clocks).
+_VOLATILE_SYSCTLS = (
+    "fs.dentry-state",
+    "fs.file-nr",
+    "fs.inode-nr",
+    "fs.inode-state",
+    "fs.quota.",
+    "kernel.ns_last_pid",
+    "kernel.random.",
+    "kernel.pty.nr",
+    "kernel.sched_domain",
+    "kernel.tainted",
+    "net.netfilter.nf_conntrack_count",
+    "vm.nr_",
+    "fs.aio-nr",
+    "kernel.keys.",
+    "kernel.perf_event_max_sample_rate",
+    "fs.binfmt_misc",
+)
+# Fixed paths the node writes no matter its configuration.
+FIXED_PATHS = (
+    "/var/lib/kubelet",
+    "/var/log/containers",
+    "/var/log/pods",
+    "/run/containerd",
+    "/var/lib/containerd",
+    "/opt/containerd",
+    "/var/lib/cni",
+    "/run/netns",
+    "/etc/cni",
+    "/opt/cni",
+    "/usr/libexec/kubernetes",
+    "/var/run/nri",
+    "/run/nri",
+    "/etc/kubernetes",
+    "/etc/cdi",
+    "/run/cdi",
+)
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _quiet(*argv: str) -> None:
+    """Run a clean-up step; whatever it leaves is found by comparing afterwards."""
+    subprocess.run(argv, capture_output=True, check=False)
+
+
+def sysctls() -> dict[str, str]:
+    out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, check=False).stdout
+    values: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep and not key.startswith(_VOLATILE_SYSCTLS):
+            values[key] = value
+    return values
+
+
+def iptables_rules(tool: str) -> dict[str, list[str]]:
+    """``{table: [":CHAIN ..." and "-A ..." lines]}`` of ``iptables-save``."""
+    out = subprocess.run([f"{tool}-save"], capture_output=True, text=True, check=False).stdout
+    tables: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], [])
+        elif current is not None and line.startswith((":", "-A")):
+            # Counters change; keep ":NAME POLICY" only.
+            current.append(" ".join(line.split()[:2]) if line.startswith(":") else line)
+    return tables
+
+
+def cgroups() -> set[str]:
+    """Every cgroup folder up to three levels deep, per controller."""
+    found: set[str] = set()
+    if not _CGROUP_ROOT.is_dir():
+        return found
+    for controller in _CGROUP_ROOT.iterdir():
+        for dirpath, dirnames, _ in os.walk(controller):
+            depth = Path(dirpath).relative_to(controller).parts
+            if len(depth) >= 3:
+                dirnames.clear()
+            found.add(dirpath)
+    return found
+
+
+def mounts() -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+
+
+def links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def netns_names() -> set[str]:
+    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+
+
+@dataclass
+class HostState:
+    sysctl: dict[str, str] = field(default_factory=dict)
+    iptables: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    paths: dict[str, bool] = field(default_factory=dict)
+    cgroup_dirs: set[str] = field(default_factory=set)
+    mount_points: list[str] = field(default_factory=list)
+    link_names: set[str] = field(default_factory=set)
+    netns: set[str] = field(default_factory=set)
+
+    def save(self, path: Path) -> None:
+        data = dataclasses.asdict(self)
+        for key in ("cgroup_dirs", "link_names", "netns"):
+            data[key] = sorted(data[key])
+        path.write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: Path) -> HostState:
+        data = json.loads(path.read_text())
+        for key in ("cgroup_dirs", "link_names", "netns"):
+            data[key] = set(data[key])
+        return cls(**data)
+
+    @classmethod
+    def record(cls) -> HostState:
+        return cls(
+            sysctl=sysctls(),
+            iptables={tool: iptables_rules(tool) for tool in ("iptables", "ip6tables")},
+            paths={p: os.path.lexists(p) for p in FIXED_PATHS},
+            cgroup_dirs=cgroups(),
+            mount_points=mounts(),
+            link_names=links(),
+            netns=netns_names(),
+        )
+
+    def restore(self, workdir: Path) -> list[str]:
+        """Undo what changed since :meth:`record`; return what could not be undone."""
+        left: list[str] = []
+        left += self._unmount(workdir)
+        left += self._links()
+        for name in netns_names() - self.netns:
+            _quiet("ip", "netns", "delete", name)
+        for tool in ("iptables", "ip6tables"):
+            left += self._iptables(tool)
+        left += self._cgroups()
+        left += self._paths()
+        left += self._sysctls()
+        return left
+
+    def _unmount(self, workdir: Path) -> list[str]:
+        # New mounts, deepest first; each one once (a path may be stacked).
+        before = set(self.mount_points)
+        for _ in range(3):
+            new = [m for m in mounts() if m not in before]
+            if not new:
+                return []
+            for point in sorted(set(new), key=len, reverse=True):
+                _quiet("umount", "-l", point)
+        return [f"mount {m} (under {workdir}?)" for m in mounts() if m not in before]
+
+    def _links(self) -> list[str]:
+        for name in links() - self.link_names:
+            _quiet("ip", "link", "delete", name)
+        return [f"network interface {n}" for n in links() - self.link_names]
+
+    def _iptables(self, tool: str) -> list[str]:
+        before = self.iptables[tool]
+        now = iptables_rules(tool)
+        for table, lines in now.items():
+            old = set(before.get(table, []))
+            # Rules first (they may jump to new chains), then the new chains.
+            for line in reversed(lines):
+                if line.startswith("-A") and line not in old:
+                    rule = ["-D", *shlex.split(line)[1:]]
+                    _quiet(tool, "-w", "-t", table, *rule)
+            for line in lines:
+                if line.startswith(":") and line not in old:
+                    chain = line.split()[0][1:]
+                    if any(o.startswith(f":{chain} ") for o in old):
+                        continue  # a built-in chain whose policy changed: below
+                    _quiet(tool, "-w", "-t", table, "-F", chain)
+                    _quiet(tool, "-w", "-t", table, "-X", chain)
+            rules_left = [ln for ln in iptables_rules(tool).get(table, []) if ln.startswith("-A")]
+            if table not in before and not rules_left:
+                # A table the node created (kubelet makes empty mangle/ip6 tables).
+                family = "ip6" if tool == "ip6tables" else "ip"
+                _quiet("nft", "delete", "table", family, table)
+        after = iptables_rules(tool)
+        diff = []
+        for table, lines in after.items():
+            old = set(before.get(table, []))
+            diff += [f"{tool} -t {table}: {ln}" for ln in lines if ln not in old]
+            if table not in before:
+                diff.append(f"{tool} table {table}")
+        return diff
+
+    def _cgroups(self) -> list[str]:
+        new = sorted(cgroups() - self.cgroup_dirs, key=len, reverse=True)
+        for path in new:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        return [f"cgroup {p}" for p in cgroups() - self.cgroup_dirs]
+
+    def _paths(self) -> list[str]:
+        for path, existed in self.paths.items():
+            if not existed and os.path.lexists(path):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+        return [f"path {p}" for p, e in self.paths.items() if not e and os.path.lexists(p)]
+
+    def _sysctls(self) -> list[str]:
+        now = sysctls()
+        for key, value in self.sysctl.items():
+            if now.get(key) != value:
+                _quiet("sysctl", "-q", "-w", f"{key}={value}")
+        after = sysctls()
+        return [
+            f"sysctl {k}: {after.get(k)!r}, was {v!r}"
+            for k, v in self.sysctl.items()
+            if after.get(k) != v
+        ]
