@@ -5,8 +5,15 @@ their own folders: sysctls (``kernel.panic``, ``vm.overcommit_memory``,
 ``net.ipv4.ip_forward``, ...), iptables chains and tables, fixed paths
 (``/var/lib/kubelet/device-plugins``, ``/var/log/containers``, ...), cgroups,
 mounts. :meth:`HostState.record` takes a snapshot; :meth:`HostState.restore`
-undoes every difference it can and returns the ones it could not, so that a
-test session leaves the machine as it found it or says what is left.
+undoes every difference that is the node's and returns the ones it could not,
+so that a test session leaves the machine as it found it or says what is left.
+
+Other test sessions may run at the same time (network namespaces, bridges and
+mounts of the partition lab, runc containers of the image tests), so only
+what is recognisably the node's is undone: mounts under its folder or under a
+fixed path it created, its bridge and the veths on it, iptables rules and
+chains of kube-proxy, kubelet and the CNI plugins (``KUBE-``, ``CNI-``,
+``PATIO-NODE``, or naming the bridge or its range), containerd's cgroups.
 """
 
 from __future__ import annotations
@@ -49,7 +56,6 @@ FIXED_PATHS = (
     "/var/lib/containerd",
     "/opt/containerd",
     "/var/lib/cni",
-    "/run/netns",
     "/etc/cni",
     "/opt/cni",
     "/usr/libexec/kubernetes",
@@ -60,6 +66,11 @@ FIXED_PATHS = (
     "/run/cdi",
 )
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Top-level cgroups of pods: containerd names them after its namespace
+# (k8s.io) when kubelet has no QoS hierarchy; kubepods if it has.
+_OUR_CGROUPS = ("k8s.io", "kubepods", "kubepods.slice")
+_OUR_IPTABLES = ("KUBE-", "CNI-", "PATIO-NODE")
+_TOPS = {(name,) for name in _OUR_CGROUPS}
 
 
 def _quiet(*argv: str) -> None:
@@ -114,52 +125,58 @@ def links() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
-def netns_names() -> set[str]:
-    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+def bridge_ports(bridge: str) -> set[str]:
+    out = subprocess.run(
+        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True, check=False
+    ).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
 @dataclass
 class HostState:
+    workdir: str
+    bridge: str
+    range_prefix: str
     sysctl: dict[str, str] = field(default_factory=dict)
     iptables: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     paths: dict[str, bool] = field(default_factory=dict)
     cgroup_dirs: set[str] = field(default_factory=set)
     mount_points: list[str] = field(default_factory=list)
     link_names: set[str] = field(default_factory=set)
-    netns: set[str] = field(default_factory=set)
 
     def save(self, path: Path) -> None:
         data = dataclasses.asdict(self)
-        for key in ("cgroup_dirs", "link_names", "netns"):
+        for key in ("cgroup_dirs", "link_names"):
             data[key] = sorted(data[key])
         path.write_text(json.dumps(data))
 
     @classmethod
     def load(cls, path: Path) -> HostState:
         data = json.loads(path.read_text())
-        for key in ("cgroup_dirs", "link_names", "netns"):
+        for key in ("cgroup_dirs", "link_names"):
             data[key] = set(data[key])
         return cls(**data)
 
     @classmethod
-    def record(cls) -> HostState:
+    def record(cls, workdir: Path, bridge: str, range_prefix: str) -> HostState:
+        """``range_prefix``: how the node's addresses start in iptables rules."""
         return cls(
+            workdir=str(workdir),
+            bridge=bridge,
+            range_prefix=range_prefix,
             sysctl=sysctls(),
             iptables={tool: iptables_rules(tool) for tool in ("iptables", "ip6tables")},
             paths={p: os.path.lexists(p) for p in FIXED_PATHS},
             cgroup_dirs=cgroups(),
             mount_points=mounts(),
             link_names=links(),
-            netns=netns_names(),
         )
 
-    def restore(self, workdir: Path) -> list[str]:
-        """Undo what changed since :meth:`record`; return what could not be undone."""
+    def restore(self) -> list[str]:
+        """Undo the node's changes since :meth:`record`; return what could not be undone."""
         left: list[str] = []
-        left += self._unmount(workdir)
+        left += self._unmount()
         left += self._links()
-        for name in netns_names() - self.netns:
-            _quiet("ip", "netns", "delete", name)
         for tool in ("iptables", "ip6tables"):
             left += self._iptables(tool)
         left += self._cgroups()
@@ -167,21 +184,26 @@ class HostState:
         left += self._sysctls()
         return left
 
-    def _unmount(self, workdir: Path) -> list[str]:
-        # New mounts, deepest first; each one once (a path may be stacked).
+    def _ours(self, mount_point: str) -> bool:
+        roots = [self.workdir, *(p for p, existed in self.paths.items() if not existed)]
+        return any(mount_point == r or mount_point.startswith(r + "/") for r in roots)
+
+    def _unmount(self) -> list[str]:
+        # New mounts of ours, deepest first; each one once (a path may be stacked).
         before = set(self.mount_points)
         for _ in range(3):
-            new = [m for m in mounts() if m not in before]
+            new = {m for m in mounts() if m not in before and self._ours(m)}
             if not new:
                 return []
-            for point in sorted(set(new), key=len, reverse=True):
+            for point in sorted(new, key=len, reverse=True):
                 _quiet("umount", "-l", point)
-        return [f"mount {m} (under {workdir}?)" for m in mounts() if m not in before]
+        return [f"mount {m}" for m in mounts() if m not in before and self._ours(m)]
 
     def _links(self) -> list[str]:
-        for name in links() - self.link_names:
+        ours = ({self.bridge} | bridge_ports(self.bridge)) - self.link_names
+        for name in sorted(ours, key=lambda n: n == self.bridge):  # the bridge last
             _quiet("ip", "link", "delete", name)
-        return [f"network interface {n}" for n in links() - self.link_names]
+        return [f"network interface {n}" for n in ours & links()]
 
     def _iptables(self, tool: str) -> list[str]:
         before = self.iptables[tool]
@@ -190,11 +212,11 @@ class HostState:
             old = set(before.get(table, []))
             # Rules first (they may jump to new chains), then the new chains.
             for line in reversed(lines):
-                if line.startswith("-A") and line not in old:
+                if line.startswith("-A") and line not in old and self._our_rule(line):
                     rule = ["-D", *shlex.split(line)[1:]]
                     _quiet(tool, "-w", "-t", table, *rule)
             for line in lines:
-                if line.startswith(":") and line not in old:
+                if line.startswith(":") and line not in old and self._our_rule(line):
                     chain = line.split()[0][1:]
                     if any(o.startswith(f":{chain} ") for o in old):
                         continue  # a built-in chain whose policy changed: below
@@ -209,17 +231,26 @@ class HostState:
         diff = []
         for table, lines in after.items():
             old = set(before.get(table, []))
-            diff += [f"{tool} -t {table}: {ln}" for ln in lines if ln not in old]
+            diff += [
+                f"{tool} -t {table}: {ln}" for ln in lines if ln not in old and self._our_rule(ln)
+            ]
             if table not in before:
                 diff.append(f"{tool} table {table}")
         return diff
 
+    def _our_rule(self, line: str) -> bool:
+        return any(m in line for m in (*_OUR_IPTABLES, self.bridge, self.range_prefix))
+
+    def _our_cgroups(self) -> list[str]:
+        new = cgroups() - self.cgroup_dirs
+        ours = [p for p in new if Path(p).relative_to(_CGROUP_ROOT).parts[1:2] in _TOPS]
+        return sorted(ours, key=len, reverse=True)
+
     def _cgroups(self) -> list[str]:
-        new = sorted(cgroups() - self.cgroup_dirs, key=len, reverse=True)
-        for path in new:
+        for path in self._our_cgroups():
             with contextlib.suppress(OSError):
                 os.rmdir(path)
-        return [f"cgroup {p}" for p in cgroups() - self.cgroup_dirs]
+        return [f"cgroup {p}" for p in self._our_cgroups()]
 
     def _paths(self) -> list[str]:
         for path, existed in self.paths.items():

@@ -50,6 +50,7 @@ POD_CIDR = "198.18.0.0/24"
 NODE_IP = "198.18.0.1"
 SERVICE_CIDR = "198.18.1.0/24"
 GUARDED = "198.18.0.0/23"  # pods may only talk to these
+RANGE_PREFIX = "198.18."  # how they start in iptables rules
 DNS_IP = "198.18.1.10"
 NODE_NAME = "patio-realnode"
 GUARD_CHAIN = "PATIO-NODE-GUARD"

@@ -55,8 +55,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.realnode)
 
 
-def _restore(state: HostState, work: Path) -> list[str]:
-    left = state.restore(work)
+def _restore(state: HostState) -> list[str]:
+    left = state.restore()
     if not left:
         STATE_FILE.unlink(missing_ok=True)
     return left
@@ -74,11 +74,11 @@ def real_node() -> Iterator[RealCluster]:
     with rn.machine_lock():
         if STATE_FILE.exists():
             # A session that was killed before its teardown: undo its changes.
-            left = _restore(HostState.load(STATE_FILE), work)
+            left = _restore(HostState.load(STATE_FILE))
             if left:
                 pytest.fail(f"a previous real node left {left}; see {STATE_FILE}")
         rn.check_range_unused()
-        state = HostState.record()
+        state = HostState.record(work, rn.BRIDGE, rn.RANGE_PREFIX)
         state.save(STATE_FILE)
         work.mkdir(parents=True, exist_ok=True)
         log_dir = work / "logs"
@@ -102,7 +102,7 @@ def real_node() -> Iterator[RealCluster]:
                 problems += node.stop()
             if plane is not None:
                 plane.stop()
-            problems += _restore(state, work)
+            problems += _restore(state)
             if not problems and not os.environ.get("PATIO_KEEP_KUBE_WORKDIR"):
                 shutil.rmtree(work, ignore_errors=True)
         if problems:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from .plugin import RealCluster
 
 pytestmark = pytest.mark.slow
 
-KEY = "real-node-test-key"
+# Workers refuse weak keys on a non-loopback address: 32 random bytes.
+KEY = secrets.token_urlsafe(32)
 T = TypeVar("T")
 
 
@@ -34,7 +36,11 @@ def wait_for(
         return wait_until(fn, timeout=timeout, interval=0.5, what=what)
     except TimeoutError as exc:
         res = cluster.plane.kubectl("describe", "-n", ns, obj, check=False)
-        raise AssertionError(f"{exc}\n{res.stdout[-3000:]}{res.stderr[-500:]}") from exc
+        logs = cluster.plane.kubectl("logs", "-n", ns, obj, "--previous", check=False)
+        raise AssertionError(
+            f"{exc}\n{res.stdout[-3000:]}{res.stderr[-500:]}\nlogs of the last run:\n"
+            f"{logs.stdout[-3000:]}{logs.stderr[-500:]}"
+        ) from exc
 
 
 def worker_objects() -> list[dict[str, Any]]:
