@@ -175,10 +175,15 @@ class CallSender:
                 raise
             if link.closed:
                 raise LinkLost(link.close_reason or "closed")
+        # The next serial, as Protocol.get_serial numbers it, without its lock:
+        # only the event loop's thread numbers this broker's calls.
+        protocol = self._protocol
         pending = peer.pending
-        call_id = self._protocol.get_serial()
-        while call_id in pending:  # wrapped around onto a call still in flight
-            call_id = self._protocol.get_serial()
+        call_id = protocol.serial + 1
+        while call_id >= protocol.MAX_SERIAL or call_id in pending:
+            # Wrapped around (to 1), or onto a call still in flight on this link.
+            call_id = 1 if call_id >= protocol.MAX_SERIAL else call_id + 1
+        protocol.serial = call_id
         future: asyncio.Future[bytes] = loop.create_future()
         pending[call_id] = PendingCall(future, name)
         remaining = None if deadline is None else max(deadline - loop.time(), 0.0)

@@ -106,11 +106,15 @@ class Server:
         self._core = core
         self._router = router
         self._sender = sender
+        self._window: int | None = None
         self.task_errors = TaskErrorLog()
 
     @property
     def window(self) -> int:
-        return call_window(self._core.executor)
+        window = self._window
+        if window is None:  # the executor's size is fixed once it exists
+            window = self._window = call_window(self._core.executor)
+        return window
 
     # -- messages, from the link table ------------------------------------------------
 
