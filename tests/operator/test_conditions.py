@@ -130,3 +130,12 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     assert degraded is not None and degraded["lastTransitionTime"] == NOW
     flips = [t[0] for t in status.transitions(first, flipped)]
     assert flips == ["Ready", "Progressing", "MeshReady"]
+
+
+def test_autoscaling_status_is_removed_when_autoscaling_is_turned_off() -> None:
+    previous = {"autoscaling": {"desiredReplicas": 5}}
+    off = status.compute_status(cluster(), observe(views(3, 3)), previous, NOW)
+    assert "autoscaling" in off and off["autoscaling"] is None
+    on = cluster(autoscaling={"enabled": True, "maxReplicas": 5})
+    kept = status.compute_status(on, observe(views(3, 3)), previous, NOW)
+    assert "autoscaling" not in kept  # the autoscaler writes it itself

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from patio_operator import names
+from patio_operator import autoscale, names
 from patio_operator.desired import spec_of
 from patio_operator.peers import PodView, is_peer
 
@@ -187,6 +187,10 @@ def compute_status(
     if observed.rotation_since:
         rotation["since"] = observed.rotation_since
     status["rotation"] = rotation
+    if previous.get("autoscaling") and autoscale.policy_of(spec) is None:
+        # Autoscaling was turned off: its last decision no longer describes
+        # anything (null deletes the field in the merge patch).
+        status["autoscaling"] = None
     return status
 
 
