@@ -4,7 +4,9 @@ The chart's Deployment runs as real processes through the node agent. The
 active replica (the Lease holder) is SIGKILLed, as an OOM kill would do, so
 it cannot hand the Lease over; a spec change made right after must still be
 reconciled, by the standby, once the Lease has gone unrenewed for its
-duration. The measured failover is printed (goal: under 15 s).
+duration. The measured failover is printed (goal: under 15 s); so is the
+handover when the new leader is then stopped gracefully (it releases the
+Lease, so the other replica takes it within one poll).
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def test_standby_operator_takes_over_a_crashed_leader(
         # Generous bound for a shared CI machine; the goal (< 15 s) is reported, not asserted.
         assert failover < 40
         wait_condition(plane, ns, "demo", "Ready", timeout=60)
+
+        # A graceful stop (rolling upgrade, drained node) hands the Lease over at once.
+        deleted_at = time.monotonic()
+        plane.kubectl("delete", "pod", standby, "-n", ns, "--wait=false")
+
+        def handed_over() -> bool:
+            holder = get(plane, ns, "lease", LEASE)["spec"].get("holderIdentity") or ""
+            return bool(holder) and not holder.startswith(f"{standby}_")
+
+        wait_until(handed_over, timeout=30, interval=0.2, what="lease handed over")
+        print(f"operator handover after a graceful stop: {time.monotonic() - deleted_at:.1f}s")
     finally:
         plane.helm("uninstall", "p", "-n", ns, "--wait", "--timeout", "60s", check=False)
         plane.kubectl("delete", "ptc", "--all", "-n", ns, "--wait=false", check=False)
