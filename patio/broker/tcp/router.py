@@ -2,7 +2,8 @@
 
 A call goes to the routable peer serving its name with the lowest load
 relative to its capacity, ties broken at random; a peer whose window is full
-is skipped. A peer's load is the figure it last reported (LOAD) plus the
+is skipped. With more than SAMPLE_ABOVE such peers, the better of two picked
+at random. A peer's load is the figure it last reported (LOAD) plus the
 calls we sent it since, and never less than our calls in flight to it. Our
 own executor, when it serves the name, keeps the call unless the best peer
 is clearly less loaded (see :func:`local_keeps`): a forwarded call costs a
@@ -66,6 +67,19 @@ def local_keeps(local_load: int, max_workers: int, peer_score: float) -> bool:
     """Whether our executor, with ``local_load`` calls, keeps a call the best peer scores
     ``peer_score`` for (its load per unit of capacity)."""
     return local_load <= peer_score * max_workers * LOCAL_FACTOR + LOCAL_MARGIN
+
+
+# Past this many peers serving a name, a call looks at two of them picked at
+# random instead of all (the "power of two choices"): scanning costs ~0.12 µs
+# per peer, 234 µs a call with 2,000 peers, while the better of two random
+# picks already keeps the most loaded peer within a small margin of the mean.
+SAMPLE_ABOVE: Final = 8
+
+
+def _two_of(candidates: list[Peer]) -> list[Peer]:
+    count = len(candidates)
+    rand = random.random
+    return [candidates[int(rand() * count)], candidates[int(rand() * count)]]
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -175,10 +189,31 @@ class Router:
         )
 
     def choose(self, name: str, exclude: set[str] | None) -> Target | None:
+        candidates = self.candidates(name)
+        best = self._best(
+            _two_of(candidates) if len(candidates) > SAMPLE_ABOVE else candidates, exclude
+        )
+        if best[0] is None and len(candidates) > SAMPLE_ABOVE:
+            best = self._best(candidates, exclude)  # both picks full or excluded: look at all
+        peer, best_score = best
+        if self._local_serves(name):
+            executor = self._core.executor
+            load = executor.busy + executor.queued
+            self.local_peak = max(self.local_peak, load)
+            if self._core.prefer_local and executor.busy < executor.max_workers:
+                return LOCAL
+            load = max(load, self.local_load)
+            if peer is None or local_keeps(load, executor.max_workers, best_score):
+                return LOCAL
+        return peer
+
+    @staticmethod
+    def _best(candidates: list[Peer], exclude: set[str] | None) -> tuple[Peer | None, float]:
+        """The least loaded of ``candidates`` with room (ties at random), and its score."""
         best: Peer | None = None
         best_score = float("inf")
         ties = 0
-        for peer in self.candidates(name):
+        for peer in candidates:
             if exclude is not None and peer.node_id in exclude:
                 continue
             in_flight = len(peer.pending)
@@ -193,16 +228,7 @@ class Router:
                 ties += 1
                 if random.random() * ties < 1.0:
                     best = peer
-        if self._local_serves(name):
-            executor = self._core.executor
-            load = executor.busy + executor.queued
-            self.local_peak = max(self.local_peak, load)
-            if self._core.prefer_local and executor.busy < executor.max_workers:
-                return LOCAL
-            load = max(load, self.local_load)
-            if best is None or local_keeps(load, executor.max_workers, best_score):
-                return LOCAL
-        return best
+        return best, best_score
 
     def why_none(self, name: str, exclude: set[str] | None) -> NoPeer:
         """Why :meth:`choose` found nobody for ``name``."""
