@@ -74,6 +74,8 @@ def test_default_render() -> None:
     assert dep["spec"]["replicas"] == 2
     assert "--leader-election-lease=t-patio-operator" in c["args"]
     assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     leader = find(docs, "Role")
     assert leader["metadata"]["namespace"] == "patio-system"
     assert leader["rules"] == [
