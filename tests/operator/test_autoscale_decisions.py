@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from patio_operator import autoscale, resync
@@ -111,6 +112,12 @@ def test_scale_up_waits_for_members_that_are_not_ready_yet() -> None:
         policy(), current=3, pods=starting, loads=loads(4, 4, queued=4), pending=None, now=T0
     )
     assert d.replicas == 3 and "ready" in d.reason
+    # A crash-looping member brings no capacity: it does not hold scale-up back.
+    starting[2] = PodView("demo-2", "10.0.0.3", "Running", False, False, "worker: CrashLoopBackOff")
+    d = autoscale.decide(
+        policy(), current=3, pods=starting, loads=loads(4, 4, queued=4), pending=None, now=T0
+    )
+    assert d.replicas == 5
 
 
 def test_scale_down_after_the_window_removes_idle_top_members() -> None:
@@ -231,3 +238,49 @@ def test_sample_reads_real_workers_metrics_and_skips_silent_ones() -> None:
         server.server_close()
         thread.join()
     assert got == {"demo-0": Load(2.0, 1.0, 4.0)}
+
+
+async def test_resync_runs_clusters_concurrently_within_its_bound() -> None:
+    import asyncio
+    import threading
+    import time as time_
+
+    from patio_operator.desired import Settings
+    from patio_operator.reconciler import Config
+
+    clusters = [{"metadata": {"namespace": "ns", "name": f"c{i}"}, "spec": {}} for i in range(10)]
+    lock = threading.Lock()
+    running, peak, done = 0, 0, set()
+
+    class Reconciler:
+        config = Config(settings=Settings(default_image="x"), rotation_tick_seconds=0.01)
+
+        class kube:
+            @staticmethod
+            def list_clusters(namespaces: list[str]) -> list[dict[str, Any]]:
+                return clusters
+
+        @staticmethod
+        def retry_at(key: tuple[str, str]) -> None:
+            return None
+
+        @staticmethod
+        def reconcile(namespace: str, name: str) -> None:
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            time_.sleep(0.05)  # a pass is blocking API calls, run in a thread
+            with lock:
+                running -= 1
+                done.add(name)
+
+    task = asyncio.create_task(resync.resync_forever(Reconciler(), []))  # type: ignore[arg-type]
+    try:
+        while len(done) < len(clusters):
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert 1 < peak <= resync.MAX_CONCURRENT

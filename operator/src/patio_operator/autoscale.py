@@ -27,7 +27,8 @@ How a count is chosen (docs/autoscaling.md has the rationale):
   the worker's SIGTERM drain still finishes every call it holds.
 - **Never below a draining member.** While any member is terminating no
   decision is taken at all; scale-up also waits until every member exists
-  and is ready, since their capacity is on its way.
+  and is ready, since their capacity is on its way (a failing member, e.g.
+  in CrashLoopBackOff, is not waited for).
 """
 
 from __future__ import annotations
@@ -230,10 +231,11 @@ def decide(
     waited = (now - pending.since).total_seconds()
 
     if direction == UP:
-        if len(ready) < current or len(pods) < current:
-            return Decision(
-                current, pending, f"{why}; waiting for {current - len(ready)} workers to be ready"
-            )
+        # Members on their way (created, not ready, not failing) bring capacity;
+        # a crash-looping one does not, and must not block scale-up forever.
+        coming = max(current - len(pods), 0) + sum(1 for p in pods if not p.ready and not p.failure)
+        if coming:
+            return Decision(current, pending, f"{why}; waiting for {coming} workers to be ready")
         if waited < policy.up_seconds:
             return Decision(current, pending, f"{why}; scale-up stabilizing")
         target = min(pending.replicas, current + policy.max_step)
