@@ -312,6 +312,10 @@ class Connection:
         end = len(buf)
         opened = self.state is State.OPEN
         limit = self.max_frame_size if opened else HANDSHAKE_MAX_FRAME_SIZE
+        # Frames are decoded from a view of the buffer, not copies of it (a
+        # 64 KiB argument is copied once less); the view is released before
+        # the buffer is trimmed, which a live view would forbid.
+        view = memoryview(buf)
         try:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
@@ -325,7 +329,7 @@ class Connection:
                 start = pos + 4
                 pos = start + size
                 try:
-                    message = unpackb(buf[start:pos], raw=False, strict_map_key=False)
+                    message = unpackb(view[start:pos], raw=False, strict_map_key=False)
                 except Exception as exc:
                     raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
                 event: PeerAuthenticated | Message | None
@@ -347,9 +351,12 @@ class Connection:
                 if event is not None:
                     events.append(event)
         except ProtocolError:
+            view.release()
             self.state = State.CLOSED
             buf.clear()
             raise
+        finally:
+            view.release()  # idempotent
         if pos:
             del buf[:pos]
         return events
