@@ -43,6 +43,11 @@ RETIRE_TIMEOUT: Final = 30.0
 # changes. No timer runs while the load stays at zero.
 LOAD_INTERVAL: Final = 0.05
 
+#: Most calls a peer may claim to run at once, or to accept in its window.
+#: Real executors run hundreds at most; a larger claim (2**62 was shown) only
+#: draws every call to that member, where they wait and time out.
+MAX_ANNOUNCED_CAPACITY: Final = 65_536
+
 
 def describe(link: Link) -> str:
     return f"{link.peername[0]}:{link.peername[1]}" if link.peername else "?"
@@ -155,8 +160,8 @@ class LinkTable:
     def _on_announce(self, peer: Peer, announce: Announce) -> None:
         peer.names = frozenset(n for n in announce.names if type(n) is str)
         peer.routable = frozenset(n for n in announce.routable if type(n) is str)
-        peer.capacity = max(announce.capacity, 0)
-        peer.window = max(announce.window, 1)
+        peer.capacity = min(max(announce.capacity, 0), MAX_ANNOUNCED_CAPACITY)
+        peer.window = min(max(announce.window, 1), MAX_ANNOUNCED_CAPACITY)
         if peer.state is PeerState.CONNECTED and peer is self.by_node.get(peer.node_id):
             # Logged on the first announcement, when we know what the peer is:
             # a member serving tasks is news; a caller that serves nothing

@@ -1,0 +1,77 @@
+"""A key holder sending announcements no member would send (issue 16 items 4, 11).
+
+Every key holder is a full member (docs/security.md), but a member must not
+be able to make another hold unbounded state or draw every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from patio import AsyncExecutor, Registry, TCPServerBroker
+from patio.broker.tcp.links import MAX_ANNOUNCED_CAPACITY
+from patio.proto import MessageType
+from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
+
+from .test_bad_input import KEY, close_raw, frame, handshake, wait_closed
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TCPServerBroker]:
+    rpc = Registry()
+    rpc.register(lambda a, b: a * b, "mul")
+    async with AsyncExecutor(rpc) as executor, TCPServerBroker(executor, key=KEY) as broker:
+        await broker.listen("127.0.0.1", 0)
+        yield broker
+
+
+def announce(names: list[Any], capacity: int = 4, window: int = 8) -> bytes:
+    return frame([MessageType.ANNOUNCE, names, [], capacity, window, False])
+
+
+def raw_peer_names(server: TCPServerBroker) -> frozenset[str]:
+    return frozenset().union(*(p.names for p in server.peers() if p.node_id == "raw-peer"))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["x" * (MAX_NAME_LENGTH + 1)],
+        [f"n{i}" for i in range(MAX_ANNOUNCED_NAMES + 1)],
+    ],
+    ids=["name-too-long", "too-many-names"],
+)
+async def test_oversized_announce_closes_the_link_and_stores_nothing(
+    server: TCPServerBroker, names: list[str]
+) -> None:
+    # Issue 16 item 4: one 3.6 MiB ANNOUNCE was stored and re-announced
+    # (the limits are enforced in patio/proto/connection.py).
+    reader, writer, _ = await handshake(server.listening[0][1])
+    try:
+        writer.write(announce(names))
+        assert await wait_closed(reader, 5) < 5
+        assert raw_peer_names(server) == frozenset()
+    finally:
+        close_raw(writer)
+
+
+async def test_announced_capacity_is_clamped(server: TCPServerBroker) -> None:
+    # Issue 16 item 11: a capacity of 2**62 drew 11 of 20 calls.
+    _, writer, _ = await handshake(server.listening[0][1])
+    try:
+        writer.write(announce(["mul"], capacity=2**62, window=2**62))
+        for _ in range(100):
+            infos = [p for p in server.peers() if p.node_id == "raw-peer" and p.names]
+            if infos:
+                break
+            await asyncio.sleep(0.02)
+        (info,) = infos
+        assert info.capacity == MAX_ANNOUNCED_CAPACITY
+    finally:
+        close_raw(writer)
