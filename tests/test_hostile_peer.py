@@ -7,6 +7,7 @@ be able to make another hold unbounded state or draw every call.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +15,11 @@ import pytest
 
 from patio import AsyncExecutor, Registry, TCPServerBroker
 from patio.broker.tcp.links import MAX_ANNOUNCED_CAPACITY
-from patio.proto import MessageType
+from patio.proto import Connection, KeySet, MessageType, Role
+from patio.proto.connection import State
 from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
 
-from .test_bad_input import KEY, close_raw, frame, handshake, wait_closed
+from .test_bad_input import KEY, close_raw, frame, handshake, open_raw, wait_closed
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
@@ -75,3 +77,31 @@ async def test_announced_capacity_is_clamped(server: TCPServerBroker) -> None:
         assert info.capacity == MAX_ANNOUNCED_CAPACITY
     finally:
         close_raw(writer)
+
+
+async def test_a_peers_node_id_is_logged_quoted(
+    server: TCPServerBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 16 item 10: node_id was logged raw with %s, so a key holder could
+    # forge log lines with a newline in its id.
+    forged = "evil\n2026-11-30T00:00:00Z CRITICAL patio: forged line"
+    caplog.set_level(logging.INFO, logger="patio")
+    reader, writer = await open_raw(server.listening[0][1])
+    conn = Connection(Role.DIALER, forged, "raw-instance", KeySet(KEY))
+    try:
+        writer.write(conn.data_to_send())
+        async with asyncio.timeout(3):
+            while conn.state is not State.OPEN:
+                conn.receive_data(await reader.read(65536))
+                writer.write(conn.data_to_send())
+        writer.write(announce(["mul"]))
+        for _ in range(100):
+            if any("connected to" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        close_raw(writer)
+    await asyncio.sleep(0.1)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("patio")]
+    assert any(repr(forged) in m for m in messages), messages
+    assert not any("\n2026-11-30T00:00:00Z CRITICAL" in m for m in messages)

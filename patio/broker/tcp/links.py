@@ -109,7 +109,7 @@ class LinkTable:
         if existing is None or existing.link.closed:
             self.by_node[event.node_id] = peer
         elif existing.instance != event.instance:
-            log.info("peer %s restarted: replacing its old link", event.node_id)
+            log.info("peer %r restarted: replacing its old link", event.node_id)
             self.by_node[event.node_id] = peer
             existing.link.abort("peer restarted with a new instance")
         elif self._keep_new(link, existing.link, event.node_id):
@@ -169,7 +169,7 @@ class LinkTable:
             # day, and is only worth a debug line.
             log.log(
                 logging.INFO if peer.names else logging.DEBUG,
-                "connected to %s (%s, %d tasks)",
+                "connected to %r (%s, %d tasks)",
                 peer.node_id,
                 describe(peer.link),
                 len(peer.names),
@@ -179,7 +179,7 @@ class LinkTable:
             draining = announce.draining
             peer.move(PeerState.DRAINING if draining else PeerState.ACTIVE)
             if draining and not was_draining:
-                log.info("peer %s is draining: no new calls go to it", peer.node_id)
+                log.info("peer %r is draining: no new calls go to it", peer.node_id)
                 peer.send_goodbye()
         self._router.changed()
 
@@ -209,11 +209,11 @@ class LinkTable:
                 or peer.goodbye_received
             )
             if not peer.names:  # a caller (see _on_announce): not news
-                log.debug("disconnected from %s: %s", peer.node_id, reason)
+                log.debug("disconnected from %r: %s", peer.node_id, reason)
             elif expected:
-                log.info("disconnected from %s: %s", peer.node_id, reason)
+                log.info("disconnected from %r: %s", peer.node_id, reason)
             else:
-                log.warning("lost connection to %s: %s", peer.node_id, reason)
+                log.warning("lost connection to %r: %s", peer.node_id, reason)
         peer.move(PeerState.CLOSED)
         self._sender.fail_pending(peer, reason)
         self._server.cancel_all(peer)
@@ -280,7 +280,7 @@ class LinkTable:
         if peer.state in (PeerState.RETIRING, PeerState.CLOSED):
             return
         peer.move(PeerState.RETIRING)
-        log.debug("retiring link to %s: %s", peer.node_id, reason)
+        log.debug("retiring link to %r: %s", peer.node_id, reason)
         peer.send_goodbye()
         loop = self._core.running_loop()
         peer.retire_timer = loop.call_later(RETIRE_TIMEOUT, peer.link.abort, f"{reason}: timeout")

@@ -133,7 +133,7 @@ class CallSender:
                 f"call to {name!r} timed out after its connection was lost"
             ) from None
         else:
-            log.info("retrying %r elsewhere: connection to %s lost", name, target.node_id)
+            log.info("retrying %r elsewhere: connection to %r lost", name, target.node_id)
         core.stats.calls_retried += 1
 
     def _decode(self, name: str, reply: bytes) -> Any:

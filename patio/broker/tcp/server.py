@@ -86,7 +86,7 @@ class TaskErrorLog:
         if len(text) > MAX_LOGGED_MESSAGE:
             text = text[: MAX_LOGGED_MESSAGE - 3] + "..."
         log.warning(
-            "task %r raised %s: %s (call from %s)%s",
+            "task %r raised %s: %s (call from %r)%s",
             name,
             type(exc).__name__,
             text,
@@ -129,7 +129,7 @@ class Server:
         if call_id in peer.serving:
             core.stats.frames_rejected["malformed"] += 1
             log.warning(
-                "closing connection with %s: it reused call id %d while that call runs",
+                "closing connection with %r: it reused call id %d while that call runs",
                 peer.node_id,
                 call_id,
             )
@@ -226,7 +226,7 @@ class Server:
                 stats.call_observer(name, side, outcome, seconds)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "call %r from %s: %s in %.3f ms%s",
+                    "call %r from %r: %s in %.3f ms%s",
                     name,
                     peer.node_id,
                     outcome,
