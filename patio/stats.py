@@ -35,6 +35,11 @@ SIDE_CALLER = "caller"
 SIDE_EXECUTOR = "executor"
 SIDE_FORWARDER = "forwarder"  # a member handing an outside caller's call to another member
 
+#: The name calls are counted under when a peer asks for a task this broker
+#: neither serves nor knows a route to: a peer must not grow the counters
+#: (and the metrics' label sets) with every distinct name it sends.
+OTHER_NAME = "other"
+
 CallObserver = Callable[[str, str, str, float], None]
 """``observer(task, side, outcome, seconds)`` called once per finished call."""
 

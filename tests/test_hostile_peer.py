@@ -18,6 +18,7 @@ from patio.broker.tcp.links import MAX_ANNOUNCED_CAPACITY
 from patio.proto import Connection, KeySet, MessageType, Role
 from patio.proto.connection import State
 from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
+from patio.stats import OTHER_NAME
 
 from .test_bad_input import KEY, close_raw, frame, handshake, open_raw, wait_closed
 
@@ -105,3 +106,27 @@ async def test_a_peers_node_id_is_logged_quoted(
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("patio")]
     assert any(repr(forged) in m for m in messages), messages
     assert not any("\n2026-11-30T00:00:00Z CRITICAL" in m for m in messages)
+
+
+async def test_distinct_unknown_task_names_are_not_kept(server: TCPServerBroker) -> None:
+    # Issue 16 item 5: every distinct name a peer sent stayed in the stats
+    # counters and the route cache (600 names of 64 KiB: +39 MiB, kept).
+    _, writer, _ = await handshake(server.listening[0][1])
+    try:
+        for i in range(600):
+            name = f"{i:04d}" + "x" * 1000
+            writer.write(frame([MessageType.CALL, i + 1, name, b"\x90", 5.0, True]))
+        writer.write(frame([MessageType.CALL, 9999, "mul", b"\x92\x06\x07", 5.0, True]))
+        await writer.drain()
+        for _ in range(200):
+            finished = sum(server.stats.calls_finished.values())
+            if finished >= 601:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        close_raw(writer)
+    names = {key[0] for key in server.stats.calls_started}
+    assert names == {"mul", OTHER_NAME}
+    assert server.stats.calls_started[(OTHER_NAME, "executor")] == 600
+    assert {key[0] for key in server.stats.calls_finished} == {"mul", OTHER_NAME}
+    assert len(server._router._routes) <= 1  # only names someone serves are cached

@@ -176,8 +176,13 @@ class Router:
                 for p in self._peers.values()
                 if p.routing and (name in p.names or (use_routable and name in p.routable))
             ]
-            self._routes[name] = peers
+            if peers:  # names nobody serves are not kept: a peer can send any number
+                self._routes[name] = peers
         return peers
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is served here or routable to a peer (else counted as other)."""
+        return name in self._core.own_names or name in self.routable_names
 
     def _local_serves(self, name: str) -> bool:
         core = self._core

@@ -32,6 +32,7 @@ from patio.errors import CallTimeoutError, SerializationError
 from patio.executor import AbstractExecutor, ProcessPoolExecutor
 from patio.proto.messages import Call, ErrorKind
 from patio.stats import (
+    OTHER_NAME,
     OUTCOME_CANCELLED,
     OUTCOME_ERROR,
     OUTCOME_OK,
@@ -124,7 +125,8 @@ class Server:
         loop = core.running_loop()
         if timeout is not None and timeout <= 0:
             peer.reply_error(call_id, ErrorKind.TIMEOUT, "deadline passed before start")
-            core.stats.calls_finished[(name, SIDE_EXECUTOR, OUTCOME_TIMEOUT)] += 1
+            counted = name if self._router.known(name) else OTHER_NAME
+            core.stats.calls_finished[(counted, SIDE_EXECUTOR, OUTCOME_TIMEOUT)] += 1
             return
         if call_id in peer.serving:
             core.stats.frames_rejected["malformed"] += 1
@@ -198,7 +200,8 @@ class Server:
         if route and core.forwarding:
             target = self._router.choose(name, {peer.node_id})
         side = SIDE_EXECUTOR if target is LOCAL else SIDE_FORWARDER
-        stats.calls_started[(name, side)] += 1
+        counted = name if self._router.known(name) else OTHER_NAME
+        stats.calls_started[(counted, side)] += 1
         started = time.perf_counter()  # not loop.time(): 1 ms resolution under uvloop
         outcome = OUTCOME_ERROR
         link = peer.link
@@ -220,10 +223,10 @@ class Server:
             outcome = self._reply_failure(peer, call_id, name, exc)
         finally:
             self._served(peer, call_id, deadline)
-            stats.calls_finished[(name, side, outcome)] += 1
+            stats.calls_finished[(counted, side, outcome)] += 1
             seconds = time.perf_counter() - started
             if stats.call_observer is not None:
-                stats.call_observer(name, side, outcome, seconds)
+                stats.call_observer(counted, side, outcome, seconds)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "call %r from %r: %s in %.3f ms%s",
