@@ -73,8 +73,8 @@ async def test_a_failing_task_is_a_warning_once_and_each_call_a_debug_line(
     assert len(warnings) == 1, caplog.text  # rate-limited per task
     assert "no record 0" in warnings[0].getMessage() and "caller" in warnings[0].getMessage()
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert sum("call 'broken' from caller: error" in m for m in debug) == 5, debug
-    assert any("call 'quick' from caller: ok in" in m for m in debug), debug
+    assert sum("call 'broken' from 'caller': error" in m for m in debug) == 5, debug
+    assert any("call 'quick' from 'caller': ok in" in m for m in debug), debug
 
 
 def test_task_error_log_says_how_many_it_held_back(caplog: pytest.LogCaptureFixture) -> None:
