@@ -280,28 +280,27 @@ class Router:
             )
         return self.no_route(name)
 
-    async def route(self, name: str, deadline: float | None, exclude: set[str] | None) -> Target:
-        """The slow path of routing, when :meth:`choose` found nobody at once."""
-        while deadline is None and exclude is None and self.candidates(name):
-            # Every peer serving it is at its window: park as a plain future
-            # (a flood of calls must cost little while waiting), then try again.
-            await self.park()
-            target = self.choose(name, None)
-            if target is not None:
-                return target
-        return await self.wait(name, deadline, exclude)
+    def parking(
+        self, name: str, deadline: float | None, exclude: set[str] | None
+    ) -> asyncio.Future[None] | None:
+        """A plain future to wait on for room, when :meth:`choose` found nobody because
+        every peer serving ``name`` is at its window (and the call has no deadline
+        and is no retry); None when the call should :meth:`wait` instead.
 
-    async def park(self) -> None:
-        """Wait as a plain future until a peer serving the name has room."""
-        loop = self._core.running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        The caller awaits it in its own frame, so a flood of parked calls costs
+        a future each, not a chain of coroutine frames; on an exception it
+        calls :meth:`pass_on`. Then it chooses again.
+        """
+        if deadline is not None or exclude is not None or not self.candidates(name):
+            return None
+        waiter: asyncio.Future[None] = self._core.running_loop().create_future()
         self.capacity_waiters.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.wake_one()  # pass on the room we were given
-            raise
+        return waiter
+
+    def pass_on(self, waiter: asyncio.Future[None]) -> None:
+        """A parked call was cancelled: hand on the room it may have been given."""
+        if waiter.done() and not waiter.cancelled():
+            self.wake_one()
 
     async def wait(self, name: str, deadline: float | None, exclude: set[str] | None) -> Target:
         """A peer for ``name``, waiting as long as the reason for having none allows.

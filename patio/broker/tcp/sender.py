@@ -64,16 +64,14 @@ class CallSender:
     ) -> Any:
         """The whole of a call, as ``TCPBroker.call`` describes it."""
         core = self._core
-        router = self._router
         loop = core.running_loop()
         name = func if type(func) is str else core.task_name(func)
         retry = retryable if retryable is not None else name in core.retryable_tasks
         if timeout is not None and not timeout < math.inf:
             _not_nan(timeout)
             timeout = None  # infinite: no deadline
-        stats = core.stats
-        stats.calls_started[(name, SIDE_CALLER)] += 1
-        observer = stats.call_observer
+        core.stats.calls_started[(name, SIDE_CALLER)] += 1
+        observer = core.stats.call_observer
         # Durations by perf_counter: loop.time() has 1 ms resolution under
         # uvloop, which would put every sub-millisecond call in one bucket.
         clock = time.perf_counter()
@@ -85,9 +83,18 @@ class CallSender:
         # and retrying live here rather than in helpers awaited in turn.
         try:
             while True:
-                target = router.choose(name, tried)
+                target = self._router.choose(name, tried)
                 if target is None:
-                    target = await router.route(name, deadline, tried)
+                    waiter = self._router.parking(name, deadline, tried)
+                    if waiter is not None:
+                        # Every peer serving it is at its window: wait in this frame.
+                        try:
+                            await waiter
+                        except BaseException:
+                            self._router.pass_on(waiter)
+                            raise
+                        continue
+                    target = await self._router.wait(name, deadline, tried)
                 if isinstance(target, _Local):
                     result = await self.execute_local(name, args, kwargs, deadline, timeout)
                     break
@@ -107,7 +114,7 @@ class CallSender:
             outcome = outcome_of(exc)
             raise
         finally:
-            stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
+            core.stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
             if observer is not None:
                 observer(name, SIDE_CALLER, outcome, time.perf_counter() - clock)
 
