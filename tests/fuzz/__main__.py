@@ -8,6 +8,7 @@ Examples (from the repository root, with the virtualenv's python)::
     python -m tests.fuzz seed                       # rewrite the seed corpus
     python -m tests.fuzz total /var/tmp/patio-fuzz/runs.jsonl
     python -m tests.fuzz coverage --work /var/tmp/patio-fuzz   # line coverage (coverage.py)
+    python -m tests.fuzz minimize /var/tmp/patio-fuzz   # keep what is new in the seeds
 
 Each target runs in its own libFuzzer process (tests/fuzz/child.py) with the
 seeds of tests/fuzz/corpus/TARGET read only, and new inputs written to
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -133,6 +135,32 @@ def total(args: argparse.Namespace) -> int:
     return 0
 
 
+def minimize(args: argparse.Namespace) -> int:
+    """Add to the seed corpus the inputs of WORK that reach something new (-merge=1)."""
+    for target in args.targets or TARGETS:
+        with tempfile.TemporaryDirectory(prefix="patio-fuzz-merge-") as scratch:
+            wrapper = Path(scratch) / "fuzz-target"
+            wrapper.write_text(
+                f'#!/bin/sh\nexec "{sys.executable}" -m tests.fuzz.child {target} "$@"\n'
+            )
+            wrapper.chmod(0o755)
+            before = len(list((CORPUS / target).iterdir()))
+            command = [
+                sys.executable, "-m", "tests.fuzz.child", target, "-merge=1",
+                f"-max_len={MAX_LEN[target]}", str(CORPUS / target), str(Path(args.work) / target),
+            ]  # fmt: skip
+            env = {**os.environ, "PATIO_FUZZ_ARGV0": str(wrapper)}
+            proc = subprocess.run(
+                command, cwd=ROOT, env=env, capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            after = len(list((CORPUS / target).iterdir()))
+            print(f"{target:18} {before} -> {after} inputs")
+    return 0
+
+
 def line_coverage(args: argparse.Namespace) -> int:
     """Replay every input of the corpora through its target under coverage.py.
 
@@ -170,9 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("seed", help="rewrite tests/fuzz/corpus from tests/fuzz/seeds.py")
     total_parser = sub.add_parser("total", help="sum the inputs run, from a --log file")
     total_parser.add_argument("log")
+    minimize_parser = sub.add_parser("minimize", help="merge new inputs into the seed corpus")
+    minimize_parser.add_argument("work", help="the --work folder of a run")
+    minimize_parser.add_argument("targets", nargs="*", help=f"default: all of {TARGETS}")
     coverage_parser = sub.add_parser("coverage", help="line coverage of the corpora")
     coverage_parser.add_argument("--work", help="also replay the inputs found in this folder")
     args = parser.parse_args(argv)
+    if args.command == "minimize":
+        return minimize(args)
     if args.command == "coverage":
         return line_coverage(args)
     if args.command == "seed":

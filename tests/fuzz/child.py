@@ -8,6 +8,7 @@ new inputs found.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import atheris
@@ -19,7 +20,10 @@ with atheris.instrument_imports(include=["patio", "tests.fuzz"]):
 def main() -> None:
     name = sys.argv[1]
     target = TARGETS[name]
-    atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
+    # libFuzzer starts argv[0] again for -merge=1: an executable that runs
+    # this target (python -m tests.fuzz minimize writes one).
+    argv0 = os.environ.get("PATIO_FUZZ_ARGV0", sys.argv[0])
+    atheris.Setup([argv0, *sys.argv[2:]], target)
     atheris.Fuzz()
 
 
