@@ -130,3 +130,55 @@ async def test_distinct_unknown_task_names_are_not_kept(server: TCPServerBroker)
     assert server.stats.calls_started[(OTHER_NAME, "executor")] == 600
     assert {key[0] for key in server.stats.calls_finished} == {"mul", OTHER_NAME}
     assert len(server._router._routes) <= 1  # only names someone serves are cached
+
+
+async def raw_member(
+    port: int, node_id: str, instance: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await open_raw(port)
+    conn = Connection(Role.DIALER, node_id, instance, KeySet(KEY))
+    writer.write(conn.data_to_send())
+    async with asyncio.timeout(3):
+        while conn.state is not State.OPEN:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            conn.receive_data(data)
+            writer.write(conn.data_to_send())
+    return reader, writer
+
+
+async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
+    server: TCPServerBroker,
+) -> None:
+    # Issue 16 item 11: a new instance claiming a node id aborted the live
+    # member's link; 5 claims gave 10 disconnects.
+    port = server.listening[0][1]
+    live_reader, live_writer = await raw_member(port, "victim", "instance-1")
+    try:
+        live_writer.write(announce(["mul"]))
+        for _ in range(5):
+            claim_reader, claim_writer = await raw_member(port, "victim", "impostor")
+            try:
+                assert await wait_closed(claim_reader, 3) < 3  # the claim is refused
+            finally:
+                close_raw(claim_writer)
+        assert not live_reader.at_eof()
+        live_writer.write(frame([MessageType.PING]))
+        await asyncio.sleep(0.2)
+        assert not live_reader.at_eof()  # the live member was never cut
+        assert [p.connected for p in server.peers() if p.node_id == "victim"] == [True]
+    finally:
+        close_raw(live_writer)
+    # Once the live link is gone, a restarted instance is welcome.
+    await asyncio.sleep(0.2)
+    _, new_writer = await raw_member(port, "victim", "instance-2")
+    try:
+        new_writer.write(announce(["mul"]))
+        for _ in range(100):
+            if any(p.node_id == "victim" and p.connected for p in server.peers()):
+                break
+            await asyncio.sleep(0.02)
+        assert [p.connected for p in server.peers() if p.node_id == "victim"] == [True]
+    finally:
+        close_raw(new_writer)

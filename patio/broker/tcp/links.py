@@ -101,17 +101,31 @@ class LinkTable:
         if core.closing:
             link.close("broker closing")
             return
+        existing = self.by_node.get(event.node_id)
+        if (
+            existing is not None
+            and not existing.link.closed
+            and existing.instance != event.instance
+        ):
+            # Another instance claims a node id whose link is still up. Any key
+            # holder could cut a live member's link at will if this replaced
+            # it, so the claim waits until that link closes or fails its
+            # heartbeat; a restarted process's old link does one or the other
+            # by itself (its socket died with it, or it falls silent).
+            log.warning(
+                "refusing a link from another instance of %r: its live link is still up",
+                event.node_id,
+            )
+            link.close("node id in use by a live link")
+            return
         peer = Peer(link, event.node_id, event.instance)
         link.state = peer
         self.peers.add(peer)
         core.stats.connects += 1
-        existing = self.by_node.get(event.node_id)
         if existing is None or existing.link.closed:
+            if existing is not None and existing.instance != event.instance:
+                log.info("peer %r restarted: its new instance replaces the old", event.node_id)
             self.by_node[event.node_id] = peer
-        elif existing.instance != event.instance:
-            log.info("peer %r restarted: replacing its old link", event.node_id)
-            self.by_node[event.node_id] = peer
-            existing.link.abort("peer restarted with a new instance")
         elif self._keep_new(link, existing.link, event.node_id):
             self.by_node[event.node_id] = peer
             self.retire(existing, "duplicate link")
