@@ -19,6 +19,7 @@ from patio.proto import Connection, KeySet, MessageType, Role
 from patio.proto.connection import State
 from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
 from patio.stats import OTHER_NAME
+from patio.transport.link import MAX_PENDING_PER_SOURCE
 
 from .test_bad_input import KEY, close_raw, frame, handshake, open_raw, wait_closed
 
@@ -182,3 +183,25 @@ async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
         assert [p.connected for p in server.peers() if p.node_id == "victim"] == [True]
     finally:
         close_raw(new_writer)
+
+
+async def test_idle_unauthenticated_sockets_are_capped_per_source(
+    server: TCPServerBroker,
+) -> None:
+    # Issue 16 item 10: 400 idle sockets held 400 fds for the whole handshake
+    # timeout each; a stranger needs no key for that.
+    port = server.listening[0][1]
+    extra = 8
+    opened = [await open_raw(port) for _ in range(MAX_PENDING_PER_SOURCE + extra)]
+    try:
+        await asyncio.sleep(0.3)
+        closed = sum(1 for reader, _ in opened if reader.at_eof())
+        assert closed == extra
+        assert server.stats.handshake_failures["busy"] == extra
+    finally:
+        for _, writer in opened:
+            close_raw(writer)
+    await asyncio.sleep(0.2)
+    # The slots are free again: a member with the key gets in.
+    _, writer, _ = await handshake(port)
+    close_raw(writer)

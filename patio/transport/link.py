@@ -17,7 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from patio.errors import AuthenticationError, HandshakeError, ProtocolError
 from patio.proto import Connection, KeySet, PeerAuthenticated, Role
@@ -65,11 +65,52 @@ class LinkSettings:
     max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
 
 
+#: Connections a listener holds before they authenticate, in all and from
+#: one source address. A stranger needs no key to open sockets; beyond
+#: these, a new one is dropped at once instead of holding an fd and a timer
+#: for the whole handshake timeout (400 idle sockets held 400 fds for 10 s).
+MAX_PENDING_HANDSHAKES: Final = 256
+MAX_PENDING_PER_SOURCE: Final = 32
+
+
+class PreAuthGate:
+    """Counts one listener's unauthenticated connections, in all and per source."""
+
+    def __init__(
+        self, total: int = MAX_PENDING_HANDSHAKES, per_source: int = MAX_PENDING_PER_SOURCE
+    ) -> None:
+        self.total, self.per_source = total, per_source
+        self.pending = 0
+        self._by_source: dict[str, int] = {}
+
+    def admit(self, source: str) -> bool:
+        held = self._by_source.get(source, 0)
+        if self.pending >= self.total or held >= self.per_source:
+            return False
+        self.pending += 1
+        self._by_source[source] = held + 1
+        return True
+
+    def release(self, source: str) -> None:
+        self.pending -= 1
+        held = self._by_source.pop(source) - 1
+        if held:
+            self._by_source[source] = held
+
+
 class Link(asyncio.Protocol):
     """One connection. ``state`` is owner data the broker hangs on it."""
 
-    def __init__(self, role: Role, settings: LinkSettings, handler: LinkHandler) -> None:
+    def __init__(
+        self,
+        role: Role,
+        settings: LinkSettings,
+        handler: LinkHandler,
+        gate: PreAuthGate | None = None,
+    ) -> None:
         self.role = role
+        self._gate = gate
+        self._gate_source: str | None = None  # admitted by the gate, not yet released
         self.settings = settings
         self.handler = handler
         self.connection = Connection(
@@ -109,6 +150,13 @@ class Link(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = (str(peer[0]), int(peer[1]))
+        if self._gate is not None:
+            source = self.peername[0] if self.peername else "?"
+            if not self._gate.admit(source):
+                self.settings.stats.handshake_failures["busy"] += 1
+                self.abort("too many connections waiting for a handshake")
+                return
+            self._gate_source = source
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # not every platform has it
@@ -234,10 +282,16 @@ class Link(asyncio.Protocol):
             self._transport.abort()
         self._finish(self.close_reason)
 
+    def _release_gate(self) -> None:
+        if self._gate is not None and self._gate_source is not None:
+            self._gate.release(self._gate_source)
+            self._gate_source = None
+
     def _finish(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
+        self._release_gate()
         self.connection.close()
         if self._timer is not None:
             self._timer.cancel()
@@ -288,6 +342,7 @@ class Link(asyncio.Protocol):
         self.abort(str(exc))
 
     def _on_authenticated(self, event: PeerAuthenticated) -> None:
+        self._release_gate()
         if self._timer is not None:
             self._timer.cancel()
         interval = self.settings.heartbeat_interval
@@ -327,8 +382,10 @@ class Link(asyncio.Protocol):
         self._timer = self._loop.call_at(now + interval, self._tick)
 
 
-def _factory(role: Role, settings: LinkSettings, handler: LinkHandler) -> Callable[[], Link]:
-    return lambda: Link(role, settings, handler)
+def _factory(
+    role: Role, settings: LinkSettings, handler: LinkHandler, gate: PreAuthGate | None = None
+) -> Callable[[], Link]:
+    return lambda: Link(role, settings, handler, gate)
 
 
 async def dial(
@@ -377,7 +434,7 @@ async def listen(
     """Accept connections; each becomes a link reported to ``handler``."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        _factory(Role.ACCEPTOR, settings, handler),
+        _factory(Role.ACCEPTOR, settings, handler, PreAuthGate()),
         host,
         port,
         ssl=ssl_context,
