@@ -112,6 +112,28 @@ _CALL: Final = int(MessageType.CALL)
 _RESULT: Final = int(MessageType.RESULT)
 
 
+def _good_call(message: Any) -> bool:
+    """Whether ``message`` is a well-formed CALL (the read loop's fast check)."""
+    if type(message) is not list or len(message) != 6:
+        return False
+    kind, call_id, name, payload, timeout, route = message
+    return (
+        kind == _CALL
+        and type(kind) is int
+        and type(call_id) is int
+        and type(name) is str
+        and type(payload) is bytes
+        and type(route) is bool
+        and len(name) <= MAX_NAME_LENGTH
+        # None, an int, or a float that is not NaN
+        and (
+            timeout is None
+            or type(timeout) is int
+            or (type(timeout) is float and not isnan(timeout))
+        )
+    )
+
+
 def _checked_call(message: list[Any]) -> list[Any]:
     """``message`` if it is a well-formed CALL, else ProtocolError."""
     _, call_id, name, payload, timeout, route = message
@@ -346,6 +368,8 @@ class Connection:
                     and type(message[2]) is bytes
                 ):
                     event = _new(Result, message)
+                elif _good_call(message):  # hot path too; a bad CALL is told apart below
+                    event = _new(Call, message)
                 else:
                     event = self._message(message)
                 if event is not None:

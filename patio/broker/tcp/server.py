@@ -107,15 +107,10 @@ class Server:
         self._core = core
         self._router = router
         self._sender = sender
-        self._window: int | None = None
+        #: the calls we let one peer have running here at once (announced to
+        #: it); the executor's size is fixed once it exists
+        self.window = call_window(core.executor)
         self.task_errors = TaskErrorLog()
-
-    @property
-    def window(self) -> int:
-        window = self._window
-        if window is None:  # the executor's size is fixed once it exists
-            window = self._window = call_window(self._core.executor)
-        return window
 
     # -- messages, from the link table ------------------------------------------------
 
