@@ -112,12 +112,28 @@ _CALL: Final = int(MessageType.CALL)
 _RESULT: Final = int(MessageType.RESULT)
 
 
-def _good_call(message: Any) -> bool:
-    """Whether ``message`` is a well-formed CALL (the read loop's fast check)."""
-    if type(message) is not list or len(message) != 6:
-        return False
+def _fast_event(message: Any) -> Result | Call | None:
+    """A well-formed RESULT or CALL, typed; None for anything else (checked slowly).
+
+    The hot path of the read loop: one call, type checks only, no shape_error.
+    """
+    if type(message) is not list:
+        return None
+    size = len(message)
+    if size == 3:
+        kind, call_id, payload = message
+        if (
+            kind == _RESULT
+            and type(kind) is int
+            and type(call_id) is int
+            and type(payload) is bytes
+        ):
+            return _new(Result, message)
+        return None
+    if size != 6:
+        return None
     kind, call_id, name, payload, timeout, route = message
-    return (
+    good = (
         kind == _CALL
         and type(kind) is int
         and type(call_id) is int
@@ -132,6 +148,7 @@ def _good_call(message: Any) -> bool:
             or (type(timeout) is float and not isnan(timeout))
         )
     )
+    return _new(Call, message) if good else None
 
 
 def _checked_call(message: list[Any]) -> list[Any]:
@@ -359,18 +376,7 @@ class Connection:
                     event = self._handshake(message)
                     opened = self.state is State.OPEN
                     limit = self.max_frame_size if opened else HANDSHAKE_MAX_FRAME_SIZE
-                elif (  # hot path: a well-formed RESULT, checked in line
-                    type(message) is list
-                    and len(message) == 3
-                    and message[0] == _RESULT
-                    and type(message[0]) is int
-                    and type(message[1]) is int
-                    and type(message[2]) is bytes
-                ):
-                    event = _new(Result, message)
-                elif _good_call(message):  # hot path too; a bad CALL is told apart below
-                    event = _new(Call, message)
-                else:
+                elif (event := _fast_event(message)) is None:
                     event = self._message(message)
                 if event is not None:
                     events.append(event)
