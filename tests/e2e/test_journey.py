@@ -3,9 +3,10 @@
 One module, steps in order, sharing module-scoped state:
 
 1. ``helm install`` charts/patio; the operator runs as the chart's
-   Deployment pod (run by the test node agent) under the chart's own
+   Deployment, two replicas (run by the test node agent) of which the
+   holder of the chart's leader Lease works, each under the chart's own
    ServiceAccount and RBAC, with the in-cluster token the API server
-   issues for that pod -- not as admin.
+   issues for its pod -- not as admin.
 2. ``kubectl apply`` examples/k8s/journey-cluster.yaml: the workers form a
    full mesh, the status shows Ready and the peer count, and ``patio call``
    with the key from the Secret returns correct results.
@@ -16,10 +17,11 @@ One module, steps in order, sharing module-scoped state:
 6. Under load: SIGKILL of a worker process; the container is restarted and
    rejoins; retryable calls all succeed, others fail only with
    ``PeerConnectionError``.
-7. A real Prometheus scrapes the workers and the operator; a PromQL query
-   returns exactly the number of calls the load made.
-8. ``helm uninstall`` and deleting the PatioCluster leave no object and no
-   process behind.
+7. A real Prometheus scrapes the workers and both operator replicas; a
+   PromQL query returns exactly the number of calls the load made; only the
+   leader reports itself leading and counts the clusters.
+8. ``helm uninstall`` and deleting the PatioCluster leave no object (the
+   leader Lease included) and no process behind.
 
 Timings and load outcome counts are printed (``pytest -s``) and recorded in
 docs/e2e.md.
@@ -123,6 +125,20 @@ class World:
         cm = self.rest.get(f"/api/v1/namespaces/{self.ns}/configmaps/{CLUSTER}-peers")
         text = (cm.get("data") or {}).get("peers", "")
         return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+    def operator_pods(self) -> list[dict[str, Any]]:
+        return [
+            p for p in self.pods(OPERATOR_SELECTOR) if not p["metadata"].get("deletionTimestamp")
+        ]
+
+    def leader(self) -> str:
+        """The pod whose operator holds the leader Lease ("" while nobody does)."""
+        lease = self.rest.get(
+            f"/apis/coordination.k8s.io/v1/namespaces/{self.ns}/leases/{OPERATOR}"
+        )
+        holder = str((lease.get("spec") or {}).get("holderIdentity") or "")
+        # The identity is "<pod name>_<random per process>" (operator cli.py).
+        return holder.rsplit("_", 1)[0] if holder else ""
 
     def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl(*args, "-n", self.ns, **kwargs)
@@ -290,29 +306,52 @@ def test_1_helm_install_operator_with_its_own_service_account(world: World) -> N
         "120s",
     )
     selector = OPERATOR_SELECTOR
+    deployment = w.plane.kubectl_json("get", "deployment", "-n", w.ns, OPERATOR)
+    replicas = deployment["spec"]["replicas"]
+    assert replicas == 2  # the chart's default: one leader, one standby
     pods = wait_until(
-        lambda: [p for p in w.pods(selector) if is_ready(p)], 60, "a Ready operator pod"
+        lambda: (
+            (ready := [p for p in w.operator_pods() if is_ready(p)])
+            and len(ready) == replicas
+            and ready
+        ),
+        60,
+        f"{replicas} Ready operator pods",
     )
-    record("1 helm install, operator pod Ready", started)
-    assert len(pods) == 1
-    pod = pods[0]
-    assert pod["spec"]["serviceAccountName"] == OPERATOR
-    # The operator process is the pod's container, run by the node agent;
-    # it authenticates with the token projected into the pod (no kubeconfig).
-    pid = w.node.pids(w.ns, pod["metadata"]["name"])["operator"]
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    assert not [e for e in environ if e.startswith(b"KUBECONFIG=")]
-    assert b"KUBERNETES_SERVICE_HOST=127.0.0.1" in environ
+    names = sorted(p["metadata"]["name"] for p in pods)
+    leader = wait_until(w.leader, 30, "an operator replica to hold the leader Lease")
+    record("1 helm install, operator pods Ready, one leads", started)
+    assert leader in names, (leader, names)
+    JOURNEY.notes["operator leader"] = f"{leader} of {names}"
     sa = f"system:serviceaccount:{w.ns}:{OPERATOR}"
-    # The token it sees (through its own mount namespace) is the pod's
-    # ServiceAccount token, bound to this pod.
     # (/var/run is a symlink to /run: resolve it on this side.)
     mount = Path("/var/run/secrets/kubernetes.io/serviceaccount").resolve()
-    token = Path(f"/proc/{pid}/root{mount}/token")
-    payload = token.read_text().split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    assert claims["sub"] == sa, claims
-    assert claims["kubernetes.io"]["pod"]["name"] == pod["metadata"]["name"], claims
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        assert pod["spec"]["serviceAccountName"] == OPERATOR
+        # Each operator process is its pod's container, run by the node agent;
+        # it authenticates with the token projected into the pod (no kubeconfig).
+        pid = w.node.pids(w.ns, name)["operator"]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [e for e in environ if e.startswith(b"KUBECONFIG=")], name
+        assert b"KUBERNETES_SERVICE_HOST=127.0.0.1" in environ, name
+        # The token it sees (through its own mount namespace) is the pod's
+        # ServiceAccount token, bound to this pod.
+        token = Path(f"/proc/{pid}/root{mount}/token")
+        payload = token.read_text().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["sub"] == sa, claims
+        assert claims["kubernetes.io"]["pod"]["name"] == name, claims
+    # The Lease is the chart's; the operator may renew that one Lease only.
+    lease_rights = {
+        verb: w.kubectl("auth", "can-i", verb, res, "--as", sa, check=False).stdout.strip()
+        for verb, res in (
+            ("update", f"leases.coordination.k8s.io/{OPERATOR}"),
+            ("create", "leases.coordination.k8s.io"),
+            ("delete", f"leases.coordination.k8s.io/{OPERATOR}"),
+        )
+    }
+    assert lease_rights == {"update": "yes", "create": "no", "delete": "no"}, lease_rights
     can = {
         (verb, res): w.plane.kubectl(
             "auth", "can-i", verb, res, "--as", sa, check=False
@@ -549,6 +588,8 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     w.prometheus = prom = Prometheus(w.workdir / "prometheus", w.sd_dir)
     prom.start()
     expected_targets = {p["status"]["podIP"] for p in w.pods()}
+    expected_operators = {p["status"]["podIP"] for p in w.operator_pods()}
+    assert len(expected_operators) == 2
 
     def all_up() -> bool:
         targets = prom.targets()
@@ -557,9 +598,10 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
             if t["health"] == "up":
                 up[t["labels"]["job"]].append(t["scrapeUrl"])
         workers = {u.split("//")[1].split(":")[0] for u in up.get("patio-workers", [])}
-        return workers == expected_targets and len(up.get("patio-operator", [])) == 1
+        operators = {u.split("//")[1].split(":")[0] for u in up.get("patio-operator", [])}
+        return workers == expected_targets and operators == expected_operators
 
-    wait_until(all_up, 60, "Prometheus scraping 2 workers and the operator")
+    wait_until(all_up, 60, "Prometheus scraping 2 workers and both operator replicas")
     record("7a Prometheus up, all targets healthy", started)
 
     # A call from outside the mesh may be forwarded one hop: the member that
@@ -578,7 +620,7 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
                 return False
             if datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp() < moment + 0.05:
                 return False
-        return len(targets) == 3
+        return len(targets) == 4  # 2 workers, 2 operator replicas
 
     def values() -> tuple[float | None, float | None, dict[str, str]]:
         pods = {r["metric"]["pod"]: r["value"][1] for r in prom.query(per_pod)}
@@ -629,17 +671,25 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     reconciles = prom.scalar('sum(patio_operator_reconcile_total{result="ok"})')
     assert reconciles is not None and reconciles > 0
     assert prom.scalar('sum(up{job="patio-workers"})') == 2
-    # The operator never hit its RBAC's limits on the way.
-    operator_pod = w.pods(OPERATOR_SELECTOR)[0]["metadata"]["name"]
-    operator_log = w.node.pod_log(w.ns, operator_pod)
-    assert "Forbidden" not in operator_log and " 403" not in operator_log, operator_log[-3000:]
+    # One replica leads, the one holding the Lease; only it counts the clusters.
+    leader = w.leader()
+    leading = {r["metric"]["pod"]: r["value"][1] for r in prom.query("patio_operator_leader")}
+    assert leading == {p["metadata"]["name"]: "1" if p["metadata"]["name"] == leader else "0"
+                       for p in w.operator_pods()}, (leader, leading)  # fmt: skip
+    assert prom.scalar(f'patio_operator_clusters_ready{{pod="{leader}"}}') == 1
+    # Neither replica hit its RBAC's limits on the way.
+    for pod in w.operator_pods():
+        operator_log = w.node.pod_log(w.ns, pod["metadata"]["name"])
+        assert "Forbidden" not in operator_log and " 403" not in operator_log, (
+            pod["metadata"]["name"],
+            operator_log[-3000:],
+        )
     # A full mesh: every worker is connected to the other one (the load's
     # client connection, when up, counts as a peer too).
     connected = {r["metric"]["pod"]: r["value"][1] for r in prom.query("patio_peers_connected")}
     print(f"[e2e] patio_peers_connected by pod: {connected}")
     least = prom.scalar("min(patio_peers_connected)")
     assert least is not None and least >= 1, connected
-    assert prom.scalar("patio_operator_clusters_ready") == 1
     # 7c: the chart's operator dashboard and operator alerts read series the
     # real operator exports (the worker ones: tests/operator/test_observability.py).
     started = time.monotonic()
@@ -693,10 +743,13 @@ def test_8_uninstall_and_delete_leave_nothing(world: World) -> None:
     last: list[list[str]] = []
 
     def nothing_left() -> bool:
-        last.append(leftovers())
-        return not last[-1]
+        last[:] = [leftovers()]
+        return not last[0]
 
-    wait_until(nothing_left, 120, "every object of the journey to be gone")
+    try:
+        wait_until(nothing_left, 120, "every object of the journey to be gone")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left: {last[0] if last else None}") from None
     for kind, name in (
         ("clusterrole", OPERATOR),
         ("clusterrolebinding", OPERATOR),

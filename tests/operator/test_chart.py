@@ -48,6 +48,7 @@ def test_default_render() -> None:
             "ClusterRole",
             "ClusterRoleBinding",
             "Role",  # the leader Lease, in the release's namespace
+            "Lease",  # owned by the release: helm uninstall removes it
             "RoleBinding",
             "Service",
             "Deployment",
@@ -80,8 +81,10 @@ def test_default_render() -> None:
     assert leader["metadata"]["namespace"] == "patio-system"
     assert leader["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-         "verbs": ["get", "create", "update"]},
+         "resourceNames": ["t-patio-operator"], "verbs": ["get", "update"]},
     ]  # fmt: skip
+    lease = find(docs, "Lease")
+    assert lease["metadata"]["name"] == "t-patio-operator" and lease["spec"] == {}
     single = find(
         template("--set", "operator.replicas=1", "--set", "operator.leaderElection.enabled=false"),
         "Deployment",

@@ -6,6 +6,7 @@ import copy
 import itertools
 from typing import Any
 
+import pytest
 from kubernetes.client import ApiException
 from patio_operator import leader
 from patio_operator.leader import Elector, Observation, can_take
@@ -20,6 +21,7 @@ class FakeLeases:
         self.lease: Obj | None = None
         self.rv = itertools.count(1)
         self.down = False
+        self.may_create = True
 
     def get(self, api_version: str, kind: str, ns: str, name: str) -> Obj | None:
         if self.down:
@@ -27,6 +29,8 @@ class FakeLeases:
         return copy.deepcopy(self.lease)
 
     def create(self, obj: Obj) -> Obj:
+        if not self.may_create:
+            raise ApiException(status=403, reason="Forbidden")
         if self.lease is not None:
             raise ApiException(status=409, reason="AlreadyExists")
         self.lease = copy.deepcopy(obj)
@@ -94,3 +98,16 @@ def test_a_leader_that_cannot_renew_steps_down_before_a_standby_may_take_over() 
     assert a.try_lead()  # a short API outage is survived
     clock.now = 1000.0 + leader.DURATION_SECONDS - leader.STEP_DOWN_MARGIN_SECONDS
     assert not a.try_lead()
+
+
+def test_without_the_right_to_create_it_waits_for_the_charts_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api, _, a, b = electors()
+    api.may_create = False
+    assert not a.try_lead()
+    assert "does not exist and this operator may not create it" in caplog.text
+    # The chart's Lease: no spec field set, so the first candidate takes it.
+    api.lease = {"metadata": {"name": "patio-operator", "resourceVersion": "0"}, "spec": {}}
+    assert a.try_lead() and not b.try_lead()
+    assert api.lease["spec"]["holderIdentity"] == "a"

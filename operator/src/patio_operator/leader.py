@@ -100,9 +100,13 @@ class Elector:
     def try_lead(self) -> bool:
         """One attempt to acquire or renew; True while this candidate holds the lease."""
         now = self.monotonic()
+        lease: dict[str, Any] | None = None
         try:
             lease = self.kube.get(API_VERSION, "Lease", self.namespace, self.name)
             if lease is None:
+                # The chart creates the Lease (and has `helm uninstall` delete
+                # it) and grants no `create`; an operator run without the
+                # chart, with the right to create, makes it here.
                 self.kube.create(
                     {
                         "apiVersion": API_VERSION,
@@ -136,6 +140,14 @@ class Elector:
             self.renewed_at = now
             return True
         except ApiException as exc:
+            if exc.status == 403 and lease is None:
+                log.warning(
+                    "leader lease %s/%s does not exist and this operator may not create it; "
+                    "waiting for it (the chart creates it)",
+                    self.namespace,
+                    self.name,
+                )
+                return False
             log.warning("leader lease %s/%s: %s", self.namespace, self.name, exc.reason)
             if exc.status == 409:  # someone else wrote the lease in between
                 self.renewed_at = None
