@@ -24,6 +24,9 @@ from patio.broker.tcp.server import TaskErrorLog
 pytestmark = [pytest.mark.timeout(60)]
 
 rpc = Registry(project="logs", auto_naming=False)
+# Strong keys: weak ones all share one published fingerprint (patio.proto.keys).
+STRONG_A = b"a-strong-key-for-side-a-0123456789abcdef"
+STRONG_B = b"b-strong-key-for-side-b-fedcba9876543210"
 
 
 @rpc("quick")
@@ -115,8 +118,8 @@ async def test_a_key_mismatch_is_logged_once_per_peer(caplog: pytest.LogCaptureF
     async with (
         AsyncExecutor(rpc) as ex_a,
         AsyncExecutor(rpc) as ex_b,
-        TCPMeshBroker(ex_a, key=b"key-a", node_id="mesh-a") as a,
-        TCPMeshBroker(ex_b, key=b"key-b", node_id="mesh-b") as b,
+        TCPMeshBroker(ex_a, key=STRONG_A, node_id="mesh-a") as a,
+        TCPMeshBroker(ex_b, key=STRONG_B, node_id="mesh-b") as b,
     ):
         await a.listen("127.0.0.1", 0)
         await b.listen("127.0.0.1", 0)
@@ -129,6 +132,9 @@ async def test_a_key_mismatch_is_logged_once_per_peer(caplog: pytest.LogCaptureF
         if r.name == "patio.transport"
     ]  # fmt: skip
     assert len(refused) == 2, [r.getMessage() for r in refused]  # once on each side
+    for record in refused:  # both keys named, so one log tells which differ
+        assert a.key_fingerprint in record.getMessage(), record.getMessage()
+        assert b.key_fingerprint in record.getMessage(), record.getMessage()
     joins = records(caplog, logging.WARNING, "cannot join")
     assert len(joins) == 1, [r.getMessage() for r in joins]
     assert a.key_fingerprint in joins[0].getMessage()

@@ -63,6 +63,7 @@ from patio.proto.messages import (
 )
 
 _AUTH_CONTEXT: Final = b"patio-auth-v1"
+MAX_FINGERPRINT_LENGTH: Final = 64
 
 
 class Role(enum.Enum):
@@ -229,13 +230,19 @@ class Connection:
         self._nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         self._peer_nonce = b""
         self._peer_identity = ("", "")
+        self._peer_fingerprint = ""  # of the key it presents, from its HELLO (if it sent one)
         self._in = bytearray()
         self._out = bytearray()
         self._packer = msgpack.Packer(use_bin_type=True)
         #: Called when output is queued while none was waiting (the driver
         #: schedules a write): every send_* is then the whole of a send.
         self.on_output: Callable[[], None] | None = None
-        self._queue([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, node_id, instance, self._nonce])
+        # The key's fingerprint is safe to publish (keys.py) and lets a side
+        # that refuses our proof name both keys in one log line.
+        self._queue(
+            [MessageType.HELLO, MAGIC, PROTOCOL_VERSION, node_id, instance, self._nonce,
+             self.keys.fingerprint]
+        )  # fmt: skip
 
     # -- output -------------------------------------------------------------
 
@@ -416,52 +423,61 @@ class Connection:
 
     def _refused(self) -> AuthenticationError:
         self.state = State.CLOSED
+        theirs = f", its key's is {self._peer_fingerprint}" if self._peer_fingerprint else ""
         return AuthenticationError(
             f"peer {self._peer_identity[0]!r} refused our key (fingerprint "
-            f"{self.keys.fingerprint}); give both sides the same key"
+            f"{self.keys.fingerprint}{theirs}); give both sides the same key"
         )
+
+    def _on_hello(self, kind: int, message: list[Any]) -> None:
+        """Check the peer's HELLO and answer it with our AUTH."""
+        if kind != MessageType.HELLO:
+            raise HandshakeError(f"expected HELLO, got message type {kind}")
+        if len(message) < 3 or message[1] != MAGIC:
+            raise HandshakeError("peer is not speaking the patio protocol")
+        version = message[2]
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatchError(
+                f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
+            )
+        if len(message) not in (6, 7):  # the fingerprint came later: optional
+            raise HandshakeError("HELLO has the wrong number of fields")
+        _, _, _, node_id, instance, nonce = message[:6]
+        fingerprint = message[6] if len(message) == 7 else ""
+        if type(fingerprint) is not str or len(fingerprint) > MAX_FINGERPRINT_LENGTH:
+            raise HandshakeError("HELLO fields are malformed")
+        self._peer_fingerprint = fingerprint
+        if (
+            type(node_id) is not str
+            or type(instance) is not str
+            or type(nonce) is not bytes
+            or len(nonce) != NONCE_SIZE
+            or len(node_id) > MAX_NODE_ID_LENGTH
+            or len(instance) > MAX_NODE_ID_LENGTH
+        ):
+            raise HandshakeError("HELLO fields are malformed")
+        if nonce == self._nonce:
+            raise HandshakeError("peer echoed our nonce")
+        self._peer_nonce = nonce
+        self._peer_identity = (node_id, instance)
+        own_identity = (self.node_id, self.instance)
+        proof = _proof(
+            self.keys.primary,
+            self.role,
+            self._nonce,
+            nonce,
+            own_identity,
+            self._peer_identity,
+        )
+        self._queue([MessageType.AUTH, proof])
+        self.state = State.AWAIT_AUTH
 
     def _handshake(self, message: Any) -> PeerAuthenticated | None:
         if type(message) is not list or not message or type(message[0]) is not int:
             raise HandshakeError("handshake frame is not a message array")
         kind = message[0]
         if self.state is State.AWAIT_HELLO:
-            if kind != MessageType.HELLO:
-                raise HandshakeError(f"expected HELLO, got message type {kind}")
-            if len(message) < 3 or message[1] != MAGIC:
-                raise HandshakeError("peer is not speaking the patio protocol")
-            version = message[2]
-            if version != PROTOCOL_VERSION:
-                raise VersionMismatchError(
-                    f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
-                )
-            if len(message) != 6:
-                raise HandshakeError("HELLO has the wrong number of fields")
-            _, _, _, node_id, instance, nonce = message
-            if (
-                type(node_id) is not str
-                or type(instance) is not str
-                or type(nonce) is not bytes
-                or len(nonce) != NONCE_SIZE
-                or len(node_id) > MAX_NODE_ID_LENGTH
-                or len(instance) > MAX_NODE_ID_LENGTH
-            ):
-                raise HandshakeError("HELLO fields are malformed")
-            if nonce == self._nonce:
-                raise HandshakeError("peer echoed our nonce")
-            self._peer_nonce = nonce
-            self._peer_identity = (node_id, instance)
-            own_identity = (self.node_id, self.instance)
-            proof = _proof(
-                self.keys.primary,
-                self.role,
-                self._nonce,
-                nonce,
-                own_identity,
-                self._peer_identity,
-            )
-            self._queue([MessageType.AUTH, proof])
-            self.state = State.AWAIT_AUTH
+            self._on_hello(kind, message)
             return None
         # AWAIT_AUTH
         if kind == MessageType.REFUSED:
@@ -480,9 +496,10 @@ class Connection:
         if not matched:
             # Tell the peer it was refused, and nothing else: it stops retrying.
             self._queue([MessageType.REFUSED])
+            theirs = f", its key's is {self._peer_fingerprint}" if self._peer_fingerprint else ""
             raise AuthenticationError(
                 f"peer {self._peer_identity[0]!r} did not prove it holds an accepted key "
-                f"(our key's fingerprint is {self.keys.fingerprint}); give both sides "
+                f"(our key's fingerprint is {self.keys.fingerprint}{theirs}); give both sides "
                 "the same key"
             )
         self.state = State.OPEN

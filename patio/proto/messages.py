@@ -3,7 +3,7 @@
 A frame on the wire is a 4-byte big-endian length followed by that many bytes
 of one msgpack array whose first element is the message type::
 
-    HELLO     [0, "patio", version, node_id, instance, nonce]
+    HELLO     [0, "patio", version, node_id, instance, nonce, key_fingerprint]
     AUTH      [1, proof]
     ANNOUNCE  [2, names, routable, capacity, window, draining]
     CALL      [3, call_id, name, payload, timeout, route]
