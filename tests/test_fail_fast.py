@@ -56,8 +56,9 @@ async def test_server_that_refuses_our_key_fails_connect_at_once() -> None:
             message = str(info.value)
             assert "refused our key" in message
             assert KeySet(CLIENT_KEY).fingerprint in message  # ours, to compare with theirs
-            # REFUSED itself carries nothing (tests/test_proto.py); both fingerprints
-            # come from the HELLOs, published by design (patio/proto/keys.py).
+            # Theirs too, from their HELLO (published by design, patio/proto/keys.py);
+            # REFUSED itself carries nothing (tests/test_proto.py).
+            assert KeySet(KEY).fingerprint in message
             assert isinstance(info.value, PeerConnectionError)  # what connect() raised before
             assert client.peers() == []
         assert server.stats.handshake_failures["auth"] == 1
