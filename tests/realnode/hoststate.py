@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -78,12 +79,24 @@ def _quiet(*argv: str) -> None:
     subprocess.run(argv, capture_output=True, check=False)
 
 
+_PER_INTERFACE = re.compile(r"^net\.ipv[46]\.(conf|neigh)\.([^.]+)\.")
+
+
+def _compared(key: str) -> bool:
+    """Not volatile, and not of one interface (other sessions add and remove
+    theirs at any time; ours go away with the interfaces)."""
+    if key.startswith(_VOLATILE_SYSCTLS):
+        return False
+    m = _PER_INTERFACE.match(key)
+    return m is None or m.group(2) in ("all", "default")
+
+
 def sysctls() -> dict[str, str]:
     out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, check=False).stdout
     values: dict[str, str] = {}
     for line in out.splitlines():
         key, sep, value = line.partition(" = ")
-        if sep and not key.startswith(_VOLATILE_SYSCTLS):
+        if sep and _compared(key):
             values[key] = value
     return values
 
@@ -264,12 +277,13 @@ class HostState:
 
     def _sysctls(self) -> list[str]:
         now = sysctls()
-        for key, value in self.sysctl.items():
+        before = {k: v for k, v in self.sysctl.items() if _compared(k)}
+        for key, value in before.items():
             if now.get(key) != value:
                 _quiet("sysctl", "-q", "-w", f"{key}={value}")
         after = sysctls()
         return [
             f"sysctl {k}: {after.get(k)!r}, was {v!r}"
-            for k, v in self.sysctl.items()
+            for k, v in before.items()
             if after.get(k) != v
         ]
