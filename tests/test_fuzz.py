@@ -98,3 +98,18 @@ def test_the_sender_refuses_a_nan_timeout_the_peer_would_refuse() -> None:
         theirs.send_call(1, "mul", b"", math.nan, False)
     theirs.send_call(2, "mul", b"", math.inf, False)  # no deadline: allowed
     assert [m[1] for m in ours.receive_data(theirs.data_to_send())] == [2]
+
+
+def test_restricted_pickle_call_arguments_must_be_a_tuple() -> None:
+    """REDUCE star-expanded a range(55 million) given as its arguments: 2 GB, then TypeError."""
+    payload = (
+        b"\x80\x05\x8c\x01r\x8c\x08builtins\x8c\x05range\x93"
+        + b"K\x00J"
+        + struct.pack("<i", 55_274_610)
+        + b"K\x01\x87R"  # range(0, 55274610, 1)
+        + b"R."  # 'r'(*that range)
+    )
+    before = _peak_rss_mb()
+    with pytest.raises(PickleRefusedError, match="only a tuple"):
+        RestrictedPickleSerializer().unpack(payload)
+    assert _peak_rss_mb() - before < 100

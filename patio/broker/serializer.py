@@ -481,9 +481,20 @@ def _mark_target(name: str) -> Callable[[_RestrictedUnpickler, list[Any]], None]
 for _opcode, _name in ((pickle.APPENDS, "APPENDS"), (pickle.SETITEMS, "SETITEMS")):
     _guard(_opcode, _mark_target(_name))
 _guard(pickle.ADDITEMS, _mark_target("ADDITEMS"))
-_guard(pickle.REDUCE, lambda _u, stack: _check_size_arguments(stack[-2], stack[-1]))
-_guard(pickle.NEWOBJ, lambda _u, stack: _check_size_arguments(stack[-2], stack[-1]))
-_guard(pickle.NEWOBJ_EX, lambda _u, stack: _check_size_arguments(stack[-3], stack[-2], stack[-1]))
+
+
+def _call_arguments(func: Any, args: Any, kwargs: Any = None) -> None:
+    # The C unpickler takes only a tuple (a dict for keywords); pickle's own
+    # star-expands anything: REDUCE with range(55_000_000) as its "arguments"
+    # made a 2 GB tuple before failing (found by fuzzing).
+    if type(args) is not tuple or (kwargs is not None and type(kwargs) is not dict):
+        raise _refuse(f"call arguments of type {type(args).__name__}: only a tuple is")
+    _check_size_arguments(func, args, kwargs)
+
+
+_guard(pickle.REDUCE, lambda _u, stack: _call_arguments(stack[-2], stack[-1]))
+_guard(pickle.NEWOBJ, lambda _u, stack: _call_arguments(stack[-2], stack[-1]))
+_guard(pickle.NEWOBJ_EX, lambda _u, stack: _call_arguments(stack[-3], stack[-2], stack[-1]))
 
 
 def _load_bytearray8(unpickler: Any) -> None:  # read and append: not in typeshed
