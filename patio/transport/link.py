@@ -228,7 +228,11 @@ class Link(asyncio.Protocol):
             self.settings.stats.bytes_sent += len(data)
             transport.write(data)
             if transport.get_write_buffer_size() > self.settings.max_buffered_output:
-                self.abort("peer is not reading: output buffer limit exceeded")
+                # Said here, as the stall cut below is: the owner logs a caller's
+                # (a peer serving nothing) departure only at debug level.
+                reason = "peer is not reading: output buffer limit exceeded"
+                log.warning("closing connection with %s: %s", self._describe(), reason)
+                self.abort(reason)
 
     @property
     def write_paused(self) -> bool:
