@@ -60,6 +60,9 @@ class BrokerStats:
     reconnects: int = 0
     handshake_failures: Counter[str] = field(default_factory=Counter)  # by reason
     frames_rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    #: authenticated links this side cut because the peer broke a limit
+    #: (stopped reading, went silent), by reason
+    links_cut: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
     bytes_received: int = 0
     call_observer: CallObserver | None = None

@@ -1,27 +1,41 @@
-"""Name limits of the wire protocol: how long a task name, how many in one ANNOUNCE.
+"""Every limit a peer can hit: the cut, the reason in the log, the reason in the metrics.
 
 ``MAX_NAME_LENGTH`` and ``MAX_ANNOUNCED_NAMES`` bound what one peer makes
 another keep (its sets of names, the labels of its logs). A frame over either
 closes the link, counted in ``frames_rejected`` under its own reason and
-logged; the sending side refuses such a message before it leaves.
+logged; the sending side refuses such a message before it leaves. The output
+buffer held for a peer that does not read is configurable, and so is the
+largest frame after the handshake. docs/hardening.md has the table of every
+limit; each row names its test here or in test_bad_input.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 import pytest
+from prometheus_client import CollectorRegistry
 
+from patio import AsyncExecutor, Registry, TCPServerBroker
+from patio.broker.serializer import MsgpackSerializer
 from patio.errors import NameTooLongError, ProtocolError, TooManyNamesError
 from patio.proto import Call, Connection, KeySet, MessageType, Role
 from patio.proto.messages import HEADER, MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
+from patio.worker.metrics import BrokerCollector
 from tests.test_bad_input import (
+    KEY,
     Env,
     close_raw,
+    echo,
     env,
     frame,
     handshake,
+    small_buffer_socket,
     steady_load,
     wait_closed,
     warnings_text,
@@ -114,4 +128,68 @@ async def test_a_broker_cuts_a_peer_over_a_name_limit_and_counts_why(
         finally:
             close_raw(writer)
     assert env.server.stats.frames_rejected == {reason: 1}
+    assert scraped(env.server, "patio_frames_rejected_total", reason) == 1
     assert logged in warnings_text(caplog)
+
+
+def scraped(broker: TCPServerBroker, metric: str, reason: str) -> float:
+    """``metric{reason=...}`` as the worker's /metrics serves it for ``broker``."""
+    registry = CollectorRegistry()
+    registry.register(BrokerCollector(broker, version="test"))
+    return registry.get_sample_value(metric, {"reason": reason}) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def serving(**limits: Any) -> AsyncIterator[TCPServerBroker]:
+    rpc = Registry()
+    rpc.register(echo, "echo")
+    async with (
+        AsyncExecutor(rpc) as executor,
+        TCPServerBroker(executor, key=KEY, heartbeat_interval=5.0, **limits) as server,
+    ):
+        await server.listen("127.0.0.1", 0)
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("limits", "error"),
+    [
+        ({"max_buffered_output": 1024}, "must hold at least one frame of max_frame_size"),
+        ({"max_frame_size": 1024}, "max_frame_size must be between 65536 and 4294967295"),
+        ({"max_frame_size": 2**32}, "max_frame_size must be between"),
+        ({"max_buffered_output": 1.5e9}, "max_buffered_output must be a number of bytes"),
+    ],
+)
+def test_limits_that_cannot_work_are_refused(limits: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        TCPServerBroker(AsyncExecutor(Registry()), key=KEY, **limits)
+
+
+async def test_a_peer_that_does_not_read_is_cut_at_the_configured_output_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 256 KiB cap (default 64 MiB): the replies a non-reader leaves pile up only that far."""
+    cap = 256 * 1024
+    blob = MsgpackSerializer().pack([[b"r" * 32768], {}])
+    async with serving(max_frame_size=64 * 1024, max_buffered_output=cap) as server:
+        sock = small_buffer_socket()
+        port = server.listening[0][1]
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        _, writer, conn = await handshake(port, sock=sock)
+        writer.transport.pause_reading()  # from here on we read nothing at all
+        call_id = 0
+        t0 = time.monotonic()
+        try:
+            while not server.stats.links_cut and time.monotonic() - t0 < 10:
+                for _ in range(8):
+                    call_id += 1
+                    conn.send_call(call_id, "echo", blob, None, False)
+                writer.write(conn.data_to_send())
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    await asyncio.wait_for(writer.drain(), 0.2)
+                await asyncio.sleep(0)
+        finally:
+            close_raw(writer)
+    assert server.stats.links_cut == {"output_buffer": 1}
+    assert scraped(server, "patio_links_cut_total", "output_buffer") == 1
+    assert f"output buffer limit of {cap} bytes exceeded" in warnings_text(caplog)

@@ -3,9 +3,11 @@
 from patio.transport.link import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_BUFFERED_OUTPUT,
     Link,
     LinkHandler,
     LinkSettings,
+    check_limits,
     dial,
     listen,
 )
@@ -13,9 +15,11 @@ from patio.transport.link import (
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_MAX_BUFFERED_OUTPUT",
     "Link",
     "LinkHandler",
     "LinkSettings",
+    "check_limits",
     "dial",
     "listen",
 ]

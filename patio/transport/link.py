@@ -35,6 +35,35 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 # Output we will hold for a peer that does not read. Past it the link is cut:
 # a peer that stops reading must not make us buffer without bound.
 DEFAULT_MAX_BUFFERED_OUTPUT = 64 * 1024 * 1024
+#: The smallest frame limit we accept after authentication: announcements
+#: and error replies must fit in one frame.
+MIN_FRAME_SIZE: Final = 64 * 1024
+#: The largest: a frame's length is a 4-byte header.
+MAX_FRAME_SIZE: Final = 2**32 - 1
+
+
+def check_limits(max_frame_size: int, max_buffered_output: int) -> None:
+    """Refuse frame and buffer limits that cannot work (``ValueError`` naming the fix)."""
+    for name, value in (
+        ("max_frame_size", max_frame_size),
+        ("max_buffered_output", max_buffered_output),
+    ):
+        if type(value) is not int:
+            raise ValueError(f"{name} must be a number of bytes (an int), not {value!r}")
+    if not MIN_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE:
+        raise ValueError(
+            f"max_frame_size must be between {MIN_FRAME_SIZE} and {MAX_FRAME_SIZE} bytes, "
+            f"not {max_frame_size}"
+        )
+    if max_buffered_output < max_frame_size:
+        # One frame of the largest size is written whole: a smaller cap would
+        # cut a peer that reads, as soon as one large frame waits for it.
+        raise ValueError(
+            f"max_buffered_output ({max_buffered_output} bytes) must hold at least one frame "
+            f"of max_frame_size ({max_frame_size} bytes): raise it or lower max_frame_size"
+        )
+
+
 # Key mismatches logged, as (our node, peer host, message): a peer with the
 # wrong key retries every couple of seconds forever; the first attempt is
 # worth a WARNING, the same failure again only a debug line. Bounded, because
@@ -230,7 +259,9 @@ class Link(asyncio.Protocol):
             if transport.get_write_buffer_size() > self.settings.max_buffered_output:
                 # Said here, as the stall cut below is: the owner logs a caller's
                 # (a peer serving nothing) departure only at debug level.
-                reason = "peer is not reading: output buffer limit exceeded"
+                limit = self.settings.max_buffered_output
+                reason = f"peer is not reading: output buffer limit of {limit} bytes exceeded"
+                self.settings.stats.links_cut["output_buffer"] += 1
                 log.warning("closing connection with %s: %s", self._describe(), reason)
                 self.abort(reason)
 
@@ -373,10 +404,12 @@ class Link(asyncio.Protocol):
         # peer's bytes wait in the socket: that is not silence on its part.
         silent = 0.0 if self._reading_paused else now - self._last_received
         if silent > 3 * interval:
+            self.settings.stats.links_cut["silent"] += 1
             log.warning("closing connection with %s: silent for %.1f s", self._describe(), silent)
             self.abort(f"peer silent for {silent:.1f} s")
             return
         if self._write_paused and now - self._write_paused_at > 3 * interval:
+            self.settings.stats.links_cut["stopped_reading"] += 1
             log.warning("closing connection with %s: peer stopped reading", self._describe())
             self.abort("peer stopped reading")
             return

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from patio.broker.membership import valid_host
+from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE
+from patio.transport import DEFAULT_MAX_BUFFERED_OUTPUT, check_limits
 
 DEFAULT_PORT = 15383
 DEFAULT_METRICS_PORT = 9383
@@ -81,6 +83,8 @@ class WorkerConfig:
     allow_empty_key: bool = False
     allow_weak_key: bool = False
     event_loop: str = "auto"
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
 
     @property
     def tls_enabled(self) -> bool:
@@ -133,6 +137,18 @@ OPTIONS: tuple[tuple[str, str, str], ...] = (
         "--drain-timeout",
         "PATIO_DRAIN_TIMEOUT",
         f"seconds to finish work after SIGTERM (default {DEFAULT_DRAIN_TIMEOUT:g})",
+    ),
+    (
+        "--max-frame-size",
+        "PATIO_MAX_FRAME_SIZE",
+        "largest frame a peer may send after the handshake, in bytes (64KiB..4GiB; "
+        "default 16MiB; give every member the same)",
+    ),
+    (
+        "--max-buffered-output",
+        "PATIO_MAX_BUFFERED_OUTPUT",
+        "output held for a peer that does not read before its link is cut, in bytes "
+        "(at least --max-frame-size; default 64MiB)",
     ),
     ("--log-level", "PATIO_LOG_LEVEL", "debug|info|warning|error (default info)"),
     ("--log-format", "PATIO_LOG_FORMAT", "plain|json (default plain)"),
@@ -282,6 +298,19 @@ def config_from_namespace(
     if drain_timeout < 0:
         raise ConfigError(f"{name('--drain-timeout')} must not be negative, not {drain_timeout:g}")
 
+    frame_text = pick("--max-frame-size", "PATIO_MAX_FRAME_SIZE")
+    max_frame_size = _size(name("--max-frame-size"), frame_text, DEFAULT_MAX_FRAME_SIZE)
+    buffered_text = pick("--max-buffered-output", "PATIO_MAX_BUFFERED_OUTPUT")
+    max_buffered_output = _size(
+        name("--max-buffered-output"), buffered_text, DEFAULT_MAX_BUFFERED_OUTPUT
+    )
+    try:
+        check_limits(max_frame_size, max_buffered_output)
+    except ValueError as exc:  # the broker's words, with the flags' names
+        text = str(exc).replace("max_frame_size", name("--max-frame-size"))
+        text = text.replace("max_buffered_output", name("--max-buffered-output"))
+        raise ConfigError(text) from None
+
     log_level = (pick("--log-level", "PATIO_LOG_LEVEL") or "info").lower()
     if log_level == "warn":
         log_level = "warning"
@@ -339,6 +368,8 @@ def config_from_namespace(
         allow_empty_key=allow_empty_key,
         allow_weak_key=allow_weak_key,
         event_loop=event_loop,
+        max_frame_size=max_frame_size,
+        max_buffered_output=max_buffered_output,
     )
 
 
@@ -440,6 +471,23 @@ def _port(flag: str, text: str | None, default: int) -> int:
     if not 0 <= value < 65536:
         raise ConfigError(f"{flag} must be between 0 and 65535, not {value}")
     return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(flag: str, text: str | None, default: int) -> int:
+    """Bytes: ``67108864``, ``64MiB``, ``64M`` or ``64m`` (units are powers of 1024)."""
+    if text is None:
+        return default
+    lowered = text.strip().lower().removesuffix("b").removesuffix("i")
+    digits = lowered.rstrip("kmg")
+    unit = lowered[len(digits) :]
+    if not digits.isdigit() or unit not in _SIZE_UNITS:
+        raise ConfigError(
+            f"{flag} must be a size in bytes such as 67108864, 64MiB or 512KiB, not {text!r}"
+        )
+    return int(digits) * _SIZE_UNITS[unit]
 
 
 def _float(flag: str, text: str | None, default: float) -> float:

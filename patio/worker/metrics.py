@@ -228,8 +228,14 @@ class BrokerCollector(Collector):
             ),
             (
                 "patio_frames_rejected",
-                "Frames rejected as malformed or oversized, by reason.",
+                "Frames rejected as malformed, oversized or over a limit, by reason.",
                 stats.frames_rejected,
+            ),
+            (
+                "patio_links_cut",
+                "Authenticated links cut because the peer stopped reading (output_buffer, "
+                "stopped_reading) or went silent, by reason.",
+                stats.links_cut,
             ),
         ):
             family = CounterMetricFamily(name, text, labels=["reason"])

@@ -265,6 +265,8 @@ class Worker:
                 node_id=config.node_id,
                 allow_empty_key=config.allow_empty_key,
                 allow_weak_key=config.allow_weak_key,
+                max_frame_size=config.max_frame_size,
+                max_buffered_output=config.max_buffered_output,
             )
             self.metrics = WorkerMetrics(self.broker, version=__version__, executor=self.executor)
             if config.metrics_enabled:  # nobody can read the histograms otherwise

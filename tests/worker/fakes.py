@@ -39,8 +39,11 @@ class FakeMeshBroker(MemoryBroker):
         node_id: str = "fake",
         allow_empty_key: bool = False,
         allow_weak_key: bool = False,
+        max_frame_size: int = 0,
+        max_buffered_output: int = 0,
     ) -> None:
         super().__init__(executor)
+        self.limits = (max_frame_size, max_buffered_output)
         self.node_id = node_id
         self.key = key
         self.accepted_keys = tuple(accepted_keys)

@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert (c.log_level, c.log_format) == ("info", "plain")
     assert c.peers == () and c.peers_file is None and c.peers_dns is None
     assert not c.allow_empty_key and not c.tls_enabled
+    assert (c.max_frame_size, c.max_buffered_output) == (16 << 20, 64 << 20)
 
 
 def test_every_option_from_environment() -> None:
@@ -55,8 +56,11 @@ def test_every_option_from_environment() -> None:
         "PATIO_LOG_LEVEL": "DEBUG",
         "PATIO_LOG_FORMAT": "json",
         "PATIO_ALLOW_EMPTY_KEY": "true",
+        "PATIO_MAX_FRAME_SIZE": "1MiB",
+        "PATIO_MAX_BUFFERED_OUTPUT": "4194304",
     }
     c = cfg([], env)
+    assert (c.max_frame_size, c.max_buffered_output) == (1 << 20, 4 << 20)
     assert c.registry == "app.tasks:rpc"
     assert (c.listen, c.port, c.node_id) == ("10.0.0.5", 1234, "worker-3")
     assert c.peers == (("10.0.0.6", 1234), ("10.0.0.7", 1234))
@@ -78,7 +82,9 @@ def test_every_option_as_flag() -> None:
         "--executor", "process", "--max-workers", "3", "--metrics-port", "0",
         "--metrics-address", "127.0.0.9", "--ready-peer-ratio", "1", "--drain-timeout", "0",
         "--log-level", "warning", "--log-format", "plain", "--allow-empty-key",
+        "--max-frame-size", "512k", "--max-buffered-output", "2G",
     ])  # fmt: skip
+    assert (c.max_frame_size, c.max_buffered_output) == (512 << 10, 2 << 30)
     assert c.peers == (("::1", 2001), ("h2", 2002))
     assert c.peers_dns == ("svc", 2000)  # the mesh port when the name has none
     assert c.key == "secret" and c.key_file is None
@@ -143,6 +149,24 @@ def test_empty_variable_counts_as_unset() -> None:
         (["app:rpc", "--peers", "bad..host:1"], {}, "not an IP address or host name"),
         (["app:rpc"], {"PATIO_ALLOW_EMPTY_KEY": "maybe"}, "true or false"),
         (["app:rpc", "--bogus"], {}, "unrecognized arguments: --bogus"),
+        (
+            ["app:rpc", "--max-buffered-output", "lots"],
+            {},
+            "--max-buffered-output must be a size in bytes such as 67108864, 64MiB",
+        ),
+        (["app:rpc"], {"PATIO_MAX_FRAME_SIZE": "-5"}, "PATIO_MAX_FRAME_SIZE must be a size"),
+        (["app:rpc"], {"PATIO_MAX_FRAME_SIZE": "1.5MiB"}, "PATIO_MAX_FRAME_SIZE must be a size"),
+        (
+            ["app:rpc", "--max-frame-size", "1k"],
+            {},
+            "--max-frame-size must be between 65536 and 4294967295 bytes, not 1024",
+        ),
+        (
+            ["app:rpc", "--max-buffered-output", "1MiB"],
+            {},
+            "--max-buffered-output (1048576 bytes) must hold at least one frame of "
+            "--max-frame-size (16777216 bytes): raise it or lower --max-frame-size",
+        ),
         (["app:rpc", "--listen", "10.0.0.1"], {}, "no key for a worker listening on 10.0.0.1"),
     ],
 )

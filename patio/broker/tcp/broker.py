@@ -60,7 +60,9 @@ from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE, MAX_NODE_ID_LENGTH
 from patio.transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_BUFFERED_OUTPUT,
     LinkSettings,
+    check_limits,
     listen,
 )
 
@@ -104,6 +106,7 @@ class TCPBroker(AbstractBroker):
         node_id: str | None = None,
         serializer: AbstractSerializer | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -114,6 +117,7 @@ class TCPBroker(AbstractBroker):
         retryable_tasks: Iterable[str] = (),
         reconnect_timeout: float | None = None,
     ) -> None:
+        check_limits(max_frame_size, max_buffered_output)
         super().__init__(executor, serializer=serializer)
         self.instance = os.urandom(8).hex()
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{self.instance[:6]}"
@@ -130,6 +134,7 @@ class TCPBroker(AbstractBroker):
             keys=KeySet(_as_key(key), tuple(_as_key(k) for k in accepted_keys)),
             stats=self.stats,
             max_frame_size=max_frame_size,
+            max_buffered_output=max_buffered_output,
             handshake_timeout=handshake_timeout,
             heartbeat_interval=heartbeat_interval,
         )
