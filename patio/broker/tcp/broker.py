@@ -496,15 +496,3 @@ class TCPClientBroker(TCPBroker):
         except BaseException:
             self.remove_peer(host, port)
             raise
-
-
-__all__ = [
-    "DEFAULT_PORT",
-    "LinkView",
-    "PeerInfo",
-    "PeerState",
-    "TCPBroker",
-    "TCPBrokerBase",
-    "TCPClientBroker",
-    "TCPServerBroker",
-]
