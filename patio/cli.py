@@ -389,6 +389,22 @@ def run_worker_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> in
         return EXIT_FAILURE
 
 
+def _prepare_client(command: str, *, has_key: bool) -> None:
+    """What a one-off client command (call, status) does before it dials.
+
+    It warns when it will use the empty key, and lets only errors through the
+    log: the broker logs each failed dial attempt, while a one-off command
+    reports its outcome once, on its own line.
+    """
+    if not has_key:
+        print(
+            f"patio {command}: warning: no key given (--key-file, --key, PATIO_KEY_FILE or "
+            "PATIO_KEY); using the empty key, which only a worker without a key accepts",
+            file=sys.stderr,
+        )
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+
+
 def run_call_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from patio.worker.client import make_request, run_call  # noqa: PLC0415 - loaded on use, keeps start-up fast
 
@@ -409,15 +425,7 @@ def run_call_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
         tls_ca=ns.tls_ca,
         allow_weak_key=ns.allow_weak_key,
     )
-    if not request.key:
-        print(
-            "patio call: warning: no key given (--key-file, --key, PATIO_KEY_FILE or "
-            "PATIO_KEY); using the empty key, which only a worker without a key accepts",
-            file=sys.stderr,
-        )
-    # The broker logs each failed dial attempt; a one-off call reports the
-    # outcome once, on its own line, so only errors get through.
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    _prepare_client("call", has_key=bool(request.key))
     return run_call(request, as_json=ns.json)
 
 
@@ -433,10 +441,7 @@ def run_status_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> in
         peers=ns.peer, task="", args=[], key=key, key_file=key_file, timeout=ns.timeout,
         retryable=False, tls_cert=ns.tls_cert, tls_key=ns.tls_key, tls_ca=ns.tls_ca,
     )  # fmt: skip
-    if not target.key:
-        print("patio status: warning: no key given (--key-file, --key, PATIO_KEY_FILE or "
-              "PATIO_KEY); using the empty key", file=sys.stderr)  # fmt: skip
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    _prepare_client("status", has_key=bool(target.key))
     return run_status(
         StatusRequest(
             peers=target.peers,
