@@ -12,6 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "patio"
+CRD_FILE = CHART / "files" / "crd-patioclusters.yaml"
 RENDER_SCRIPT = ROOT / "operator" / "hack" / "render-manifests.sh"
 
 if str(ROOT) not in sys.path:

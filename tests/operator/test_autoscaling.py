@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 from chart_tools import ROOT
-from test_operator_on_kube import (
-    CRD_FILE,
+from kubehelpers import (
     Operator,
     apply_obj,
     cluster_obj,
     get,
+    install_crd,
+    running_operator,
     secret_keys,
     wait_condition,
 )
@@ -71,21 +72,9 @@ print(json.dumps({"done": done, "failed": failed}))
 def scaling_operator(
     kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str, tmp_path: Path
 ) -> Iterator[Operator]:
-    plane = kube_control_plane
-    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    plane.kubectl(
-        "wait", "--for=condition=Established", "crd/patioclusters.patio.dev", "--timeout=60s"
-    )
-    op = Operator(plane, kube_namespace, tmp_path)
-    op.start()
-    try:
+    install_crd(kube_control_plane)
+    with running_operator(kube_control_plane, kube_namespace, tmp_path) as op:
         yield op
-    finally:
-        op.stop()
-        plane.kubectl(
-            "delete", "patioclusters", "--all", "-n", kube_namespace, "--wait=false", check=False
-        )
-        print(op.logs())
 
 
 def events(plane: ControlPlane, ns: str, name: str) -> list[tuple[str, str]]:

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chart_tools import CHART, RENDER_SCRIPT, ROOT, find, helm, helm_binary, template
+from chart_tools import CHART, CRD_FILE, RENDER_SCRIPT, ROOT, find, helm, helm_binary, template
 from patio_operator import kube
-
-CRD_FILE = CHART / "files" / "crd-patioclusters.yaml"
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from chart_tools import CRD_FILE
 from patio_operator import names
-
-ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "charts" / "patio" / "files" / "crd-patioclusters.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from chart_tools import CHART
-from test_operator_on_kube import CRD_FILE, REGISTRY, get, wait_condition
+from kubehelpers import REGISTRY, get, install_crd, wait_condition
 
 from tests.kube.controlplane import ControlPlane
 from tests.kube.helpers import wait_until
@@ -32,10 +32,7 @@ def test_standby_operator_takes_over_a_crashed_leader(
     kube_control_plane: ControlPlane, kube_node: NodeAgent, kube_namespace: str
 ) -> None:
     plane, ns = kube_control_plane, kube_namespace
-    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    plane.kubectl(
-        "wait", "--for=condition=Established", "crd/patioclusters.patio.dev", "--timeout=60s"
-    )
+    install_crd(plane)
     plane.helm(
         "install", "p", str(CHART), "-n", ns,
         "--set", f"watchNamespace={ns}",
