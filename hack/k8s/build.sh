@@ -17,9 +17,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-cache_root="${PATIO_CACHE_DIR:-${HOME:-/root}/.cache/patio}"
+# shellcheck source=../lib/cache.sh
+source "$here/../lib/cache.sh"
 bin_dir="$cache_root/k8s/$K8S_VERSION/bin"
-force=0
+stamp_dir="$bin_dir" log_tag="build.sh"
 for arg in "$@"; do
   case "$arg" in
     --print-bin-dir) echo "$bin_dir"; exit 0 ;;
@@ -29,21 +30,9 @@ for arg in "$@"; do
   esac
 done
 
-if ! command -v go >/dev/null 2>&1; then
-  for g in /usr/local/go/bin/go /usr/lib/go/bin/go; do
-    if [ -x "$g" ]; then PATH="$(dirname "$g"):$PATH"; break; fi
-  done
-fi
-command -v go >/dev/null 2>&1 || { echo "build.sh: no Go toolchain found (need go >= 1.26)" >&2; exit 1; }
-
+use_go
 mkdir -p "$bin_dir"
-# One build at a time per cache (two test runs may start together).
-exec 9>"$cache_root/k8s/.build.lock"
-flock 9
-export CGO_ENABLED=0
-# -buildvcs=false: we build from the module cache, not from a checkout.
-export GOFLAGS="-trimpath -buildvcs=false"
-go_version="$(go env GOVERSION)"
+lock_builds "$cache_root/k8s/.build.lock"
 
 # The committed modules must match versions.env.
 grep -q "^require k8s.io/kubernetes ${K8S_VERSION}\$" "$here/kube/go.mod" \
@@ -51,32 +40,30 @@ grep -q "^require k8s.io/kubernetes ${K8S_VERSION}\$" "$here/kube/go.mod" \
 grep -q "^require go.etcd.io/etcd/server/v3 ${ETCD_VERSION}\$" "$here/etcd/go.mod" \
   || { echo "build.sh: hack/k8s/etcd/go.mod is not at ${ETCD_VERSION}: run hack/k8s/gen-modules.sh" >&2; exit 1; }
 
-stamp_key() { # inputs that decide a component's bytes (this script holds the flags)
-  { cat "$here/versions.env" "$here/build.sh"; echo "$go_version"; for f in "$@"; do cat "$f"; done; } \
-    | sha256sum | cut -c1-16
+stamp_key() { # build-function files...: what decides a part's bytes
+  local fn="$1"; shift
+  { cat "$here/versions.env"; echo "$go_version $CGO_ENABLED $GOFLAGS"; declare -f "$fn"
+    for f in "$@"; do cat "$f"; done; } | hash_key
 }
-is_built() { # name key binaries...
-  local name="$1" key="$2"; shift 2
-  [ "$force" = 0 ] || return 1
-  [ "$(cat "$bin_dir/.stamp-$name" 2>/dev/null)" = "$key" ] || return 1
-  for b in "$@"; do [ -x "$bin_dir/$b" ] || return 1; done
+# Until 2026-11 a stamp hashed this whole script (the blob below) instead of
+# the build function, so any edit of it rebuilt everything. A stamp that
+# script would still accept for today's inputs is accepted as it is (and kept,
+# so checkouts still running the old script agree); without git or that blob
+# it is not, and the part is rebuilt.
+old_stamp_key() { # files...
+  { cat "$here/versions.env"
+    git -C "$here" cat-file blob 6e0aeb91a5d566b8fc972888bc669d685f751101 2>/dev/null || echo none
+    echo "$go_version"; for f in "$@"; do cat "$f"; done; } | hash_key
 }
-total_start=$(date +%s)
-timed() { # name key binaries... -- command...
-  local name="$1" key="$2"; shift 2
-  local bins=()
-  while [ "$1" != "--" ]; do bins+=("$1"); shift; done
-  shift
-  if is_built "$name" "$key" "${bins[@]}"; then
-    echo "[build.sh] $name: up to date (${bins[*]})"
-    return 0
-  fi
-  echo "[build.sh] $name: building ${bins[*]} ..."
-  local t0; t0=$(date +%s)
-  rm -f "$bin_dir/.stamp-$name"
-  "$@"
-  echo "$key" >"$bin_dir/.stamp-$name"
-  echo "[build.sh] $name: built in $(( $(date +%s) - t0 ))s"
+part() { # part build-function binaries... [-- files the stamp covers...]
+  local name="$1" fn="$2"; shift 2
+  local bins=() files=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do bins+=("$1"); shift; done
+  if [ $# -gt 0 ]; then shift; fi
+  files=("$@")
+  local key; key="$(old_stamp_key "${files[@]}")"
+  [ "$(cat "$stamp_dir/.stamp-$name" 2>/dev/null)" = "$key" ] || key="$(stamp_key "$fn" "${files[@]}")"
+  timed "$name" "$key" "${bins[@]}" -- "$fn"
 }
 
 # --- etcd (separate module: its go.mod has replace directives)
@@ -84,7 +71,7 @@ build_etcd() {
   (cd "$here/etcd" && go build -o "$bin_dir/etcd.tmp" go.etcd.io/etcd/server/v3)
   mv -f "$bin_dir/etcd.tmp" "$bin_dir/etcd"
 }
-timed etcd "$(stamp_key "$here/etcd/go.mod" "$here/etcd/go.sum")" etcd -- build_etcd
+part etcd build_etcd etcd -- "$here/etcd/go.mod" "$here/etcd/go.sum"
 
 # --- Kubernetes: all binaries in ONE go build so they share compilation.
 build_kube() {
@@ -104,8 +91,8 @@ build_kube() {
   mv -f "$tmp"/* "$bin_dir/"
   rmdir "$tmp"
 }
-timed kube "$(stamp_key "$here/kube/go.mod" "$here/kube/go.sum")" \
-  kube-apiserver kube-controller-manager kube-scheduler kubectl -- build_kube
+part kube build_kube kube-apiserver kube-controller-manager kube-scheduler kubectl \
+  -- "$here/kube/go.mod" "$here/kube/go.sum"
 
 # --- helm: go install works (no replace directives).
 build_helm() {
@@ -116,6 +103,6 @@ build_helm() {
   done
   GOBIN="$bin_dir" go install -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
 }
-timed helm "$(stamp_key)" helm -- build_helm
+part helm build_helm helm
 
-echo "[build.sh] all binaries in $bin_dir ($(( $(date +%s) - total_start ))s)"
+echo "[build.sh] all binaries in $bin_dir ($(elapsed))"

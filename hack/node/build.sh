@@ -22,10 +22,12 @@ source "$k8s/versions.env"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-cache_root="${PATIO_CACHE_DIR:-${HOME:-/root}/.cache/patio}"
+# shellcheck source=../lib/cache.sh
+source "$here/../lib/cache.sh"
 out="$cache_root/node/$K8S_VERSION"
 bin_dir="$out/bin"
 img_dir="$out/images"
+stamp_dir="$out" log_tag="node"
 case "${1:-}" in
   --print-dir) echo "$out"; exit 0 ;;
   "") ;;
@@ -33,48 +35,17 @@ case "${1:-}" in
   *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
 esac
 
-if ! command -v go >/dev/null 2>&1; then
-  for g in /usr/local/go/bin/go /usr/lib/go/bin/go; do
-    if [ -x "$g" ]; then PATH="$(dirname "$g"):$PATH"; break; fi
-  done
-fi
-command -v go >/dev/null 2>&1 || { echo "build.sh: no Go toolchain found (need go >= 1.26)" >&2; exit 1; }
+use_go
 command -v buildah >/dev/null 2>&1 || { echo "build.sh: buildah is missing (apt-get install buildah)" >&2; exit 1; }
 
 mkdir -p "$bin_dir" "$img_dir"
-exec 9>"$out/.build.lock"
-flock 9
-export CGO_ENABLED=0
-export GOFLAGS="-trimpath -buildvcs=false"
-go_version="$(go env GOVERSION)"
+lock_builds "$out/.build.lock"
 
 stamp_key() { # build-function files...: what decides a part's bytes
   local fn="$1"; shift
   { cat "$k8s/versions.env" "$here/versions.env"; echo "$go_version"
     declare -f gobin bh image_from_binary "$fn"
-    for f in "$@"; do cat "$f"; done; } | sha256sum | cut -c1-16
-}
-is_built() { # name key files...
-  local name="$1" key="$2"; shift 2
-  [ "$(cat "$out/.stamp-$name" 2>/dev/null)" = "$key" ] || return 1
-  for f in "$@"; do [ -e "$out/$f" ] || return 1; done
-}
-total_start=$(date +%s)
-timed() { # name key files... -- command...
-  local name="$1" key="$2"; shift 2
-  local files=()
-  while [ "$1" != "--" ]; do files+=("$1"); shift; done
-  shift
-  if is_built "$name" "$key" "${files[@]}"; then
-    echo "[node] $name: up to date"
-    return 0
-  fi
-  echo "[node] $name: building ..."
-  local t0; t0=$(date +%s)
-  rm -f "$out/.stamp-$name"
-  "$@"
-  echo "$key" >"$out/.stamp-$name"
-  echo "[node] $name: built in $(( $(date +%s) - t0 ))s"
+    for f in "$@"; do cat "$f"; done; } | hash_key
 }
 gobin() { GOBIN="$bin_dir" nice go install -ldflags "-s -w $1" "${@:2}"; }
 # --- images: a static binary on an empty base, committed with buildah into a
@@ -149,4 +120,4 @@ build_coredns() {
 }
 timed coredns "$(stamp_key build_coredns)" bin/coredns images/coredns.tar -- build_coredns
 
-echo "[node] all parts in $out ($(( $(date +%s) - total_start ))s)"
+echo "[node] all parts in $out ($(elapsed))"
