@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from patio import AsyncExecutor, Registry
+from patio import AsyncExecutor, MemoryBroker, NullExecutor, Registry
 from patio.broker import PeerState, TCPServerBroker
 from patio.broker.serializer import MsgpackSerializer
 from patio.broker.tcp.codec import ERROR_RULES, ErrorReply, error_from_reply, outcome_of, rule_for
@@ -20,7 +20,15 @@ from patio.errors import (
     TaskNotFoundError,
 )
 from patio.proto import ErrorKind, MessageType
-from patio.stats import OUTCOME_CANCELLED, OUTCOME_CONNECTION, OUTCOME_ERROR
+from patio.stats import (
+    OUTCOME_CANCELLED,
+    OUTCOME_CONNECTION,
+    OUTCOME_ERROR,
+    OUTCOME_NO_ROUTE,
+    OUTCOME_REFUSED,
+    OUTCOME_TIMEOUT,
+    SIDE_CALLER,
+)
 from tests.test_bad_input import close_raw, handshake
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
@@ -105,3 +113,43 @@ def test_a_tasks_own_errors_are_exceptions_not_verdicts() -> None:
         assert rule_for(exc) is None
     assert outcome_of(ValueError()) == OUTCOME_ERROR
     assert outcome_of(PeerConnectionError("lost")) == OUTCOME_CONNECTION
+
+
+async def test_the_memory_broker_counts_outcomes_by_the_same_table() -> None:
+    # A refused or cancelled call is counted as such, as the TCP brokers count it.
+    rpc: Registry = Registry()
+
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    rpc.register(slow, "slow")
+    rpc.register(boom, "boom")
+    async with AsyncExecutor(rpc) as executor, MemoryBroker(executor) as broker:
+        with pytest.raises(ValueError):
+            await broker.call("boom")
+        with pytest.raises(CallTimeoutError):
+            await broker.call("slow", timeout=0.01)
+        with pytest.raises(NoRouteError):
+            await broker.call("missing")
+        task = asyncio.create_task(broker.call("slow"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    async with NullExecutor(rpc) as refusing, MemoryBroker(refusing) as refused:
+        with pytest.raises(ExecutionRefusedError):
+            await refused.call("slow")
+
+    def counted(b: MemoryBroker) -> dict[tuple[str, str, str], int]:
+        return {key: n for key, n in b.stats.calls_finished.items() if n}
+
+    assert counted(broker) == {
+        ("boom", SIDE_CALLER, OUTCOME_ERROR): 1,
+        ("slow", SIDE_CALLER, OUTCOME_TIMEOUT): 1,
+        ("missing", SIDE_CALLER, OUTCOME_NO_ROUTE): 1,
+        ("slow", SIDE_CALLER, OUTCOME_CANCELLED): 1,
+    }
+    assert counted(refused) == {("slow", SIDE_CALLER, OUTCOME_REFUSED): 1}

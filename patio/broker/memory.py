@@ -7,14 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from patio.broker.base import AbstractBroker, LoopTurns
+from patio.broker.tcp.codec import outcome_of
 from patio.errors import CallTimeoutError, NoRouteError, PatioError
-from patio.stats import (
-    OUTCOME_ERROR,
-    OUTCOME_NO_ROUTE,
-    OUTCOME_OK,
-    OUTCOME_TIMEOUT,
-    SIDE_CALLER,
-)
+from patio.stats import OUTCOME_OK, SIDE_CALLER
 
 
 class MemoryBroker(AbstractBroker):
@@ -38,11 +33,9 @@ class MemoryBroker(AbstractBroker):
         name = self.task_name(func)
         stats = self.stats
         stats.calls_started[(name, SIDE_CALLER)] += 1
-        if self.executor.accepts_calls and name not in self.registry:
-            stats.calls_finished[(name, SIDE_CALLER, OUTCOME_NO_ROUTE)] += 1
-            raise NoRouteError(f"no task named {name!r} in the registry of this MemoryBroker")
-        outcome = OUTCOME_ERROR
         try:
+            if self.executor.accepts_calls and name not in self.registry:
+                raise NoRouteError(f"no task named {name!r} in the registry of this MemoryBroker")
             if self._turns.due():
                 # The executor may complete the call without suspending: let
                 # the loop run now and then, or a loop of calls starves it.
@@ -56,11 +49,12 @@ class MemoryBroker(AbstractBroker):
                 except TimeoutError as exc:
                     if isinstance(exc, PatioError):
                         raise
-                    outcome = OUTCOME_TIMEOUT
                     raise CallTimeoutError(
                         f"call to {name!r} did not finish within {timeout} s"
                     ) from None
-            outcome = OUTCOME_OK
-            return result
-        finally:
-            stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
+        except BaseException as exc:
+            # Counted as the TCP brokers count it: the one table in codec.
+            stats.calls_finished[(name, SIDE_CALLER, outcome_of(exc))] += 1
+            raise
+        stats.calls_finished[(name, SIDE_CALLER, OUTCOME_OK)] += 1
+        return result
