@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
 from patio.broker.serializer import MsgpackSerializer
@@ -33,6 +34,7 @@ from patio.errors import (
 from patio.proto import Connection, KeySet, MessageType, Role
 from patio.proto.connection import State
 from patio.proto.messages import HEADER, MAGIC, NONCE_SIZE, PROTOCOL_VERSION
+from patio.worker.metrics import BrokerCollector
 
 KEY = b"bad-input-test-key"
 HANDSHAKE_TIMEOUT = 0.5
@@ -180,6 +182,13 @@ def frame(message: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def scraped(broker: TCPServerBroker, metric: str, reason: str) -> float:
+    """``metric{reason=...}`` as the worker's /metrics serves it for ``broker``."""
+    registry = CollectorRegistry()
+    registry.register(BrokerCollector(broker, version="test"))
+    return registry.get_sample_value(metric, {"reason": reason}) or 0.0
+
+
 def warnings_text(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING).lower()
 
@@ -222,7 +231,7 @@ async def test_random_bytes_are_closed(env: Env, caplog: pytest.LogCaptureFixtur
             assert await wait_closed(reader, 3) < 3
         finally:
             close_raw(writer)
-    assert env.server.stats.handshake_failures["malformed"] == 1
+    assert env.server.stats.handshake_failures["oversized"] == 1
     assert "exceeds the limit" in warnings_text(caplog)
 
 
@@ -251,8 +260,11 @@ async def test_huge_header_before_auth_is_closed(
             assert await wait_closed(reader, 3) < 1
         finally:
             close_raw(writer)
-    assert env.server.stats.handshake_failures["malformed"] == 1
-    assert "4294967295 bytes exceeds the limit" in warnings_text(caplog)
+    assert env.server.stats.handshake_failures == {"oversized": 1}
+    assert scraped(env.server, "patio_handshake_failures_total", "oversized") == 1
+    assert "4294967295 bytes exceeds the limit of 1024 bytes before authentication" in (
+        warnings_text(caplog)
+    )
 
 
 async def test_silent_peer_is_closed_after_handshake_timeout(
@@ -266,6 +278,29 @@ async def test_silent_peer_is_closed_after_handshake_timeout(
             close_raw(writer)
     assert HANDSHAKE_TIMEOUT * 0.8 <= elapsed < HANDSHAKE_TIMEOUT + 1.0
     assert env.server.stats.handshake_failures["timeout"] == 1
+    assert scraped(env.server, "patio_handshake_failures_total", "timeout") == 1
+    assert "no handshake within 0.5 s" in warnings_text(caplog)
+
+
+async def test_peer_stalling_after_its_hello_is_cut_at_the_handshake_deadline(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A valid HELLO, our AUTH read, then nothing: cut at the deadline, counted, logged."""
+    conn = Connection(Role.DIALER, "staller", "staller", KeySet(KEY))
+    reader, writer = await open_raw(env.port)
+    t0 = time.monotonic()
+    try:
+        writer.write(conn.data_to_send())
+        async with asyncio.timeout(3):
+            while conn.state is State.AWAIT_HELLO:
+                conn.receive_data(await reader.read(65536))
+        assert conn.state is State.AWAIT_AUTH  # we hold our AUTH back
+        await wait_closed(reader, 3)
+    finally:
+        close_raw(writer)
+    assert HANDSHAKE_TIMEOUT * 0.8 <= time.monotonic() - t0 < HANDSHAKE_TIMEOUT + 1.0
+    assert env.server.stats.handshake_failures == {"timeout": 1}
+    assert scraped(env.server, "patio_handshake_failures_total", "timeout") == 1
     assert "no handshake within 0.5 s" in warnings_text(caplog)
 
 
@@ -313,8 +348,9 @@ async def test_huge_header_after_auth_is_closed(env: Env, caplog: pytest.LogCapt
         finally:
             close_raw(writer)
     assert env.server.stats.frames_rejected["oversized"] == 1
+    assert scraped(env.server, "patio_frames_rejected_total", "oversized") == 1
     assert env.server.stats.handshake_failures == {}
-    assert "4294967295 bytes exceeds the limit" in warnings_text(caplog)
+    assert "4294967295 bytes exceeds the limit of 16777216 bytes" in warnings_text(caplog)
 
 
 @pytest.mark.parametrize(
@@ -489,7 +525,7 @@ async def test_many_bad_peers_at_once(env: Env) -> None:
     failures = env.server.stats.handshake_failures
     assert failures["timeout"] == 5
     assert failures["auth"] == 5
-    assert failures["malformed"] == 10
+    assert failures["malformed"] + failures["oversized"] == 10
     assert len(env.server.peers()) == 1
 
 

@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 import pytest
-from prometheus_client import CollectorRegistry
 
 from patio import AsyncExecutor, Registry, TCPServerBroker
 from patio.broker.serializer import MsgpackSerializer
 from patio.errors import NameTooLongError, ProtocolError, TooManyNamesError
 from patio.proto import Call, Connection, KeySet, MessageType, Role
-from patio.proto.messages import HEADER, MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
-from patio.worker.metrics import BrokerCollector
+from patio.proto.messages import (
+    HANDSHAKE_MAX_FRAME_SIZE,
+    HEADER,
+    MAX_ANNOUNCED_NAMES,
+    MAX_NAME_LENGTH,
+)
+from patio.transport.link import PreAuthLog
 from tests.test_bad_input import (
     KEY,
     Env,
@@ -35,6 +40,8 @@ from tests.test_bad_input import (
     env,
     frame,
     handshake,
+    open_raw,
+    scraped,
     small_buffer_socket,
     steady_load,
     wait_closed,
@@ -132,17 +139,11 @@ async def test_a_broker_cuts_a_peer_over_a_name_limit_and_counts_why(
     assert logged in warnings_text(caplog)
 
 
-def scraped(broker: TCPServerBroker, metric: str, reason: str) -> float:
-    """``metric{reason=...}`` as the worker's /metrics serves it for ``broker``."""
-    registry = CollectorRegistry()
-    registry.register(BrokerCollector(broker, version="test"))
-    return registry.get_sample_value(metric, {"reason": reason}) or 0.0
-
-
 @contextlib.asynccontextmanager
 async def serving(**limits: Any) -> AsyncIterator[TCPServerBroker]:
     rpc = Registry()
     rpc.register(echo, "echo")
+    rpc.register(len, "len")
     async with (
         AsyncExecutor(rpc) as executor,
         TCPServerBroker(executor, key=KEY, heartbeat_interval=5.0, **limits) as server,
@@ -193,3 +194,93 @@ async def test_a_peer_that_does_not_read_is_cut_at_the_configured_output_cap(
     assert server.stats.links_cut == {"output_buffer": 1}
     assert scraped(server, "patio_links_cut_total", "output_buffer") == 1
     assert f"output buffer limit of {cap} bytes exceeded" in warnings_text(caplog)
+
+
+@pytest.mark.parametrize("authenticated", [False, True], ids=["before-auth", "after-auth"])
+async def test_a_frame_over_the_size_limit_is_cut_and_counted(
+    caplog: pytest.LogCaptureFixture, authenticated: bool
+) -> None:
+    """1 KiB before authentication, ``max_frame_size`` (here 64 KiB) after; the limit passes."""
+    limit = 64 * 1024 if authenticated else HANDSHAKE_MAX_FRAME_SIZE
+    async with serving(max_frame_size=64 * 1024) as server:
+        port = server.listening[0][1]
+        if authenticated:
+            reader, writer, conn = await handshake(port)
+            # A CALL frame of exactly the limit is served...
+            size = limit
+            while True:  # msgpack's headers grow with the size: settle on the exact one
+                payload = MsgpackSerializer().pack([[b"x" * size], {}])
+                big = raw([MessageType.CALL, 1, "len", payload, None, False])
+                if len(big) - 4 == limit:
+                    break
+                size += limit - (len(big) - 4)
+            assert len(big) - 4 == limit, len(big) - 4
+            writer.write(big)
+            got: list[Any] = []
+            async with asyncio.timeout(5):
+                while not got:
+                    got = conn.receive_data(await reader.read(1 << 20))
+            assert got[0][0] == MessageType.RESULT
+            assert MsgpackSerializer().unpack(got[0][2]) == size
+        else:
+            reader, writer = await open_raw(port)
+        try:
+            writer.write(HEADER.pack(limit + 1) + b"x" * (limit + 1))  # ... one byte more is not
+            assert await wait_closed(reader, 3) < 1
+        finally:
+            close_raw(writer)
+    where = "frames_rejected" if authenticated else "handshake_failures"
+    assert getattr(server.stats, where) == {"oversized": 1}
+    assert scraped(server, f"patio_{where}_total", "oversized") == 1
+    logged = f"frame of {limit + 1} bytes exceeds the limit of {limit} bytes"
+    assert logged + ("" if authenticated else " before authentication") in warnings_text(caplog)
+
+
+async def test_two_hundred_bad_hellos_log_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 16 item 10: 200 bad HELLOs wrote 210 KB of log; every one still counts."""
+    caplog.set_level(logging.DEBUG, logger="patio.transport")
+    bad_hello = raw([MessageType.HELLO, "not-patio", 1])
+    async with serving() as server:
+        port = server.listening[0][1]
+        for _ in range(20):
+            opened = [await open_raw(port) for _i in range(10)]
+            for _, writer in opened:
+                writer.write(bad_hello)
+            for reader, writer in opened:
+                try:
+                    await wait_closed(reader, 3)
+                finally:
+                    close_raw(writer)
+        assert server.stats.handshake_failures == {"malformed": 200}
+        assert scraped(server, "patio_handshake_failures_total", "malformed") == 200
+        said = [
+            (r.levelno, r.getMessage())
+            for r in caplog.records
+            if "not speaking the patio protocol" in r.getMessage()
+        ]
+        warned = [text for level, text in said if level >= logging.WARNING]
+        assert len(warned) == 1, warned
+        held = [text for level, text in said if level == logging.DEBUG]
+        assert len(held) == 199
+
+
+def test_preauth_warnings_say_how_many_were_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limiter = PreAuthLog(interval=10.0, per_interval=3, clock=lambda: now[0])
+    for _ in range(5):
+        limiter.warn("10.0.0.1", "timeout", "closing connection with 10.0.0.1:1: no handshake")
+    limiter.warn("10.0.0.1", "malformed", "closing connection with 10.0.0.1:2: junk")
+    limiter.warn("10.0.0.2", "timeout", "closing connection with 10.0.0.2:1: no handshake")
+    limiter.warn("10.0.0.3", "timeout", "over the budget of 3 lines per interval in all")
+    now[0] = 12.0
+    limiter.warn("10.0.0.1", "timeout", "closing connection with 10.0.0.1:3: no handshake")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "closing connection with 10.0.0.1:1: no handshake",
+        "closing connection with 10.0.0.1:2: junk",
+        "closing connection with 10.0.0.2:1: no handshake",
+        "closing connection with 10.0.0.1:3: no handshake (4 more timeout failures from "
+        "10.0.0.1 in the last 12 s, logged at debug level)",
+    ]

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
@@ -72,6 +73,59 @@ _AUTH_FAILURES_LOGGED: dict[tuple[str, str, str], None] = {}
 MAX_AUTH_FAILURES_REMEMBERED = 1024
 
 
+#: Failures of connections that never authenticated are logged at WARNING at
+#: most once per source address and kind per this many seconds, and at most
+#: PREAUTH_WARNINGS_PER_INTERVAL times per interval from all sources together.
+PREAUTH_LOG_INTERVAL: Final = 10.0
+PREAUTH_WARNINGS_PER_INTERVAL: Final = 20
+MAX_PREAUTH_SOURCES_REMEMBERED: Final = 1024
+
+
+class PreAuthLog:
+    """WARNINGs about connections that never authenticated, rate-limited.
+
+    Anyone who can reach the port causes them (200 bad HELLOs wrote 210 KB
+    of log): the first of a kind from a source in an interval is a WARNING,
+    the others a debug line, and the next WARNING for that source and kind
+    says how many were held back. The metrics count every failure.
+    """
+
+    def __init__(
+        self,
+        interval: float = PREAUTH_LOG_INTERVAL,
+        per_interval: int = PREAUTH_WARNINGS_PER_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval, self.per_interval = interval, per_interval
+        self._clock = clock
+        # (source, kind) -> (when its last WARNING was written, lines held back since)
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._window = -interval  # start of the interval the global budget counts
+        self._written = 0  # WARNINGs written in that interval
+
+    def warn(self, source: str, kind: str, message: str) -> None:
+        now = self._clock()
+        key = (source, kind)
+        last, held = self._last.get(key, (-self.interval, 0))
+        if now - self._window >= self.interval:
+            self._window, self._written = now, 0
+        if now - last < self.interval or self._written >= self.per_interval:
+            self._last[key] = (last, held + 1)
+            log.debug("%s", message)
+            return
+        self._written += 1
+        self._last.pop(key, None)  # re-inserted last: the oldest entry goes first
+        if len(self._last) >= MAX_PREAUTH_SOURCES_REMEMBERED:
+            self._last.pop(next(iter(self._last)))
+        self._last[key] = (now, 0)
+        if held:
+            message += (
+                f" ({held} more {kind} failure{'s' if held != 1 else ''} from {source} "
+                f"in the last {now - last:.0f} s, logged at debug level)"
+            )
+        log.warning("%s", message)
+
+
 class LinkHandler(Protocol):
     """What a link reports to its owner (the broker)."""
 
@@ -92,6 +146,7 @@ class LinkSettings:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
+    preauth_log: PreAuthLog = field(default_factory=PreAuthLog)
 
 
 #: Connections a listener holds before they authenticate, in all and from
@@ -182,8 +237,9 @@ class Link(asyncio.Protocol):
         if self._gate is not None:
             source = self.peername[0] if self.peername else "?"
             if not self._gate.admit(source):
-                self.settings.stats.handshake_failures["busy"] += 1
-                self.abort("too many connections waiting for a handshake")
+                reason = "too many connections waiting for a handshake"
+                self._preauth_failure("busy", reason)
+                self.abort(reason)
                 return
             self._gate_source = source
         sock = transport.get_extra_info("socket")
@@ -349,12 +405,24 @@ class Link(asyncio.Protocol):
             return f"{self.peername[0]}:{self.peername[1]}"
         return "unknown peer"
 
+    def _preauth_failure(self, kind: str, reason: object) -> None:
+        """Count a failure before authentication and log it, rate-limited (PreAuthLog)."""
+        self.settings.stats.handshake_failures[kind] += 1
+        source = self.peername[0] if self.peername else "?"
+        self.settings.preauth_log.warn(
+            source, kind, f"closing connection with {self._describe()}: {reason}"
+        )
+
     def _reject(self, exc: ProtocolError) -> None:
         stats = self.settings.stats
-        if isinstance(exc, HandshakeError):
+        authenticated = self.authenticated.done()
+        if isinstance(exc, AuthenticationError):
             stats.handshake_failures[exc.reason] += 1
-        elif not self.authenticated.done():
-            stats.handshake_failures["malformed"] += 1
+        elif not authenticated:
+            self._preauth_failure(exc.reason, exc)  # malformed, oversized, version...
+            self._rejected = exc
+            self.abort(str(exc))
+            return
         else:
             stats.frames_rejected[exc.reason] += 1
         level = logging.WARNING
@@ -391,12 +459,8 @@ class Link(asyncio.Protocol):
             return
         now = self._loop.time()
         if not self.authenticated.done():
-            self.settings.stats.handshake_failures["timeout"] += 1
-            log.warning(
-                "closing connection with %s: no handshake within %.1f s",
-                self._describe(),
-                self.settings.handshake_timeout,
-            )
+            timeout = self.settings.handshake_timeout
+            self._preauth_failure("timeout", f"no handshake within {timeout:.1f} s")
             self.abort("handshake timed out")
             return
         interval = self.settings.heartbeat_interval
