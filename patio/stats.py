@@ -63,6 +63,10 @@ class BrokerStats:
     #: authenticated links this side cut because the peer broke a limit
     #: (stopped reading, went silent), by reason
     links_cut: Counter[str] = field(default_factory=Counter)
+    #: a peer's link stopped being read: "window" (calls) or "bytes" (its budget)
+    reads_paused: Counter[str] = field(default_factory=Counter)
+    #: authenticated links refused: "node_id_in_use", "too_many_links"
+    links_refused: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
     bytes_received: int = 0
     call_observer: CallObserver | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from patio import AsyncExecutor, Registry, TCPServerBroker
 from patio.broker.tcp.links import MAX_ANNOUNCED_CAPACITY
+from patio.errors import NoRouteError
 from patio.proto import Connection, KeySet, MessageType, Role
 from patio.proto.connection import State
 from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
@@ -205,3 +207,70 @@ async def test_idle_unauthenticated_sockets_are_capped_per_source(
     # The slots are free again: a member with the key gets in.
     _, writer, _ = await handshake(port)
     close_raw(writer)
+
+
+async def test_no_route_error_is_cheap_with_a_peer_announcing_the_most_names(
+    server: TCPServerBroker,
+) -> None:
+    # Issue 16 item 4: every NoRouteError sorted every name every peer
+    # serves (1.2M names: 3.4 s on the loop, each time). Now the list is made
+    # once per routing change and shows a few names and a count.
+    names = [f"task-{i:06d}" for i in range(MAX_ANNOUNCED_NAMES)]
+    _, writer, _ = await handshake(server.listening[0][1])
+    try:
+        writer.write(announce(names))
+        for _ in range(500):
+            if raw_peer_names(server):
+                break
+            await asyncio.sleep(0.02)
+        assert len(raw_peer_names(server)) == MAX_ANNOUNCED_NAMES
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(300):
+            with pytest.raises(NoRouteError) as caught:
+                await server.call("missing")
+        # A "did not hang" bound: sorting 100,000 names 300 times takes
+        # tens of seconds; the cached text a few milliseconds.
+        assert loop.time() - started < 8
+        text = str(caught.value)
+        assert "they serve: task-000000, task-000001," in text
+        assert f"and {MAX_ANNOUNCED_NAMES - 10} more" in text
+        assert len(text) < 400
+    finally:
+        close_raw(writer)
+
+
+async def test_announcing_sorts_nothing() -> None:
+    # Issue 16 item 4: our names were sorted for every peer on every
+    # announcement. Count the sorts the way a profiler
+    # sees them, rather than time them.
+    rpc = Registry()
+    for i in range(MAX_ANNOUNCED_NAMES):
+        rpc.register(int, f"task-{i:06d}")
+    async with AsyncExecutor(rpc) as executor, TCPServerBroker(executor, key=KEY) as broker:
+        await broker.listen("127.0.0.1", 0)
+        port = broker.listening[0][1]
+        peers = [await raw_member(port, f"peer-{i}", "instance") for i in range(3)]
+        try:
+            for _, writer in peers:
+                writer.write(announce(["mul"]))
+            for _ in range(100):
+                if len([v for v in broker.links() if v.names]) == 3:
+                    break
+                await asyncio.sleep(0.02)
+            sorts: list[str] = []
+
+            def profile(frame: Any, event: str, arg: Any) -> None:
+                if event == "c_call" and arg in (sorted, list.sort):
+                    sorts.append(frame.f_code.co_name)
+
+            sys.setprofile(profile)
+            try:
+                for _ in range(5):
+                    broker.announce()
+            finally:
+                sys.setprofile(None)
+            assert sorts == []
+        finally:
+            for _, writer in peers:
+                close_raw(writer)

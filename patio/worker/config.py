@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from patio.broker.membership import valid_host
+from patio.broker.tcp.server import DEFAULT_MAX_PEER_CALL_BYTES
 from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE
 from patio.transport import DEFAULT_MAX_BUFFERED_OUTPUT, check_limits
 
@@ -74,6 +75,7 @@ class WorkerConfig:
     tls_ca: str | None = None
     executor: str = "async"
     max_workers: int | None = None
+    max_peer_call_bytes: int = DEFAULT_MAX_PEER_CALL_BYTES
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_address: str = "127.0.0.1"
     ready_peer_ratio: float = DEFAULT_READY_PEER_RATIO
@@ -149,6 +151,12 @@ OPTIONS: tuple[tuple[str, str, str], ...] = (
         "PATIO_MAX_BUFFERED_OUTPUT",
         "output held for a peer that does not read before its link is cut, in bytes "
         "(at least --max-frame-size; default 64MiB)",
+    ),
+    (
+        "--max-peer-call-bytes",
+        "PATIO_MAX_PEER_CALL_BYTES",
+        "argument bytes one peer's outstanding calls may hold here before its link is "
+        "not read until half is answered (default 64MiB)",
     ),
     ("--log-level", "PATIO_LOG_LEVEL", "debug|info|warning|error (default info)"),
     ("--log-format", "PATIO_LOG_FORMAT", "plain|json (default plain)"),
@@ -304,6 +312,12 @@ def config_from_namespace(
     max_buffered_output = _size(
         name("--max-buffered-output"), buffered_text, DEFAULT_MAX_BUFFERED_OUTPUT
     )
+    budget_text = pick("--max-peer-call-bytes", "PATIO_MAX_PEER_CALL_BYTES")
+    max_peer_call_bytes = _size(
+        name("--max-peer-call-bytes"), budget_text, DEFAULT_MAX_PEER_CALL_BYTES
+    )
+    if max_peer_call_bytes < 1:
+        raise ConfigError(f"{name('--max-peer-call-bytes')} must be at least 1 byte, not 0")
     try:
         check_limits(max_frame_size, max_buffered_output)
     except ValueError as exc:  # the broker's words, with the flags' names
@@ -359,6 +373,7 @@ def config_from_namespace(
         tls_ca=tls_ca,
         executor=executor,
         max_workers=max_workers,
+        max_peer_call_bytes=max_peer_call_bytes,
         metrics_port=metrics_port,
         metrics_address=metrics_address,
         ready_peer_ratio=ratio,

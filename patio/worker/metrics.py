@@ -237,6 +237,18 @@ class BrokerCollector(Collector):
                 "stopped_reading) or went silent, by reason.",
                 stats.links_cut,
             ),
+            (
+                "patio_reads_paused",
+                "Times a peer's link stopped being read at a limit: its window of calls "
+                "or its budget of argument bytes, by reason.",
+                stats.reads_paused,
+            ),
+            (
+                "patio_links_refused",
+                "Authenticated links refused: node id held by a live link, or too many "
+                "links of one node, by reason.",
+                stats.links_refused,
+            ),
         ):
             family = CounterMetricFamily(name, text, labels=["reason"])
             for reason, count in sorted(by_reason.items()):

@@ -267,6 +267,7 @@ class Worker:
                 allow_weak_key=config.allow_weak_key,
                 max_frame_size=config.max_frame_size,
                 max_buffered_output=config.max_buffered_output,
+                max_peer_call_bytes=config.max_peer_call_bytes,
             )
             self.metrics = WorkerMetrics(self.broker, version=__version__, executor=self.executor)
             if config.metrics_enabled:  # nobody can read the histograms otherwise

@@ -41,9 +41,11 @@ class FakeMeshBroker(MemoryBroker):
         allow_weak_key: bool = False,
         max_frame_size: int = 0,
         max_buffered_output: int = 0,
+        max_peer_call_bytes: int = 0,
     ) -> None:
         super().__init__(executor)
         self.limits = (max_frame_size, max_buffered_output)
+        self.max_peer_call_bytes = max_peer_call_bytes
         self.node_id = node_id
         self.key = key
         self.accepted_keys = tuple(accepted_keys)

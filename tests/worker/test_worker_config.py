@@ -58,9 +58,11 @@ def test_every_option_from_environment() -> None:
         "PATIO_ALLOW_EMPTY_KEY": "true",
         "PATIO_MAX_FRAME_SIZE": "1MiB",
         "PATIO_MAX_BUFFERED_OUTPUT": "4194304",
+        "PATIO_MAX_PEER_CALL_BYTES": "8MiB",
     }
     c = cfg([], env)
     assert (c.max_frame_size, c.max_buffered_output) == (1 << 20, 4 << 20)
+    assert c.max_peer_call_bytes == 8 << 20
     assert c.registry == "app.tasks:rpc"
     assert (c.listen, c.port, c.node_id) == ("10.0.0.5", 1234, "worker-3")
     assert c.peers == (("10.0.0.6", 1234), ("10.0.0.7", 1234))
@@ -135,6 +137,8 @@ def test_empty_variable_counts_as_unset() -> None:
         (["app:rpc"], {"PATIO_TLS_CERT": "c"}, "PATIO_TLS_CERT and --tls-key must be"),
         (["app:rpc", "--executor", "gpu"], {}, "--executor must be one of"),
         (["app:rpc", "--max-workers", "0"], {}, "--max-workers must be at least 1"),
+        (["app:rpc", "--max-peer-call-bytes", "0"], {}, "--max-peer-call-bytes must be at"),
+        (["app:rpc"], {"PATIO_MAX_PEER_CALL_BYTES": "lots"}, "PATIO_MAX_PEER_CALL_BYTES must be a"),
         (["app:rpc", "--ready-peer-ratio", "1.5"], {}, "between 0 and 1"),
         (["app:rpc", "--drain-timeout", "-1"], {}, "must not be negative"),
         (["app:rpc", "--log-level", "loud"], {}, "--log-level must be one of"),

@@ -50,7 +50,7 @@ from patio.broker.tcp.peer import LinkView, Peer, PeerInfo, PeerState
 from patio.broker.tcp.protocol import Protocol
 from patio.broker.tcp.router import Router
 from patio.broker.tcp.sender import CallSender
-from patio.broker.tcp.server import Server
+from patio.broker.tcp.server import DEFAULT_MAX_PEER_CALL_BYTES, Server
 from patio.broker.tcp.status import StatusDesk, clean_member
 from patio.errors import PeerConnectionError
 from patio.executor import AbstractExecutor
@@ -116,6 +116,7 @@ class TCPBroker(AbstractBroker):
         prefer_local: bool = False,
         retryable_tasks: Iterable[str] = (),
         reconnect_timeout: float | None = None,
+        max_peer_call_bytes: int = DEFAULT_MAX_PEER_CALL_BYTES,
     ) -> None:
         check_limits(max_frame_size, max_buffered_output)
         super().__init__(executor, serializer=serializer)
@@ -155,7 +156,9 @@ class TCPBroker(AbstractBroker):
         # callbacks bound once everything exists.
         self._router = Router(self, by_node)
         self._sender = CallSender(self, self._router, self.protocol)
-        self._server = Server(self, self._router, self._sender)
+        if max_peer_call_bytes < 1:
+            raise ValueError(f"max_peer_call_bytes must be positive, not {max_peer_call_bytes}")
+        self._server = Server(self, self._router, self._sender, max_peer_call_bytes)
         self._status = StatusDesk(self, by_node, self.membership_links, self._addresses)
         self._links = LinkTable(
             self, by_node, self._router, self._sender, self._server, self._status

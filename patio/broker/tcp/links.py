@@ -48,6 +48,11 @@ LOAD_INTERVAL: Final = 0.05
 #: draws every call to that member, where they wait and time out.
 MAX_ANNOUNCED_CAPACITY: Final = 65_536
 
+#: Links one node id may hold at once: the one it dialled and the one it
+#: accepted when both ends dial together. A key holder opening more only
+#: multiplies what it can make us hold (windows, buffers, byte budgets).
+MAX_LINKS_PER_NODE: Final = 2
+
 
 def describe(link: Link) -> str:
     return f"{link.peername[0]}:{link.peername[1]}" if link.peername else "?"
@@ -77,6 +82,14 @@ class LinkTable:
         self._load_sent = 0
         self._last_peak = 0
         self._load_timer: asyncio.TimerHandle | None = None
+        # The name lists we announce and the sets they were made from: built
+        # once per change, sent as they are to every peer (no sort).
+        self._announced: tuple[frozenset[str], frozenset[str], list[str], list[str]] = (
+            frozenset(),
+            frozenset(),
+            [],
+            [],
+        )
 
     def peer_for(self, node_id: str | None) -> Peer | None:
         return self.by_node.get(node_id) if node_id else None
@@ -116,7 +129,17 @@ class LinkTable:
                 "refusing a link from another instance of %r: its live link is still up",
                 event.node_id,
             )
+            core.stats.links_refused["node_id_in_use"] += 1
             link.close("node id in use by a live link")
+            return
+        if self._links_of(event.node_id) >= MAX_LINKS_PER_NODE:
+            log.warning(
+                "refusing a link from %r: it already holds %d links, the most one node may",
+                event.node_id,
+                MAX_LINKS_PER_NODE,
+            )
+            core.stats.links_refused["too_many_links"] += 1
+            link.close(f"node already holds {MAX_LINKS_PER_NODE} links")
             return
         peer = Peer(link, event.node_id, event.instance)
         link.state = peer
@@ -135,6 +158,10 @@ class LinkTable:
         if self._load_sent:
             peer.link.connection.send_load(self._load_sent)
         self._router.changed()
+
+    def _links_of(self, node_id: str) -> int:
+        """Open links of ``node_id``: the one in use and any retiring beside it."""
+        return sum(1 for p in self.peers if p.node_id == node_id and not p.link.closed)
 
     def _keep_new(self, new: Link, old: Link, peer_node: str) -> bool:
         """Both ends of a doubled pair keep the link dialled by the smaller node id."""
@@ -242,13 +269,29 @@ class LinkTable:
             return
         core = self._core
         accepts = core.executor.accepts_calls
+        names, routable = self._names_to_announce()
         link.connection.send_announce(
-            sorted(core.own_names),
-            sorted(self._router.routable_names) if core.forwarding else [],
+            names,
+            routable,
             core.executor.max_workers if accepts else 0,
             self._server.window,
             core.draining,
         )
+
+    def _names_to_announce(self) -> tuple[list[str], list[str]]:
+        """Our names and the names we route, as lists made once per change of either set.
+
+        The sets are kept (the registry's snapshot, the router's union) until
+        they change, so most announcements reuse the lists; their order is
+        the sets' own, which the receiver does not care about.
+        """
+        core = self._core
+        own = core.own_names
+        routable = self._router.routable_names if core.forwarding else frozenset()
+        last = self._announced
+        if own is not last[0] or routable is not last[1]:
+            last = self._announced = (own, routable, list(own), list(routable))
+        return last[2], last[3]
 
     def load_changed(self) -> None:
         """Our executor's load may have changed: report it within LOAD_INTERVAL."""

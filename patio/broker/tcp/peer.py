@@ -55,6 +55,7 @@ class Peer:
     """
 
     __slots__ = (
+        "call_bytes",
         "cancelled",
         "capacity",
         "deadlines",
@@ -95,6 +96,8 @@ class Peer:
         self.retire_timer: asyncio.TimerHandle | None = None
         self.pending: dict[int, PendingCall] = {}
         self.serving: dict[int, asyncio.Task[None]] = {}
+        #: bytes of the arguments of the calls in ``serving`` (the byte budget)
+        self.call_bytes = 0
         self.cancelled: set[int] = set()
         self.expired: set[int] = set()
         self.deadlines: dict[int, asyncio.TimerHandle] = {}

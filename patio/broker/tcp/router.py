@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -75,6 +76,9 @@ def local_keeps(local_load: int, max_workers: int, peer_score: float) -> bool:
 # picks already keeps the most loaded peer within a small margin of the mean.
 SAMPLE_ABOVE: Final = 8
 
+#: Names a NoRouteError lists of those the connected peers serve (then a count).
+NAMES_SHOWN: Final = 10
+
 
 def _two_of(candidates: list[Peer]) -> list[Peer]:
     count = len(candidates)
@@ -103,6 +107,8 @@ class Router:
         self.local_load = 0
         self.local_peak = 0
         self._routes: dict[str, list[Peer]] = {}
+        # What NoRouteError says the peers serve, made once per routing change.
+        self._served_summary: str | None = None
         self._route_waiters: list[asyncio.Future[None]] = []
         self.capacity_waiters: deque[asyncio.Future[None]] = deque()
         self.routable_names: frozenset[str] = frozenset()
@@ -129,6 +135,7 @@ class Router:
     def changed(self) -> None:
         """Peers, names or states changed: forget cached routes, wake waiting calls."""
         self._routes.clear()
+        self._served_summary = None
         core = self._core
         if core.forwarding and not core.closing:
             routable = frozenset().union(*(p.names for p in self._peers.values() if p.routing))
@@ -249,12 +256,20 @@ class Router:
         return NoPeer.WAITING if reach is Reach.CONNECTING else NoPeer.UNREACHABLE
 
     def no_route(self, name: str) -> NoRouteError:
-        serving = sorted({n for p in self._peers.values() for n in p.names})
-        shown = ", ".join(serving[:10]) + (" ..." if len(serving) > 10 else "")
+        summary = self._served_summary
+        if summary is None:
+            # Once per routing change, never sorted: peers may announce
+            # 100,000 names each and a caller may hit this in a loop.
+            serving = frozenset().union(*(p.names for p in self._peers.values()))
+            shown = ", ".join(heapq.nsmallest(NAMES_SHOWN, serving))
+            more = len(serving) - NAMES_SHOWN
+            summary = self._served_summary = (
+                f"; they serve: {shown}" + (f" and {more} more" if more > 0 else "")
+                if serving
+                else ""
+            )
         return NoRouteError(
-            f"no peer serves task {name!r} ({len(self._peers)} peer(s) connected"
-            + (f"; they serve: {shown}" if shown else "")
-            + ")"
+            f"no peer serves task {name!r} ({len(self._peers)} peer(s) connected{summary})"
         )
 
     def _gave_up(self, name: str, why: NoPeer, *, timed_out: bool = False) -> Exception:

@@ -2,9 +2,11 @@
 
 Each CALL from a peer becomes a task that runs it on this broker's executor,
 or (a mesh member serving an outside caller) forwards it to the best member,
-one hop at most, its bytes passing through untouched. The calls a peer may
-have running here at once are bounded by the window we announce; past it we
-stop reading that peer until half the window is free again.
+one hop at most, its bytes passing through untouched. What a peer may have
+outstanding here is bounded twice: in calls by the window we announce, and
+in argument bytes by a per-peer budget. Past either we stop reading that
+peer until half of it is free again. A call's arguments stay the bytes they
+came as until the executor gives it a slot (see docs/broker-design.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from patio.broker.serializer import AbstractSerializer
 from patio.broker.tcp.codec import (
     FRAME_OVERHEAD,
     ErrorReply,
@@ -29,7 +32,7 @@ from patio.broker.tcp.peer import Peer, PeerState
 from patio.broker.tcp.router import LOCAL, Router, Target, _Local
 from patio.broker.tcp.sender import CallSender
 from patio.errors import CallTimeoutError, SerializationError
-from patio.executor import AbstractExecutor, ProcessPoolExecutor
+from patio.executor import AbstractExecutor, AsyncExecutor, ThreadPoolExecutor
 from patio.proto.messages import Call, ErrorKind
 from patio.stats import (
     OTHER_NAME,
@@ -46,6 +49,10 @@ log = logging.getLogger("patio.broker")
 # Calls a peer may have outstanding on one link: at least this many, else
 # twice its capacity, so the pipe stays full while the executor queue is short.
 MIN_WINDOW: Final = 1024
+#: Argument bytes of the calls one peer may have outstanding here before we
+#: stop reading its link (``max_peer_call_bytes=``): the window alone lets a
+#: link make us hold 1,024 calls of 16 MiB each.
+DEFAULT_MAX_PEER_CALL_BYTES: Final = 64 * 1024 * 1024
 # One WARNING per failing task per this many seconds (TaskErrorLog).
 TASK_ERROR_LOG_INTERVAL: Final = 10.0
 MAX_LOGGED_MESSAGE: Final = 500
@@ -102,14 +109,31 @@ def _started(task: asyncio.Task[None]) -> bool:
     return inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED  # type: ignore[arg-type]
 
 
+def unpack_arguments(serializer: AbstractSerializer, name: str, payload: bytes) -> Any:
+    """A CALL's ``(args, kwargs)`` from its payload, naming the call if it fails."""
+    try:
+        args, kwargs = serializer.unpack(payload)
+    except (SerializationError, TypeError, ValueError) as exc:
+        raise SerializationError(f"arguments of {name!r} could not be decoded: {exc}") from None
+    return args, kwargs
+
+
 class Server:
-    def __init__(self, core: BrokerCore, router: Router, sender: CallSender) -> None:
+    def __init__(
+        self,
+        core: BrokerCore,
+        router: Router,
+        sender: CallSender,
+        max_peer_call_bytes: int = DEFAULT_MAX_PEER_CALL_BYTES,
+    ) -> None:
         self._core = core
         self._router = router
         self._sender = sender
         #: the calls we let one peer have running here at once (announced to
         #: it); the executor's size is fixed once it exists
         self.window = call_window(core.executor)
+        #: argument bytes one peer may have outstanding before we stop reading it
+        self.max_peer_call_bytes = max_peer_call_bytes
         self.task_errors = TaskErrorLog()
 
     # -- messages, from the link table ------------------------------------------------
@@ -135,13 +159,19 @@ class Server:
         deadline = None if timeout is None else loop.time() + timeout
         task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
         peer.serving[call_id] = task
+        peer.call_bytes += len(payload)
         self._router.load_changed()
         if deadline is not None:
             # A timer handle, cheaper than an asyncio.timeout scope per call.
             peer.deadlines[call_id] = loop.call_at(deadline, self._expire, peer, call_id)
-        if len(peer.serving) >= self.window and not peer.read_paused:
+        if not peer.read_paused and (
+            len(peer.serving) >= self.window or peer.call_bytes > self.max_peer_call_bytes
+        ):
+            # Back-pressure, as HTTP/2 flow control gives: the peer's bytes
+            # wait in its socket and its own buffers, not in our memory.
             peer.read_paused = True
             peer.link.pause_reading()
+            core.stats.reads_paused["window" if len(peer.serving) >= self.window else "bytes"] += 1
 
     @staticmethod
     def on_cancel(peer: Peer, call_id: int) -> None:
@@ -217,7 +247,7 @@ class Server:
             # The task ends here either way: a cancellation is answered, not re-raised.
             outcome = self._reply_failure(peer, call_id, name, exc)
         finally:
-            self._served(peer, call_id, deadline)
+            self._served(peer, call_id, deadline, len(payload))
             stats.calls_finished[(counted, side, outcome)] += 1
             seconds = time.perf_counter() - started
             if stats.call_observer is not None:
@@ -257,15 +287,20 @@ class Server:
         peer.reply_error(call_id, rule.kind, text)
         return rule.outcome
 
-    def _served(self, peer: Peer, call_id: int, deadline: float | None) -> None:
+    def _served(self, peer: Peer, call_id: int, deadline: float | None, size: int) -> None:
         peer.serving.pop(call_id, None)
+        peer.call_bytes -= size
         if deadline is not None:
             handle = peer.deadlines.pop(call_id, None)
             if handle is not None:
                 handle.cancel()
             peer.expired.discard(call_id)
         peer.cancelled.discard(call_id)
-        if peer.read_paused and len(peer.serving) <= self.window // 2:
+        if (
+            peer.read_paused
+            and len(peer.serving) <= self.window // 2
+            and peer.call_bytes <= self.max_peer_call_bytes // 2
+        ):
             peer.read_paused = False
             peer.link.resume_reading()
         if peer.state is PeerState.RETIRING or self._core.draining:
@@ -300,27 +335,33 @@ class Server:
             ) from None
 
     async def run(self, name: str, payload: bytes) -> bytes:
-        """Decode the arguments, run the call on our executor, encode the result."""
+        """Run the call on our executor, decoding its arguments once it has a slot.
+
+        Until then a waiting call holds only its bytes (counted against the
+        peer's budget): unpacked, a megabyte of msgpack can be 70 times that.
+        """
         core = self._core
-        try:
-            args, kwargs = core.serializer.unpack(payload)
-        except (SerializationError, TypeError, ValueError) as exc:
-            raise SerializationError(f"arguments of {name!r} could not be decoded: {exc}") from None
+        serializer = core.serializer
         executor = core.executor
-        observer = core.stats.queue_observer
-        if observer is None or isinstance(executor, ProcessPoolExecutor):
+        if not isinstance(executor, (AsyncExecutor, ThreadPoolExecutor)):
+            # A process pool's children get (name, args, kwargs) pickled, and
+            # other executors may answer by the name: decoded here.
+            args, kwargs = unpack_arguments(serializer, name, payload)
             result = await executor.execute(name, *args, **kwargs)
         else:
+            func = core.registry.resolve(name)
+            observer = core.stats.queue_observer
             # Time from arrival to the moment the function really starts: the
             # wrapper runs only once the executor has given the call a slot.
-            func = core.registry.resolve(name)
-            arrived = time.perf_counter()  # histograms: perf_counter, as call durations
+            arrived = time.perf_counter() if observer is not None else 0.0
 
-            def started(*args: Any, **kwargs: Any) -> Any:
-                observer(name, time.perf_counter() - arrived)
+            def started() -> Any:
+                if observer is not None:
+                    observer(name, time.perf_counter() - arrived)
+                args, kwargs = unpack_arguments(serializer, name, payload)
                 return func(*args, **kwargs)
 
-            result = await executor.submit(started, *args, **kwargs)
+            result = await executor.submit(started)
         data = pack_value(core.serializer, name, result, "result")
         max_frame_size = core.link_settings.max_frame_size
         if len(data) + FRAME_OVERHEAD > max_frame_size:
