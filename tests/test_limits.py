@@ -30,8 +30,9 @@ from patio.proto.messages import (
     HEADER,
     MAX_ANNOUNCED_NAMES,
     MAX_NAME_LENGTH,
+    ErrorKind,
 )
-from patio.transport.link import PreAuthLog
+from patio.transport.link import RateLimitedLog
 from tests.test_bad_input import (
     KEY,
     Env,
@@ -268,7 +269,7 @@ async def test_two_hundred_bad_hellos_log_a_bounded_number_of_lines(
 
 def test_preauth_warnings_say_how_many_were_held_back(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
-    limiter = PreAuthLog(interval=10.0, per_interval=3, clock=lambda: now[0])
+    limiter = RateLimitedLog(interval=10.0, per_interval=3, clock=lambda: now[0])
     for _ in range(5):
         limiter.warn("10.0.0.1", "timeout", "closing connection with 10.0.0.1:1: no handshake")
     limiter.warn("10.0.0.1", "malformed", "closing connection with 10.0.0.1:2: junk")
@@ -281,6 +282,64 @@ def test_preauth_warnings_say_how_many_were_held_back(caplog: pytest.LogCaptureF
         "closing connection with 10.0.0.1:1: no handshake",
         "closing connection with 10.0.0.1:2: junk",
         "closing connection with 10.0.0.2:1: no handshake",
-        "closing connection with 10.0.0.1:3: no handshake (4 more timeout failures from "
-        "10.0.0.1 in the last 12 s, logged at debug level)",
+        "closing connection with 10.0.0.1:3: no handshake (4 more like it from 10.0.0.1 "
+        "in the last 12 s, logged at debug level)",
+    ]
+
+
+async def test_calls_past_the_granted_window_are_refused_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer sending more calls at once than the window it was granted: the excess is refused.
+
+    The member pauses reading once the window is full; the calls already read
+    past it (the rest of that chunk) are answered OVERLOADED at once, the
+    link stays up and the calls within the window complete.
+    """
+    release = asyncio.Event()
+
+    async def hold(i: int) -> int:
+        await release.wait()
+        return i
+
+    rpc = Registry()
+    rpc.register(hold, "hold")
+    extra = 6
+    async with (
+        AsyncExecutor(rpc, max_workers=8) as executor,
+        TCPServerBroker(executor, key=KEY) as server,
+    ):
+        await server.listen("127.0.0.1", 0)
+        window = server._server.window  # what the server announced to the peer
+        reader, writer, conn = await handshake(server.listening[0][1])
+        try:
+            args = [MsgpackSerializer().pack([[i], {}]) for i in range(window + extra)]
+            for call_id, payload in enumerate(args, 1):
+                conn.send_call(call_id, "hold", payload, None, False)
+            writer.write(conn.data_to_send())  # one chunk: read before reading pauses
+            replies: dict[int, Any] = {}
+            async with asyncio.timeout(5):
+                while len(replies) < extra:
+                    for event in conn.receive_data(await reader.read(65536)):
+                        if event[0] in (MessageType.RESULT, MessageType.ERROR):
+                            replies[event[1]] = event
+                release.set()
+                while len(replies) < window + extra:
+                    for event in conn.receive_data(await reader.read(65536)):
+                        if event[0] in (MessageType.RESULT, MessageType.ERROR):
+                            replies[event[1]] = event
+                    writer.write(conn.data_to_send())  # pongs
+        finally:
+            close_raw(writer)
+    refused = sorted(i for i, event in replies.items() if event[0] == MessageType.ERROR)
+    assert refused == list(range(window + 1, window + extra + 1))
+    assert {replies[i][2] for i in refused} == {ErrorKind.OVERLOADED}
+    assert b"more than 1024 calls at once" in replies[refused[0]][3]
+    assert sum(1 for e in replies.values() if e[0] == MessageType.RESULT) == window
+    assert server.stats.frames_rejected == {"over_window": extra}
+    assert scraped(server, "patio_frames_rejected_total", "over_window") == extra
+    warned = [line for line in warnings_text(caplog).splitlines() if "refusing calls" in line]
+    assert warned == [
+        "refusing calls from 'raw-peer': more than 1024 calls at once, "
+        "the window this member granted"
     ]

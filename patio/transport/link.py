@@ -81,21 +81,24 @@ PREAUTH_WARNINGS_PER_INTERVAL: Final = 20
 MAX_PREAUTH_SOURCES_REMEMBERED: Final = 1024
 
 
-class PreAuthLog:
-    """WARNINGs about connections that never authenticated, rate-limited.
+class RateLimitedLog:
+    """WARNINGs a peer can cause at will, rate-limited by source and kind.
 
-    Anyone who can reach the port causes them (200 bad HELLOs wrote 210 KB
-    of log): the first of a kind from a source in an interval is a WARNING,
-    the others a debug line, and the next WARNING for that source and kind
-    says how many were held back. The metrics count every failure.
+    Anyone who can reach the port causes pre-authentication failures (200
+    bad HELLOs wrote 210 KB of log): the first of a kind from a source in an
+    interval is a WARNING, the others a debug line, and the next WARNING for
+    that source and kind says how many were held back. The metrics count
+    every one.
     """
 
     def __init__(
         self,
+        logger: logging.Logger = log,
         interval: float = PREAUTH_LOG_INTERVAL,
         per_interval: int = PREAUTH_WARNINGS_PER_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.log = logger
         self.interval, self.per_interval = interval, per_interval
         self._clock = clock
         # (source, kind) -> (when its last WARNING was written, lines held back since)
@@ -111,7 +114,7 @@ class PreAuthLog:
             self._window, self._written = now, 0
         if now - last < self.interval or self._written >= self.per_interval:
             self._last[key] = (last, held + 1)
-            log.debug("%s", message)
+            self.log.debug("%s", message)
             return
         self._written += 1
         self._last.pop(key, None)  # re-inserted last: the oldest entry goes first
@@ -120,10 +123,10 @@ class PreAuthLog:
         self._last[key] = (now, 0)
         if held:
             message += (
-                f" ({held} more {kind} failure{'s' if held != 1 else ''} from {source} "
-                f"in the last {now - last:.0f} s, logged at debug level)"
+                f" ({held} more like it from {source} in the last {now - last:.0f} s, "
+                "logged at debug level)"
             )
-        log.warning("%s", message)
+        self.log.warning("%s", message)
 
 
 class LinkHandler(Protocol):
@@ -146,7 +149,7 @@ class LinkSettings:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
-    preauth_log: PreAuthLog = field(default_factory=PreAuthLog)
+    preauth_log: RateLimitedLog = field(default_factory=RateLimitedLog)
 
 
 #: Connections a listener holds before they authenticate, in all and from
@@ -406,7 +409,7 @@ class Link(asyncio.Protocol):
         return "unknown peer"
 
     def _preauth_failure(self, kind: str, reason: object) -> None:
-        """Count a failure before authentication and log it, rate-limited (PreAuthLog)."""
+        """Count a failure before authentication and log it, rate-limited (RateLimitedLog)."""
         self.settings.stats.handshake_failures[kind] += 1
         source = self.peername[0] if self.peername else "?"
         self.settings.preauth_log.warn(

@@ -43,6 +43,7 @@ from patio.stats import (
     SIDE_EXECUTOR,
     SIDE_FORWARDER,
 )
+from patio.transport import RateLimitedLog
 
 log = logging.getLogger("patio.broker")
 
@@ -135,6 +136,7 @@ class Server:
         #: argument bytes one peer may have outstanding before we stop reading it
         self.max_peer_call_bytes = max_peer_call_bytes
         self.task_errors = TaskErrorLog()
+        self.over_window_log = RateLimitedLog(log)
 
     # -- messages, from the link table ------------------------------------------------
 
@@ -156,6 +158,9 @@ class Server:
             )
             peer.link.abort(f"peer reused call id {call_id} while it was in flight")
             return
+        if len(peer.serving) - len(peer.cancelled) >= self.window:
+            self._refuse_over_window(peer, call_id)
+            return
         deadline = None if timeout is None else loop.time() + timeout
         task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
         peer.serving[call_id] = task
@@ -172,6 +177,21 @@ class Server:
             peer.read_paused = True
             peer.link.pause_reading()
             core.stats.reads_paused["window" if len(peer.serving) >= self.window else "bytes"] += 1
+
+    def _refuse_over_window(self, peer: Peer, call_id: int) -> None:
+        """Refuse a call past the window we granted ``peer``; the link stays up.
+
+        A patio caller never sends one: it counts its calls in flight to us
+        (a call it cancelled, that runs on here, is not counted on either
+        side). Reading pauses once the window is full, so only the rest of
+        the chunk that filled it can get here.
+        """
+        self._core.stats.frames_rejected["over_window"] += 1
+        text = f"more than {self.window} calls at once, the window this member granted"
+        self.over_window_log.warn(
+            repr(peer.node_id), "over_window", f"refusing calls from {peer.node_id!r}: {text}"
+        )
+        peer.reply_error(call_id, ErrorKind.OVERLOADED, text)
 
     @staticmethod
     def on_cancel(peer: Peer, call_id: int) -> None:
