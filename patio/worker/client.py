@@ -95,13 +95,18 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, decimal.Decimal | uuid.UUID):
         return str(obj)
     if isinstance(obj, bytes | bytearray | memoryview):
-        try:
-            return bytes(obj).decode("utf-8")
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(bytes(obj)).decode("ascii")}
+        return _plain_bytes(bytes(obj))
     if isinstance(obj, set | frozenset):
         return sorted(obj, key=repr)
     return repr(obj)
+
+
+def _plain_bytes(data: bytes) -> str | dict[str, str]:
+    """Text as text; anything else as ``{"base64": ...}``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
 
 
 def to_json(value: Any, *, indent: int | None = None) -> str:

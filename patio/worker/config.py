@@ -216,141 +216,31 @@ def config_from_namespace(
     pid: int | None = None,
 ) -> WorkerConfig:
     """Resolve flag > variable > default for every option and validate the result."""
-    flags = vars(namespace)
-
-    def given(flag: str) -> str | None:
-        value = flags.get(flag.lstrip("-").replace("-", "_"))
-        return None if value is None else str(value)
-
-    sources: dict[str, str] = {}
-
-    def pick(flag: str, variable: str) -> str | None:
-        value = given(flag)
-        if value is not None:
-            return value
-        env = environ.get(variable)
-        if not env:  # an empty variable means "not set" (as in pod specs)
-            return None
-        sources[flag] = variable
-        return env
-
-    def name(flag: str) -> str:
-        """Where a value came from, for its error message: the flag or the variable."""
-        return sources.get(flag, flag)
-
-    positional = flags.get("registry_positional")
-    flag_registry = given("--registry")
-    if positional and flag_registry and positional != flag_registry:
-        raise ConfigError(f"registry given twice: {positional!r} and --registry {flag_registry!r}")
-    registry = positional or flag_registry or environ.get("PATIO_REGISTRY") or ""
-    if not registry:
-        raise ConfigError("no registry given: pass MODULE:ATTRIBUTE or set PATIO_REGISTRY")
-    check_registry_spec(registry)
-
-    listen = pick("--listen", "PATIO_LISTEN") or environ.get("POD_IP") or "127.0.0.1"
-    port_text = pick("--port", "PATIO_PORT")
-    port = _port(name("--port"), port_text, DEFAULT_PORT)
+    opts = _Lookup(namespace, environ)
+    registry = _registry(opts)
+    listen = opts.pick("--listen", "PATIO_LISTEN") or environ.get("POD_IP") or "127.0.0.1"
+    port_text = opts.pick("--port", "PATIO_PORT")
+    port = _port(opts.name("--port"), port_text, DEFAULT_PORT)
     node_id = (
-        pick("--node-id", "PATIO_NODE_ID")
+        opts.pick("--node-id", "PATIO_NODE_ID")
         or environ.get("POD_NAME")
         or f"{hostname if hostname is not None else socket.gethostname()}-"
         f"{pid if pid is not None else os.getpid()}"
     )
-
-    peers_text = pick("--peers", "PATIO_PEERS")
-    try:
-        peers = parse_peer_list(peers_text, default_port=port) if peers_text else ()
-    except ConfigError as exc:
-        raise ConfigError(f"{name('--peers')}: {exc}") from None
-    peers_dns_text = pick("--peers-dns", "PATIO_PEERS_DNS")
-    peers_dns = (
-        parse_peer_address(peers_dns_text, default_port=port, what=name("--peers-dns"))
-        if peers_dns_text
-        else None
+    peers, peers_dns = _peers(opts, port)
+    key_file, key = resolve_key_source(opts.given("--key-file"), opts.given("--key"), environ)
+    tls_cert, tls_key, tls_ca = _tls(opts)
+    executor, max_workers = _executor(opts)
+    metrics_port_text = opts.pick("--metrics-port", "PATIO_METRICS_PORT")
+    metrics_port = _port(opts.name("--metrics-port"), metrics_port_text, DEFAULT_METRICS_PORT)
+    ratio, drain_timeout = _readiness(opts)
+    max_frame_size, max_buffered_output, max_peer_call_bytes = _limits(opts)
+    log_level = opts.choice(
+        "--log-level", "PATIO_LOG_LEVEL", "info", LOG_LEVELS, {"warn": "warning"}
     )
-
-    key_file, key = resolve_key_source(given("--key-file"), given("--key"), environ)
-
-    tls_cert = pick("--tls-cert", "PATIO_TLS_CERT")
-    tls_key = pick("--tls-key", "PATIO_TLS_KEY")
-    tls_ca = pick("--tls-ca", "PATIO_TLS_CA")
-    if (tls_cert is None) != (tls_key is None):
-        raise ConfigError(f"{name('--tls-cert')} and {name('--tls-key')} must be given together")
-    if tls_ca is not None and tls_cert is None:
-        raise ConfigError(
-            f"{name('--tls-ca')} needs {name('--tls-cert')} and {name('--tls-key')} (mutual TLS)"
-        )
-
-    executor = (pick("--executor", "PATIO_EXECUTOR") or "async").lower()
-    if executor not in EXECUTOR_KINDS:
-        raise ConfigError(
-            f"{name('--executor')} must be one of {', '.join(EXECUTOR_KINDS)}, not {executor!r}"
-        )
-    max_workers_text = pick("--max-workers", "PATIO_MAX_WORKERS")
-    max_workers = None
-    if max_workers_text is not None:
-        max_workers = _int(name("--max-workers"), max_workers_text)
-        if max_workers < 1:
-            raise ConfigError(f"{name('--max-workers')} must be at least 1, not {max_workers}")
-
-    metrics_port_text = pick("--metrics-port", "PATIO_METRICS_PORT")
-    metrics_port = _port(name("--metrics-port"), metrics_port_text, DEFAULT_METRICS_PORT)
-    metrics_address = pick("--metrics-address", "PATIO_METRICS_ADDRESS") or listen
-
-    ratio_text = pick("--ready-peer-ratio", "PATIO_READY_PEER_RATIO")
-    ratio = _float(name("--ready-peer-ratio"), ratio_text, DEFAULT_READY_PEER_RATIO)
-    if not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"{name('--ready-peer-ratio')} must be between 0 and 1, not {ratio:g}")
-    drain_text = pick("--drain-timeout", "PATIO_DRAIN_TIMEOUT")
-    drain_timeout = _float(name("--drain-timeout"), drain_text, DEFAULT_DRAIN_TIMEOUT)
-    if drain_timeout < 0:
-        raise ConfigError(f"{name('--drain-timeout')} must not be negative, not {drain_timeout:g}")
-
-    frame_text = pick("--max-frame-size", "PATIO_MAX_FRAME_SIZE")
-    max_frame_size = _size(name("--max-frame-size"), frame_text, DEFAULT_MAX_FRAME_SIZE)
-    buffered_text = pick("--max-buffered-output", "PATIO_MAX_BUFFERED_OUTPUT")
-    max_buffered_output = _size(
-        name("--max-buffered-output"), buffered_text, DEFAULT_MAX_BUFFERED_OUTPUT
-    )
-    budget_text = pick("--max-peer-call-bytes", "PATIO_MAX_PEER_CALL_BYTES")
-    max_peer_call_bytes = _size(
-        name("--max-peer-call-bytes"), budget_text, DEFAULT_MAX_PEER_CALL_BYTES
-    )
-    if max_peer_call_bytes < 1:
-        raise ConfigError(f"{name('--max-peer-call-bytes')} must be at least 1 byte, not 0")
-    try:
-        check_limits(max_frame_size, max_buffered_output)
-    except ValueError as exc:  # the broker's words, with the flags' names
-        text = str(exc).replace("max_frame_size", name("--max-frame-size"))
-        text = text.replace("max_buffered_output", name("--max-buffered-output"))
-        raise ConfigError(text) from None
-
-    log_level = (pick("--log-level", "PATIO_LOG_LEVEL") or "info").lower()
-    if log_level == "warn":
-        log_level = "warning"
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(
-            f"{name('--log-level')} must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}"
-        )
-    log_format = (pick("--log-format", "PATIO_LOG_FORMAT") or "plain").lower()
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"{name('--log-format')} must be plain or json, not {log_format!r}")
-
-    event_loop = (pick("--event-loop", "PATIO_EVENT_LOOP") or "auto").lower()
-    if event_loop not in EVENT_LOOPS:
-        raise ConfigError(
-            f"{name('--event-loop')} must be auto, uvloop or asyncio, not {event_loop!r}"
-        )
-
-    if flags.get("allow_empty_key"):
-        allow_empty_key = True
-    else:
-        allow_empty_key = _bool("PATIO_ALLOW_EMPTY_KEY", environ.get("PATIO_ALLOW_EMPTY_KEY", ""))
-
-    allow_weak_key = bool(flags.get("allow_weak_key")) or _bool(
-        "PATIO_ALLOW_WEAK_KEY", environ.get("PATIO_ALLOW_WEAK_KEY", "")
-    )
-
+    log_format = opts.choice("--log-format", "PATIO_LOG_FORMAT", "plain", LOG_FORMATS)
+    event_loop = opts.choice("--event-loop", "PATIO_EVENT_LOOP", "auto", EVENT_LOOPS)
+    allow_empty_key, allow_weak_key = _key_allowances(opts)
     if key_file is None and not key and not allow_empty_key and not is_loopback(listen):
         raise ConfigError(
             f"no key for a worker listening on {listen} (not loopback): give --key-file "
@@ -363,11 +253,11 @@ def config_from_namespace(
         port=port,
         node_id=node_id,
         peers=peers,
-        peers_file=pick("--peers-file", "PATIO_PEERS_FILE"),
+        peers_file=opts.pick("--peers-file", "PATIO_PEERS_FILE"),
         peers_dns=peers_dns,
         key_file=key_file,
         key=key,
-        next_key_file=pick("--next-key-file", "PATIO_NEXT_KEY_FILE"),
+        next_key_file=opts.pick("--next-key-file", "PATIO_NEXT_KEY_FILE"),
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=tls_ca,
@@ -375,7 +265,7 @@ def config_from_namespace(
         max_workers=max_workers,
         max_peer_call_bytes=max_peer_call_bytes,
         metrics_port=metrics_port,
-        metrics_address=metrics_address,
+        metrics_address=opts.pick("--metrics-address", "PATIO_METRICS_ADDRESS") or listen,
         ready_peer_ratio=ratio,
         drain_timeout=drain_timeout,
         log_level=log_level,
@@ -386,6 +276,155 @@ def config_from_namespace(
         max_frame_size=max_frame_size,
         max_buffered_output=max_buffered_output,
     )
+
+
+class _Lookup:
+    """Flag > variable lookups that remember which one each value came from."""
+
+    def __init__(self, namespace: argparse.Namespace, environ: Mapping[str, str]) -> None:
+        self.flags = vars(namespace)
+        self.environ = environ
+        self._sources: dict[str, str] = {}
+
+    def given(self, flag: str) -> str | None:
+        value = self.flags.get(flag.lstrip("-").replace("-", "_"))
+        return None if value is None else str(value)
+
+    def pick(self, flag: str, variable: str) -> str | None:
+        value = self.given(flag)
+        if value is not None:
+            return value
+        env = self.environ.get(variable)
+        if not env:  # an empty variable means "not set" (as in pod specs)
+            return None
+        self._sources[flag] = variable
+        return env
+
+    def name(self, flag: str) -> str:
+        """Where a value came from, for its error message: the flag or the variable."""
+        return self._sources.get(flag, flag)
+
+    def choice(
+        self,
+        flag: str,
+        variable: str,
+        default: str,
+        allowed: Sequence[str],
+        aliases: Mapping[str, str] | None = None,
+    ) -> str:
+        """One of ``allowed`` (any case; ``aliases`` map other spellings to it)."""
+        value = (self.pick(flag, variable) or default).lower()
+        value = (aliases or {}).get(value, value)
+        if value not in allowed:
+            raise ConfigError(f"{self.name(flag)} must be {_alternatives(allowed)}, not {value!r}")
+        return value
+
+
+def _alternatives(allowed: Sequence[str]) -> str:
+    """'a, b or c' for a few, 'one of a, b, c, d' for more."""
+    if len(allowed) > 3:
+        return f"one of {', '.join(allowed)}"
+    return f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+
+
+def _registry(opts: _Lookup) -> str:
+    positional = opts.flags.get("registry_positional")
+    flag_registry = opts.given("--registry")
+    if positional and flag_registry and positional != flag_registry:
+        raise ConfigError(f"registry given twice: {positional!r} and --registry {flag_registry!r}")
+    registry = positional or flag_registry or opts.environ.get("PATIO_REGISTRY") or ""
+    if not registry:
+        raise ConfigError("no registry given: pass MODULE:ATTRIBUTE or set PATIO_REGISTRY")
+    check_registry_spec(registry)
+    return str(registry)
+
+
+def _peers(opts: _Lookup, port: int) -> tuple[tuple[PeerAddress, ...], PeerAddress | None]:
+    peers_text = opts.pick("--peers", "PATIO_PEERS")
+    try:
+        peers = parse_peer_list(peers_text, default_port=port) if peers_text else ()
+    except ConfigError as exc:
+        raise ConfigError(f"{opts.name('--peers')}: {exc}") from None
+    dns_text = opts.pick("--peers-dns", "PATIO_PEERS_DNS")
+    if not dns_text:
+        return peers, None
+    return peers, parse_peer_address(dns_text, default_port=port, what=opts.name("--peers-dns"))
+
+
+def _tls(opts: _Lookup) -> tuple[str | None, str | None, str | None]:
+    cert = opts.pick("--tls-cert", "PATIO_TLS_CERT")
+    key = opts.pick("--tls-key", "PATIO_TLS_KEY")
+    ca = opts.pick("--tls-ca", "PATIO_TLS_CA")
+    cert_name, key_name = opts.name("--tls-cert"), opts.name("--tls-key")
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{cert_name} and {key_name} must be given together")
+    if ca is not None and cert is None:
+        raise ConfigError(f"{opts.name('--tls-ca')} needs {cert_name} and {key_name} (mutual TLS)")
+    return cert, key, ca
+
+
+def _executor(opts: _Lookup) -> tuple[str, int | None]:
+    executor = opts.choice("--executor", "PATIO_EXECUTOR", "async", EXECUTOR_KINDS)
+    text = opts.pick("--max-workers", "PATIO_MAX_WORKERS")
+    if text is None:
+        return executor, None
+    max_workers = _int(opts.name("--max-workers"), text)
+    if max_workers < 1:
+        raise ConfigError(f"{opts.name('--max-workers')} must be at least 1, not {max_workers}")
+    return executor, max_workers
+
+
+def _readiness(opts: _Lookup) -> tuple[float, float]:
+    """The ready-peer ratio and the drain timeout."""
+    ratio_text = opts.pick("--ready-peer-ratio", "PATIO_READY_PEER_RATIO")
+    ratio = _float(opts.name("--ready-peer-ratio"), ratio_text, DEFAULT_READY_PEER_RATIO)
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(
+            f"{opts.name('--ready-peer-ratio')} must be between 0 and 1, not {ratio:g}"
+        )
+    drain_text = opts.pick("--drain-timeout", "PATIO_DRAIN_TIMEOUT")
+    drain_timeout = _float(opts.name("--drain-timeout"), drain_text, DEFAULT_DRAIN_TIMEOUT)
+    if drain_timeout < 0:
+        raise ConfigError(
+            f"{opts.name('--drain-timeout')} must not be negative, not {drain_timeout:g}"
+        )
+    return ratio, drain_timeout
+
+
+def _limits(opts: _Lookup) -> tuple[int, int, int]:
+    """The frame size and output buffer caps (checked together as the broker checks
+    them) and the bytes of calls one peer may have outstanding here."""
+    frame_text = opts.pick("--max-frame-size", "PATIO_MAX_FRAME_SIZE")
+    max_frame_size = _size(opts.name("--max-frame-size"), frame_text, DEFAULT_MAX_FRAME_SIZE)
+    buffered_text = opts.pick("--max-buffered-output", "PATIO_MAX_BUFFERED_OUTPUT")
+    max_buffered_output = _size(
+        opts.name("--max-buffered-output"), buffered_text, DEFAULT_MAX_BUFFERED_OUTPUT
+    )
+    budget_text = opts.pick("--max-peer-call-bytes", "PATIO_MAX_PEER_CALL_BYTES")
+    max_peer_call_bytes = _size(
+        opts.name("--max-peer-call-bytes"), budget_text, DEFAULT_MAX_PEER_CALL_BYTES
+    )
+    if max_peer_call_bytes < 1:
+        raise ConfigError(f"{opts.name('--max-peer-call-bytes')} must be at least 1 byte, not 0")
+    try:
+        check_limits(max_frame_size, max_buffered_output)
+    except ValueError as exc:  # the broker's words, with the flags' names
+        text = str(exc).replace("max_frame_size", opts.name("--max-frame-size"))
+        text = text.replace("max_buffered_output", opts.name("--max-buffered-output"))
+        raise ConfigError(text) from None
+    return max_frame_size, max_buffered_output, max_peer_call_bytes
+
+
+def _key_allowances(opts: _Lookup) -> tuple[bool, bool]:
+    """--allow-empty-key and --allow-weak-key, each also from its variable."""
+    environ = opts.environ
+    allow_empty = bool(opts.flags.get("allow_empty_key")) or _bool(
+        "PATIO_ALLOW_EMPTY_KEY", environ.get("PATIO_ALLOW_EMPTY_KEY", "")
+    )
+    allow_weak = bool(opts.flags.get("allow_weak_key")) or _bool(
+        "PATIO_ALLOW_WEAK_KEY", environ.get("PATIO_ALLOW_WEAK_KEY", "")
+    )
+    return allow_empty, allow_weak
 
 
 def resolve_key_source(

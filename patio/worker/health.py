@@ -186,23 +186,25 @@ class HealthServer:
         method, target = parts[0], parts[1]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET and HEAD\n", False
-        head_only = method == "HEAD"
-        path = target.split("?", 1)[0]
+        status, content_type, body = self._page(*target.partition("?")[::2])
+        return status, content_type, body, method == "HEAD"
+
+    def _page(self, path: str, query: str) -> tuple[int, str, bytes]:
         if path == "/livez":
             ok, reason = self._live()
-            return (200 if ok else 503), "text/plain", f"{reason}\n".encode(), head_only
+            return (200 if ok else 503), "text/plain", f"{reason}\n".encode()
         if path == "/readyz":
             state = self._ready()
             lines = [state.reason]
-            if "verbose" in target.partition("?")[2].split("&"):
+            if "verbose" in query.split("&"):
                 lines += state.details
             body = "\n".join(lines) + "\n"
-            return (200 if state.ready else 503), "text/plain", body.encode(), head_only
+            return (200 if state.ready else 503), "text/plain", body.encode()
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics(), head_only
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics()
         if path == "/":
-            return 200, "text/plain", b"patio worker: /livez /readyz /metrics\n", head_only
-        return 404, "text/plain", b"not found: try /livez /readyz /metrics\n", head_only
+            return 200, "text/plain", b"patio worker: /livez /readyz /metrics\n"
+        return 404, "text/plain", b"not found: try /livez /readyz /metrics\n"
 
 
 def _response(status: int, content_type: str, body: bytes, head_only: bool) -> bytes:

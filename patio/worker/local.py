@@ -631,27 +631,9 @@ async def _run(cluster: LocalCluster, key: bytes, interrupted: asyncio.Event) ->
             return 130
         failed = ready.result()
         if failed is not None:
-            assert failed.process is not None
-            if failed.process.poll() is not None:
-                for worker in cluster.newly_dead():
-                    cluster.report_dead(worker, lines=15)
-            else:
-                say(f"patio local: worker {failed.node_id} not ready after {READY_TIMEOUT:g}s; "
-                    f"its log ({failed.log_path}):")  # fmt: skip
-                say(cluster.log_tail(failed, 15))
-                cluster.keep_workdir = True
+            _report_not_ready(cluster, failed)
             return 1
-        say(f"  all {len(cluster.workers)} workers ready in {time.perf_counter() - t0:.1f}s:")
-        for worker in cluster.workers:
-            pid = worker.process.pid if worker.process is not None else 0
-            say(
-                f"  {worker.node_id}  mesh {worker.address}  "
-                f"metrics {worker.metrics_url}/metrics  health {worker.metrics_url}/readyz  "
-                f"pid {pid}"
-            )
-        say("  reach it with:")
-        for command in cluster_commands(cluster):
-            say(f"    {command}")
+        _say_ready(cluster, time.perf_counter() - t0)
 
         ok = True
         if run_demo:
@@ -665,17 +647,8 @@ async def _run(cluster: LocalCluster, key: bytes, interrupted: asyncio.Event) ->
         targets = ", ".join(f"{w.host}:{w.metrics_port}" for w in cluster.workers)
         say(f"  Prometheus scrape targets: {targets}")
 
-        if options.keep_running:
-            say("\ncluster is running (commands above); Ctrl-C stops it.")
-            dead = asyncio.ensure_future(all_dead.wait())
-            try:
-                await _first(interrupt, dead)
-            finally:
-                dead.cancel()
-            if not interrupt.done():
-                say("patio local: every worker exited; stopping")
-                return 1
-            say("\npatio local: stopping the workers")
+        if options.keep_running and not await _keep_running(cluster, interrupt, all_dead):
+            return 1
         return 0 if ok and not cluster.reported_dead else 1
     finally:
         interrupt.cancel()
@@ -683,6 +656,52 @@ async def _run(cluster: LocalCluster, key: bytes, interrupted: asyncio.Event) ->
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
+
+
+def _report_not_ready(cluster: LocalCluster, failed: LocalWorker) -> None:
+    """Why a worker did not become ready: its exit, or its log when it still runs."""
+    assert failed.process is not None
+    if failed.process.poll() is not None:
+        for worker in cluster.newly_dead():
+            cluster.report_dead(worker, lines=15)
+        return
+    cluster.say(f"patio local: worker {failed.node_id} not ready after {READY_TIMEOUT:g}s; "
+                f"its log ({failed.log_path}):")  # fmt: skip
+    cluster.say(cluster.log_tail(failed, 15))
+    cluster.keep_workdir = True
+
+
+def _say_ready(cluster: LocalCluster, seconds: float) -> None:
+    """Each worker's addresses and the commands that reach the cluster."""
+    say = cluster.say
+    say(f"  all {len(cluster.workers)} workers ready in {seconds:.1f}s:")
+    for worker in cluster.workers:
+        pid = worker.process.pid if worker.process is not None else 0
+        say(
+            f"  {worker.node_id}  mesh {worker.address}  "
+            f"metrics {worker.metrics_url}/metrics  health {worker.metrics_url}/readyz  "
+            f"pid {pid}"
+        )
+    say("  reach it with:")
+    for command in cluster_commands(cluster):
+        say(f"    {command}")
+
+
+async def _keep_running(
+    cluster: LocalCluster, interrupt: asyncio.Future[Any], all_dead: asyncio.Event
+) -> bool:
+    """Until Ctrl-C (True) or until every worker has exited (False)."""
+    cluster.say("\ncluster is running (commands above); Ctrl-C stops it.")
+    dead = asyncio.ensure_future(all_dead.wait())
+    try:
+        await _first(interrupt, dead)
+    finally:
+        dead.cancel()
+    if not interrupt.done():
+        cluster.say("patio local: every worker exited; stopping")
+        return False
+    cluster.say("\npatio local: stopping the workers")
+    return True
 
 
 async def _run_demo(cluster: LocalCluster, key: bytes, interrupt: asyncio.Future[Any]) -> bool:

@@ -126,8 +126,14 @@ class BrokerCollector(Collector):
         self.task_label = task_label if task_label is not None else TaskLabels()
 
     def collect(self) -> Iterator[Metric]:
-        broker = self.broker
-        stats = broker.stats
+        yield from self._calls()
+        yield from self._peers()
+        yield from self._connection_counters()
+        yield from self._identity()
+
+    def _calls(self) -> Iterator[Metric]:
+        """Calls by task, side and outcome, and the executor's load."""
+        stats = self.broker.stats
         label = self.task_label
 
         started = CounterMetricFamily(
@@ -184,6 +190,8 @@ class BrokerCollector(Collector):
                 value=capacity,
             )
 
+    def _peers(self) -> Iterator[Metric]:
+        broker = self.broker
         peers = list(broker.peers())
         yield GaugeMetricFamily(
             "patio_peers_known",
@@ -205,6 +213,8 @@ class BrokerCollector(Collector):
             value=len(missing),
         )
 
+    def _connection_counters(self) -> Iterator[Metric]:
+        stats = self.broker.stats
         for name, text, value in (
             ("patio_reconnects", "Connections re-established after a loss.", stats.reconnects),
             ("patio_connects", "Authenticated connections established.", stats.connects),
@@ -255,6 +265,9 @@ class BrokerCollector(Collector):
                 family.add_metric([reason], count)
             yield family
 
+    def _identity(self) -> Iterator[Metric]:
+        """Which patio and node, the key in use, draining, and the loop's tasks."""
+        broker = self.broker
         info = GaugeMetricFamily(
             "patio_worker_info",
             "Always 1; labels say which patio and which node.",
