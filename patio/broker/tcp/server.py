@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from patio.broker.serializer import AbstractSerializer
@@ -106,6 +107,32 @@ class TaskErrorLog:
         )
 
 
+if sys.version_info >= (3, 12):
+
+    def start_task(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+    ) -> asyncio.Task[None]:
+        """A task whose first step runs now, inline, up to its first suspension.
+
+        A served call that never suspends (most do not) then completes inside
+        the read that brought it: no loop turn, no scheduling, and its reply
+        leaves with that read's flush. As a real task from its first line, so
+        ``asyncio.current_task()`` and ``asyncio.timeout()`` work in the call.
+        A loop with its own task factory gets its tasks made by that factory.
+        """
+        if loop.get_task_factory() is None:
+            return asyncio.Task(coro, loop=loop, eager_start=True)
+        return loop.create_task(coro)
+
+else:
+
+    def start_task(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+    ) -> asyncio.Task[None]:
+        """Python 3.11 has no eager start: the task's first step runs next loop turn."""
+        return loop.create_task(coro)
+
+
 def _started(task: asyncio.Task[None]) -> bool:
     return inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED  # type: ignore[arg-type]
 
@@ -162,9 +189,14 @@ class Server:
             self._refuse_over_window(peer, call_id)
             return
         deadline = None if timeout is None else loop.time() + timeout
-        task = loop.create_task(self._serve(peer, call_id, name, payload, deadline, route))
-        peer.serving[call_id] = task
+        # Counted before the task starts: an eager one may finish (and uncount) at once.
         peer.call_bytes += len(payload)
+        task = start_task(loop, self._serve(peer, call_id, name, payload, deadline, route))
+        if task.done():  # started eagerly (3.12+) and already answered
+            return
+        peer.serving[call_id] = task
+        if peer.link.closed:  # lost while the first step ran, after cancel_all
+            self.on_cancel(peer, call_id)
         self._router.load_changed()
         if deadline is not None:
             # A timer handle, cheaper than an asyncio.timeout scope per call.
