@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ import trustme
 
 from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
 from patio.errors import PeerConnectionError
+from patio.transport.link import MAX_PENDING_PER_SOURCE
+from tests.test_bad_input import scraped
 
 KEY = b"tls-test-key"
 
@@ -104,9 +107,15 @@ async def test_mutual_tls(
         assert names == ["patio-client@example.test"]
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
 async def test_mutual_tls_refuses_a_client_without_certificate(
-    mtls_server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+    mtls_server_ssl: ssl.SSLContext,
+    client_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+    version: ssl.TLSVersion,
 ) -> None:
+    """The client is told what to do; the server counts and logs why (issue 15)."""
+    client_ssl.maximum_version = version
     async with tls_server(mtls_server_ssl) as (server, port):
         t0 = time.monotonic()
         with pytest.raises(PeerConnectionError) as info:
@@ -114,9 +123,38 @@ async def test_mutual_tls_refuses_a_client_without_certificate(
                 pass
         assert time.monotonic() - t0 < 3
         assert isinstance(info.value, ConnectionError)
-        assert f"127.0.0.1:{port}" in str(info.value)
+        text = str(info.value)
+        assert f"127.0.0.1:{port}" in text
+        assert "requires a client certificate" in text and "load_cert_chain" in text, text
         assert server.peers() == []
         assert server.stats.connects == 0
+        # The client retries within its connect timeout: every attempt counts.
+        failures = server.stats.handshake_failures
+        assert set(failures) == {"tls"} and failures["tls"] >= 1
+        assert scraped(server, "patio_handshake_failures_total", "tls") == failures["tls"]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "TLS handshake failed: the client sent no certificate, and this listener requires one"
+        in line
+        for line in said
+    ), said
+
+
+async def test_tls_handshakes_count_against_the_pending_cap(server_ssl: ssl.SSLContext) -> None:
+    """Sockets that never send a ClientHello hold a slot of the pre-auth cap, as plain ones do."""
+    async with tls_server(server_ssl) as (server, port):
+        extra = 4
+        opened = [
+            await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(MAX_PENDING_PER_SOURCE + extra)
+        ]
+        try:
+            await asyncio.sleep(0.3)
+            assert sum(1 for reader, _ in opened if reader.at_eof()) == extra
+            assert server.stats.handshake_failures == {"busy": extra}
+        finally:
+            for _, writer in opened:
+                writer.transport.abort()
 
 
 async def test_client_not_trusting_the_ca_fails_clearly(server_ssl: ssl.SSLContext) -> None:
@@ -162,24 +200,36 @@ async def _closed_within(reader: asyncio.StreamReader, within: float) -> float:
     return time.monotonic() - t0
 
 
-async def test_silent_tcp_peer_on_tls_listener_is_closed(server_ssl: ssl.SSLContext) -> None:
-    """No TLS ClientHello at all: the TLS handshake timeout drops the socket."""
-    async with tls_server(server_ssl, handshake_timeout=0.5) as (_, port):
+async def test_silent_tcp_peer_on_tls_listener_is_closed(
+    server_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No TLS ClientHello at all: the handshake deadline drops the socket, counted and logged."""
+    async with tls_server(server_ssl, handshake_timeout=0.5) as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             assert await _closed_within(reader, 3) < 2
         finally:
             writer.transport.abort()
+        assert server.stats.handshake_failures == {"timeout": 1}
+    assert any("no handshake within 0.5 s" in r.getMessage() for r in caplog.records)
 
 
-async def test_garbage_on_tls_listener_is_closed(server_ssl: ssl.SSLContext) -> None:
-    async with tls_server(server_ssl, handshake_timeout=0.5) as (_, port):
+@pytest.mark.parametrize(
+    "junk", [b"\x16\x03\x01" + b"\xff" * 4096, b"GET / HTTP/1.1\r\n\r\n"], ids=["tls", "http"]
+)
+async def test_garbage_on_tls_listener_is_closed(
+    server_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture, junk: bytes
+) -> None:
+    async with tls_server(server_ssl, handshake_timeout=0.5) as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(b"\x16\x03\x01" + b"\xff" * 4096)
+            writer.write(junk)
             assert await _closed_within(reader, 3) < 2
         finally:
             writer.transport.abort()
+        assert server.stats.handshake_failures == {"tls": 1}
+        assert scraped(server, "patio_handshake_failures_total", "tls") == 1
+    assert any("TLS handshake failed" in r.getMessage() for r in caplog.records)
 
 
 async def test_tls_peer_that_never_says_hello_is_closed(

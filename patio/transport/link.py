@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
@@ -129,6 +129,78 @@ class RateLimitedLog:
         self.log.warning("%s", message)
 
 
+CLIENT_CERTIFICATE_REFUSED: Final = (
+    "the server closed the TLS connection before the patio handshake began: it requires a "
+    "client certificate (mutual TLS) and got none, or one its CA did not sign; pass "
+    "certfile/keyfile (ssl_context.load_cert_chain(certfile, keyfile) for a broker, "
+    "--tls-cert/--tls-key for the CLI) with a certificate signed by the CA the server trusts "
+    '(the server logs which, and counts it in patio_handshake_failures{reason="tls"})'
+)
+TLS_CLOSED_DURING_HANDSHAKE: Final = (
+    "the server closed the connection during the TLS handshake: if it requires a client "
+    "certificate (mutual TLS), pass certfile/keyfile (ssl_context.load_cert_chain(certfile, "
+    "keyfile), --tls-cert/--tls-key for the CLI); it may also not speak TLS, or have too many "
+    "connections waiting for a handshake (its log says which)"
+)
+
+
+def tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake we accepted failed, in words an operator can act on."""
+    reason = getattr(exc, "reason", None)
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "the client sent no certificate, and this listener requires one (mutual TLS)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the client's certificate was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        text = str(reason or exc)
+        return f"{text} (is the client speaking TLS?)" if reason in _NOT_TLS else text
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return "the client closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "it timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+_NOT_TLS: Final = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL"})
+
+
+def start_eagerly(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+) -> asyncio.Task[None] | None:
+    """Run ``coro``'s first step now, the rest in a task (None if it ended in that step).
+
+    ``loop.start_tls`` takes the transport over (its protocol, its reading)
+    in its first step. In a task that step would come an iteration later,
+    and uvloop resumes reading as soon as ``connection_made`` returns: the
+    peer's ClientHello would reach the link instead of TLS.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return loop.create_task(_resume(coro, yielded))
+
+
+async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Drive a coroutine whose first step was taken by hand to its end."""
+    while True:
+        try:
+            if yielded is None:  # a bare yield: give the loop one turn
+                await asyncio.sleep(0)
+            else:  # a future it awaits; the coroutine reads its outcome itself
+                await asyncio.wait((yielded,))
+        except BaseException as exc:  # we were cancelled: so is it
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+
+
 class LinkHandler(Protocol):
     """What a link reports to its owner (the broker)."""
 
@@ -161,7 +233,11 @@ MAX_PENDING_PER_SOURCE: Final = 32
 
 
 class PreAuthGate:
-    """Counts one listener's unauthenticated connections, in all and per source."""
+    """Counts one listener's unauthenticated connections, in all and per source.
+
+    A TLS handshake in progress counts too: it holds the same socket and
+    timer, and proves even less.
+    """
 
     def __init__(
         self, total: int = MAX_PENDING_HANDSHAKES, per_source: int = MAX_PENDING_PER_SOURCE
@@ -169,20 +245,28 @@ class PreAuthGate:
         self.total, self.per_source = total, per_source
         self.pending = 0
         self._by_source: dict[str, int] = {}
+        self.links: set[Link] = set()  # admitted, not yet authenticated or closed
 
-    def admit(self, source: str) -> bool:
+    def admit(self, link: Link, source: str) -> bool:
         held = self._by_source.get(source, 0)
         if self.pending >= self.total or held >= self.per_source:
             return False
         self.pending += 1
         self._by_source[source] = held + 1
+        self.links.add(link)
         return True
 
-    def release(self, source: str) -> None:
+    def release(self, link: Link, source: str) -> None:
         self.pending -= 1
         held = self._by_source.pop(source) - 1
         if held:
             self._by_source[source] = held
+        self.links.discard(link)
+
+    def abort_all(self, reason: str) -> None:
+        """Drop every connection still in its handshake (the listener is closing)."""
+        for link in list(self.links):
+            link.abort(reason)
 
 
 class Link(asyncio.Protocol):
@@ -194,9 +278,17 @@ class Link(asyncio.Protocol):
         settings: LinkSettings,
         handler: LinkHandler,
         gate: PreAuthGate | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.role = role
         self._gate = gate
+        # An accepting link with TLS runs the TLS handshake itself, once the
+        # gate has let it in and under the handshake deadline (start_tls).
+        self._tls = tls
+        self._tls_handshake: asyncio.Task[None] | None = None
+        self._tls_pending = False  # TLS handshake under way: write nothing yet
+        self._tls_lost = False  # the connection was lost while it was
+        self._heard = False  # any byte from the peer yet
         self._gate_source: str | None = None  # admitted by the gate, not yet released
         self.settings = settings
         self.handler = handler
@@ -239,7 +331,7 @@ class Link(asyncio.Protocol):
             self.peername = (str(peer[0]), int(peer[1]))
         if self._gate is not None:
             source = self.peername[0] if self.peername else "?"
-            if not self._gate.admit(source):
+            if not self._gate.admit(self, source):
                 reason = "too many connections waiting for a handshake"
                 self._preauth_failure("busy", reason)
                 self.abort(reason)
@@ -253,9 +345,46 @@ class Link(asyncio.Protocol):
         self._timer = self._loop.call_at(
             self._loop.time() + self.settings.handshake_timeout, self._tick
         )
+        if self._tls is not None:
+            self._transport.pause_reading()  # its ClientHello is for start_tls, not for us
+            # The peer's first frames may arrive with the end of its TLS
+            # handshake, before start_tls returns the TLS transport: they are
+            # read, and what we answer waits until that transport is ours.
+            self._tls_pending = True
+            self._tls_handshake = start_eagerly(self._loop, self._start_tls(self._tls))
+            return
         self._flush()
 
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        raw = self._transport
+        assert raw is not None
+        try:
+            transport = await self._loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+            )
+        except Exception as exc:  # whatever the peer did, it is this link's failure only
+            self._tls_pending = False
+            if not self.closed:
+                self._preauth_failure("tls", f"TLS handshake failed: {tls_failure(exc)}")
+                self.abort("TLS handshake failed")
+            return
+        if self.closed or transport is None or self._tls_lost:
+            # Cut meanwhile (deadline, listener closed), or the peer left.
+            if transport is not None:
+                transport.abort()
+            self._tls_pending = False
+            self._finish("closed by peer")
+            return
+        self._transport = transport
+        self._tls_pending = False
+        self._flush()  # our HELLO (and whatever else waited), now inside TLS
+
     def data_received(self, data: bytes) -> None:
+        self._heard = True
         stats = self.settings.stats
         stats.bytes_received += len(data)
         self._last_received = self._loop.time()
@@ -279,7 +408,22 @@ class Link(asyncio.Protocol):
         self.schedule_flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._tls_pending:
+            # TLS failed or the peer left before start_tls returned (the TLS
+            # layer reports a failed handshake here too): _start_tls ends it.
+            self._tls_lost = True
+            return
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "closed by peer")
+        if (
+            not self.close_reason
+            and not self._heard
+            and self.role is Role.DIALER
+            and self._transport is not None
+            and self._transport.get_extra_info("sslcontext") is not None
+        ):
+            # Our TLS handshake succeeded and the acceptor hung up before its
+            # HELLO: its TLS layer refused us after checking our certificate.
+            reason = CLIENT_CERTIFICATE_REFUSED
         self._finish(reason)
 
     def pause_writing(self) -> None:
@@ -309,7 +453,7 @@ class Link(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         transport = self._transport
-        if transport is None or self.closed:
+        if transport is None or self.closed or self._tls_pending:
             return
         data = self.connection.data_to_send()
         if data:
@@ -378,7 +522,7 @@ class Link(asyncio.Protocol):
 
     def _release_gate(self) -> None:
         if self._gate is not None and self._gate_source is not None:
-            self._gate.release(self._gate_source)
+            self._gate.release(self, self._gate_source)
             self._gate_source = None
 
     def _finish(self, reason: str) -> None:
@@ -487,9 +631,13 @@ class Link(asyncio.Protocol):
 
 
 def _factory(
-    role: Role, settings: LinkSettings, handler: LinkHandler, gate: PreAuthGate | None = None
+    role: Role,
+    settings: LinkSettings,
+    handler: LinkHandler,
+    gate: PreAuthGate | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Callable[[], Link]:
-    return lambda: Link(role, settings, handler, gate)
+    return lambda: Link(role, settings, handler, gate, tls)
 
 
 async def dial(
@@ -511,14 +659,21 @@ async def dial(
     loop = asyncio.get_running_loop()
     limit = timeout if timeout is not None else settings.handshake_timeout
     async with asyncio.timeout(limit):
-        _, link = await loop.create_connection(
-            _factory(Role.DIALER, settings, handler),
-            host,
-            port,
-            ssl=ssl_context,
-            server_hostname=(server_hostname or host) if ssl_context else None,
-            ssl_handshake_timeout=settings.handshake_timeout if ssl_context else None,
-        )
+        try:
+            _, link = await loop.create_connection(
+                _factory(Role.DIALER, settings, handler),
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=(server_hostname or host) if ssl_context else None,
+                ssl_handshake_timeout=settings.handshake_timeout if ssl_context else None,
+            )
+        except (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError) as exc:
+            if ssl_context is None:
+                raise
+            # A refused connection is ConnectionRefusedError, raised before
+            # TLS starts; a reset here came during the TLS handshake.
+            raise HandshakeError(f"{TLS_CLOSED_DURING_HANDSHAKE} ({exc!r})") from None
         try:
             await asyncio.shield(link.authenticated)
         except BaseException:
@@ -534,14 +689,18 @@ async def listen(
     handler: LinkHandler,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    gate: PreAuthGate | None = None,
 ) -> asyncio.Server:
-    """Accept connections; each becomes a link reported to ``handler``."""
+    """Accept connections; each becomes a link reported to ``handler``.
+
+    TLS is started by each link once ``gate`` (the connections still in
+    their handshake) admits it, so TLS handshakes count against its caps
+    and failures are counted and logged as every other handshake failure.
+    """
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        _factory(Role.ACCEPTOR, settings, handler, PreAuthGate()),
+        _factory(Role.ACCEPTOR, settings, handler, gate or PreAuthGate(), ssl_context),
         host,
         port,
-        ssl=ssl_context,
-        ssl_handshake_timeout=settings.handshake_timeout if ssl_context else None,
         reuse_address=True,
     )

@@ -62,6 +62,7 @@ from patio.transport import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_BUFFERED_OUTPUT,
     LinkSettings,
+    PreAuthGate,
     check_limits,
     listen,
 )
@@ -150,6 +151,7 @@ class TCPBroker(AbstractBroker):
         self.listening: list[tuple[str, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._servers: list[asyncio.AbstractServer] = []
+        self._gates: list[PreAuthGate] = []  # one per listener: its connections in handshake
         by_node: dict[str, Peer] = {}
         # The parts, each above the ones it uses; the two upward arrows (what
         # routing asks the dialer, a link that turns out to be our own) are
@@ -246,9 +248,11 @@ class TCPBroker(AbstractBroker):
         """Accept connections on ``address:port`` (IPv4 or IPv6)."""
         self.running_loop()
         self._check_key_for(address)
+        gate = PreAuthGate()
         server = await listen(
-            address, port, self.link_settings, self._links, ssl_context=self._server_ssl
+            address, port, self.link_settings, self._links, ssl_context=self._server_ssl, gate=gate
         )
+        self._gates.append(gate)
         self._servers.append(server)
         for sock in server.sockets:
             host, bound_port = sock.getsockname()[:2]
@@ -256,9 +260,12 @@ class TCPBroker(AbstractBroker):
         log.info("listening on %s:%s as %s", address, port, self.node_id)
 
     def stop_listening(self) -> None:
-        """Accept no new connections (links already up stay up)."""
+        """Accept no new connections (links already up stay up; those in handshake are cut)."""
         for server in self._servers:
             server.close()
+        for gate in self._gates:
+            gate.abort_all("listener closed")
+        self._gates.clear()
 
     # -- membership ----------------------------------------------------------
 
