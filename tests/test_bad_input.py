@@ -475,6 +475,8 @@ async def test_peer_that_stops_reading_is_cut_and_memory_stays_bounded(
     assert call_id > batch
     text = warnings_text(caplog)
     assert any(reason in text for reason in reasons), text
+    cuts = env.server.stats.links_cut
+    assert sum(cuts.values()) == 1 and set(cuts) <= {"output_buffer", "stopped_reading"}, cuts
     await asyncio.sleep(0.05)
     assert all(p.connected for p in env.server.peers()) and len(env.server.peers()) == 1
 
@@ -491,6 +493,8 @@ async def test_authenticated_peer_that_goes_silent_is_cut(
             close_raw(writer)
     assert 3 * HEARTBEAT - 0.1 <= elapsed < 5 * HEARTBEAT + 1.0
     assert "silent for" in warnings_text(caplog)
+    assert env.server.stats.links_cut == {"silent": 1}
+    assert scraped(env.server, "patio_links_cut_total", "silent") == 1
 
 
 async def test_many_bad_peers_at_once(env: Env) -> None:

@@ -188,7 +188,7 @@ async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
 
 
 async def test_idle_unauthenticated_sockets_are_capped_per_source(
-    server: TCPServerBroker,
+    server: TCPServerBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Issue 16 item 10: 400 idle sockets held 400 fds for the whole handshake
     # timeout each; a stranger needs no key for that.
@@ -200,6 +200,12 @@ async def test_idle_unauthenticated_sockets_are_capped_per_source(
         closed = sum(1 for reader, _ in opened if reader.at_eof())
         assert closed == extra
         assert server.stats.handshake_failures["busy"] == extra
+        busy = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "too many connections waiting" in r.getMessage()
+        ]
+        assert len(busy) == 1, busy  # one line for the eight, rate-limited
     finally:
         for _, writer in opened:
             close_raw(writer)
