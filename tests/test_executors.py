@@ -555,3 +555,58 @@ async def test_a_task_may_shut_down_its_own_executor() -> None:
     with pytest.raises(asyncio.CancelledError):
         await other
     assert executor.busy == 0
+
+
+class OwnExecute(AsyncExecutor):
+    """A user's executor with its own ``execute``: it is given decoded arguments."""
+
+    seen: list[tuple[Any, ...]]
+
+    async def execute(self, func: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.seen = [*getattr(self, "seen", []), args]
+        return await super().execute(func, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls", [AsyncExecutor, ThreadPoolExecutor, ProcessPoolExecutor, OwnExecute]
+)
+async def test_execute_deferred_makes_the_arguments_once_a_slot_is_free(
+    cls: type[AbstractExecutor],
+) -> None:
+    # A broker keeps a waiting call's arguments as bytes (issue 16 item 6):
+    # they are made only when the call holds a slot.
+    made: list[str] = []
+
+    def arguments(tag: str) -> Callable[[], tuple[list[int], dict[str, int]]]:
+        def make() -> tuple[list[int], dict[str, int]]:
+            made.append(tag)
+            return [6], {"b": 7}
+
+        return make
+
+    async with cls(make_registry(), max_workers=1) as executor:
+        await executor._acquire()  # the one slot is taken
+        waiting = asyncio.ensure_future(executor.execute_deferred("mul", arguments("waiting")))
+        if cls is OwnExecute:  # its own execute is given them decoded, at once
+            await wait_until(lambda: made == ["waiting"])
+        else:
+            await wait_until(lambda: executor.queued == 1)
+            await asyncio.sleep(0.05)
+            assert made == []
+        executor._release()
+        assert await waiting == 42
+        assert made == ["waiting"]
+        with pytest.raises(TaskNotFoundError):
+            await executor.execute_deferred("nope", arguments("never"))
+        assert made == ["waiting"] and executor.busy == 0
+    if isinstance(executor, OwnExecute):
+        assert executor.seen == [(6,)]
+
+
+async def test_null_executor_refuses_deferred_calls_without_making_arguments() -> None:
+    def arguments() -> tuple[list[int], dict[str, int]]:
+        raise AssertionError("made")
+
+    async with NullExecutor(make_registry()) as executor:
+        with pytest.raises(ExecutionRefusedError, match="'mul'"):
+            await executor.execute_deferred("mul", arguments)

@@ -8,13 +8,17 @@ budget, and a node id may hold only so many links.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
-from patio import AsyncExecutor, Registry, TCPServerBroker
+from patio import AsyncExecutor, ProcessPoolExecutor, Registry, TCPServerBroker, ThreadPoolExecutor
 from patio.broker.tcp.links import MAX_LINKS_PER_NODE
 from patio.proto import MessageType
 
@@ -35,41 +39,65 @@ def empty_arrays_payload(count: int) -> bytes:
     return b"\x92\x91\xdd" + count.to_bytes(4, "big") + b"\x90" * count + b"\x80"
 
 
+def hold_payload(gate: Gate) -> bytes:
+    return msgpack.packb([[gate.path], {}])
+
+
 def bytes_payload(size: int) -> bytes:
     """``[[b"..."], {}]``: one bytes argument of ``size`` bytes."""
     return b"\x92\x91\xc6" + size.to_bytes(4, "big") + b"x" * size + b"\x80"
 
 
+def hold_sync(gate: str) -> None:
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+
+
+async def hold_async(gate: str) -> None:
+    await asyncio.to_thread(hold_sync, gate)
+
+
+EXECUTORS: dict[str, Any] = {
+    "async": (AsyncExecutor, hold_async),
+    "thread": (ThreadPoolExecutor, hold_sync),
+    "process": (ProcessPoolExecutor, hold_sync),
+}
+
+
 class Gate:
-    def __init__(self) -> None:
-        self.open = asyncio.Event()
+    """A file the holding task waits for (a thread or a child process sees it too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def open(self) -> None:
+        Path(self.path).touch()
 
 
 @pytest.fixture
-async def gate() -> Gate:
-    return Gate()
+def gate(tmp_path: Path) -> Gate:
+    return Gate(tmp_path / "gate")
 
 
-async def serve(gate: Gate, **kwargs: Any) -> AsyncIterator[TCPServerBroker]:
+async def serve(gate: Gate, kind: str = "async", **kwargs: Any) -> AsyncIterator[TCPServerBroker]:
+    executor_class, hold = EXECUTORS[kind]
     rpc = Registry()
-
-    async def hold() -> None:
-        await gate.open.wait()
-
     rpc.register(hold, "hold")
     rpc.register(len, "take")
     async with (
-        AsyncExecutor(rpc, max_workers=1) as executor,
+        executor_class(rpc, max_workers=1) as executor,
         TCPServerBroker(executor, key=KEY, **kwargs) as broker,
     ):
         await broker.listen("127.0.0.1", 0)
-        yield broker
-        gate.open.set()
+        try:
+            yield broker
+        finally:
+            gate.open()
 
 
-@pytest.fixture
-async def server(gate: Gate) -> AsyncIterator[TCPServerBroker]:
-    async for broker in serve(gate):
+@pytest.fixture(params=list(EXECUTORS))
+async def server(gate: Gate, request: pytest.FixtureRequest) -> AsyncIterator[TCPServerBroker]:
+    async for broker in serve(gate, request.param):
         yield broker
 
 
@@ -91,7 +119,7 @@ def raw_link(server: TCPServerBroker) -> Any:
 
 
 async def test_waiting_calls_hold_their_bytes_not_their_unpacked_arguments(
-    server: TCPServerBroker,
+    server: TCPServerBroker, gate: Gate
 ) -> None:
     # Issue 16 item 6: arguments were unpacked before the executor granted a
     # slot, so every call waiting in its queue held them unpacked; 2 MiB of
@@ -100,7 +128,7 @@ async def test_waiting_calls_hold_their_bytes_not_their_unpacked_arguments(
     executor = server.executor
     reader, writer, _ = await handshake(server.listening[0][1])
     try:
-        writer.write(frame([MessageType.CALL, 1, "hold", b"\x92\x90\x80", None, False]))
+        writer.write(frame([MessageType.CALL, 1, "hold", hold_payload(gate), None, False]))
         await until(lambda: executor.busy == 1)
         payload = empty_arrays_payload(MIB)
         tracemalloc.start()
@@ -127,7 +155,7 @@ async def test_a_peers_outstanding_argument_bytes_pause_its_link(
     server = small_budget_server
     reader, writer, conn = await handshake(server.listening[0][1])
     try:
-        writer.write(frame([MessageType.CALL, 1, "hold", b"\x92\x90\x80", None, False]))
+        writer.write(frame([MessageType.CALL, 1, "hold", hold_payload(gate), None, False]))
         payload = bytes_payload(MIB)
         for call_id in range(2, 22):  # 20 MiB of arguments
             writer.write(frame([MessageType.CALL, call_id, "take", payload, None, False]))
@@ -138,7 +166,7 @@ async def test_a_peers_outstanding_argument_bytes_pause_its_link(
         assert server.stats.reads_paused["bytes"] == 1
         assert server.stats.reads_paused["window"] == 0
         # Once the calls run, the link is read again and every call is answered.
-        gate.open.set()
+        gate.open()
         answered: set[int] = set()
         async with asyncio.timeout(20):
             while len(answered) < 21:
@@ -154,7 +182,8 @@ async def test_a_peers_outstanding_argument_bytes_pause_its_link(
         await wait_closed(reader, 5)
 
 
-async def test_links_per_node_id_are_capped(server: TCPServerBroker) -> None:
+async def test_links_per_node_id_are_capped(small_budget_server: TCPServerBroker) -> None:
+    server = small_budget_server
     # Issue 16 item 6: links per peer were unbounded. One node id may hold
     # one link it dialled and one it accepted (a crossed dial), no more.
     port = server.listening[0][1]

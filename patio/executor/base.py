@@ -21,14 +21,17 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from patio.errors import ExecutionRefusedError
 from patio.registry import Registry
 
-__all__ = ["AbstractExecutor"]
+__all__ = ["AbstractExecutor", "Arguments"]
+
+#: Makes a call's ``(args, kwargs)``; see :meth:`AbstractExecutor.execute_deferred`.
+Arguments = Callable[[], tuple[Sequence[Any], Mapping[str, Any]]]
 
 
 class AbstractExecutor(ABC):
@@ -183,6 +186,25 @@ class AbstractExecutor(ABC):
     async def execute(self, func: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Resolve ``func`` (a task name or a registered function) and :meth:`submit` it."""
         return await self.submit(self.registry.resolve(func), *args, **kwargs)
+
+    async def execute_deferred(self, name: str, arguments: Arguments) -> Any:
+        """Run task ``name`` with the ``(args, kwargs)`` that ``arguments()`` returns,
+        calling it only once the call holds a slot.
+
+        Brokers use it to keep a waiting call's arguments as the bytes they
+        came as: decoded, a megabyte can be seventy times that. An executor
+        whose :meth:`execute` is its own gets the arguments decoded at once.
+        """
+        func = self.registry.resolve(name)
+        if type(self).execute is not AbstractExecutor.execute:
+            args, kwargs = arguments()
+            return await self.execute(name, *args, **kwargs)
+
+        def call() -> Any:
+            args, kwargs = arguments()
+            return func(*args, **kwargs)
+
+        return await self.submit(call)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until no call runs or waits; ``False`` if ``timeout`` passed first.

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from patio.errors import ExecutionRefusedError
-from patio.executor.base import AbstractExecutor
+from patio.executor.base import AbstractExecutor, Arguments
 
 __all__ = ["NullExecutor"]
 
@@ -30,6 +30,9 @@ class NullExecutor(AbstractExecutor):
 
     async def execute(self, func: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         name = func if isinstance(func, str) else getattr(func, "__qualname__", repr(func))
+        raise ExecutionRefusedError(f"NullExecutor does not execute tasks (refused {name!r})")
+
+    async def execute_deferred(self, name: str, arguments: Arguments) -> Any:
         raise ExecutionRefusedError(f"NullExecutor does not execute tasks (refused {name!r})")
 
     async def _stop_running(self) -> None:

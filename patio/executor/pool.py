@@ -25,7 +25,7 @@ from abc import abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from patio.executor.base import AbstractExecutor
+from patio.executor.base import AbstractExecutor, Arguments
 from patio.registry import Registry
 
 __all__ = ["PoolExecutor", "ProcessPoolExecutor", "ThreadPoolExecutor"]
@@ -118,12 +118,32 @@ class PoolExecutor(AbstractExecutor):
         target, call_args = self._pool_call(self._resolve_for_pool(func), args, kwargs)
         return await self._run_in_pool(target, call_args)
 
+    async def execute_deferred(self, name: str, arguments: Arguments) -> Any:
+        # Decoded here once the slot is ours, then handed to the pool as usual.
+        func = self._resolve_for_pool(name)
+
+        def call() -> tuple[Callable[..., Any], tuple[Any, ...]]:
+            args, kwargs = arguments()
+            return self._pool_call(func, tuple(args), dict(kwargs))
+
+        return await self._run_in_pool(None, (), call)
+
     def _resolve_for_pool(self, func: str | Callable[..., Any]) -> str | Callable[..., Any]:
         return self.registry.resolve(func)
 
-    async def _run_in_pool(self, target: Callable[..., Any], call_args: tuple[Any, ...]) -> Any:
+    async def _run_in_pool(
+        self,
+        target: Callable[..., Any] | None,
+        call_args: tuple[Any, ...],
+        make: Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]] | None = None,
+    ) -> Any:
+        """Hand ``target(*call_args)`` to the pool once a slot is free (``make()``
+        gives them instead, called once the slot is ours)."""
         await self._acquire()
         try:
+            if make is not None:
+                target, call_args = make()
+            assert target is not None
             try:
                 cfuture = self._get_pool().submit(target, *call_args)
             except concurrent.futures.BrokenExecutor:

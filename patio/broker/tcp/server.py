@@ -33,7 +33,7 @@ from patio.broker.tcp.peer import Peer, PeerState
 from patio.broker.tcp.router import LOCAL, Router, Target, _Local
 from patio.broker.tcp.sender import CallSender
 from patio.errors import CallTimeoutError, SerializationError
-from patio.executor import AbstractExecutor, AsyncExecutor, ThreadPoolExecutor
+from patio.executor import AbstractExecutor
 from patio.proto.messages import Call, ErrorKind
 from patio.stats import (
     OTHER_NAME,
@@ -390,30 +390,20 @@ class Server:
         """Run the call on our executor, decoding its arguments once it has a slot.
 
         Until then a waiting call holds only its bytes (counted against the
-        peer's budget): unpacked, a megabyte of msgpack can be 70 times that.
+        peer's budget): decoded, a megabyte of msgpack can be 70 times that.
         """
         core = self._core
         serializer = core.serializer
-        executor = core.executor
-        if not isinstance(executor, (AsyncExecutor, ThreadPoolExecutor)):
-            # A process pool's children get (name, args, kwargs) pickled, and
-            # other executors may answer by the name: decoded here.
-            args, kwargs = unpack_arguments(serializer, name, payload)
-            result = await executor.execute(name, *args, **kwargs)
-        else:
-            func = core.registry.resolve(name)
-            observer = core.stats.queue_observer
-            # Time from arrival to the moment the function really starts: the
-            # wrapper runs only once the executor has given the call a slot.
-            arrived = time.perf_counter() if observer is not None else 0.0
+        observer = core.stats.queue_observer
+        # Time from arrival to the moment the call has a slot and starts.
+        arrived = time.perf_counter() if observer is not None else 0.0
 
-            def started() -> Any:
-                if observer is not None:
-                    observer(name, time.perf_counter() - arrived)
-                args, kwargs = unpack_arguments(serializer, name, payload)
-                return func(*args, **kwargs)
+        def arguments() -> Any:
+            if observer is not None:
+                observer(name, time.perf_counter() - arrived)
+            return unpack_arguments(serializer, name, payload)
 
-            result = await executor.submit(started)
+        result = await core.executor.execute_deferred(name, arguments)
         data = pack_value(core.serializer, name, result, "result")
         max_frame_size = core.link_settings.max_frame_size
         if len(data) + FRAME_OVERHEAD > max_frame_size:
