@@ -34,6 +34,12 @@ __all__ = ["AbstractExecutor", "Arguments"]
 Arguments = Callable[[], tuple[Sequence[Any], Mapping[str, Any]]]
 
 
+def call_with(func: Callable[..., Any], arguments: Arguments) -> Any:
+    """Call ``func`` with what ``arguments()`` makes (in the slot, wherever it runs)."""
+    args, kwargs = arguments()
+    return func(*args, **kwargs)
+
+
 class AbstractExecutor(ABC):
     """Runs registered functions, at most ``max_workers`` at once.
 
@@ -199,12 +205,7 @@ class AbstractExecutor(ABC):
         if type(self).execute is not AbstractExecutor.execute:
             args, kwargs = arguments()
             return await self.execute(name, *args, **kwargs)
-
-        def call() -> Any:
-            args, kwargs = arguments()
-            return func(*args, **kwargs)
-
-        return await self.submit(call)
+        return await self.submit(call_with, func, arguments)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until no call runs or waits; ``False`` if ``timeout`` passed first.

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from patio.broker.serializer import AbstractSerializer
 from patio.broker.tcp.codec import (
     FRAME_OVERHEAD,
     ErrorReply,
@@ -135,15 +134,6 @@ else:
 
 def _started(task: asyncio.Task[None]) -> bool:
     return inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED  # type: ignore[arg-type]
-
-
-def unpack_arguments(serializer: AbstractSerializer, name: str, payload: bytes) -> Any:
-    """A CALL's ``(args, kwargs)`` from its payload, naming the call if it fails."""
-    try:
-        args, kwargs = serializer.unpack(payload)
-    except (SerializationError, TypeError, ValueError) as exc:
-        raise SerializationError(f"arguments of {name!r} could not be decoded: {exc}") from None
-    return args, kwargs
 
 
 class Server:
@@ -401,7 +391,13 @@ class Server:
         def arguments() -> Any:
             if observer is not None:
                 observer(name, time.perf_counter() - arrived)
-            return unpack_arguments(serializer, name, payload)
+            try:
+                args, kwargs = serializer.unpack(payload)
+            except (SerializationError, TypeError, ValueError) as exc:
+                raise SerializationError(
+                    f"arguments of {name!r} could not be decoded: {exc}"
+                ) from None
+            return args, kwargs
 
         result = await core.executor.execute_deferred(name, arguments)
         data = pack_value(core.serializer, name, result, "result")
