@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from patio import AsyncExecutor, Registry, TCPServerBroker
+from patio import AsyncExecutor, Registry, TCPMeshBroker, TCPServerBroker
 from patio.broker.tcp.links import MAX_ANNOUNCED_CAPACITY
 from patio.errors import NoRouteError
 from patio.proto import Connection, KeySet, MessageType, Role
@@ -23,7 +23,7 @@ from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
 from patio.stats import OTHER_NAME
 from patio.transport.link import MAX_PENDING_PER_SOURCE
 
-from .test_bad_input import KEY, close_raw, frame, handshake, open_raw, wait_closed
+from .test_bad_input import KEY, close_raw, frame, handshake, open_raw, scraped, wait_closed
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
@@ -171,6 +171,7 @@ async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
         await asyncio.sleep(0.2)
         assert not live_reader.at_eof()  # the live member was never cut
         assert [p.connected for p in server.peers() if p.node_id == "victim"] == [True]
+        assert scraped(server, "patio_links_refused_total", "node_id_in_use") == 5
     finally:
         close_raw(live_writer)
     # Once the live link is gone, a restarted instance is welcome.
@@ -280,3 +281,24 @@ async def test_announcing_sorts_nothing() -> None:
         finally:
             for _, writer in peers:
                 close_raw(writer)
+
+
+async def test_a_mesh_member_does_not_keep_the_routes_peers_announce() -> None:
+    # Issue 16 item 4: a member picks among members itself and never routes
+    # by a peer's routable names, so it keeps none (up to 100,000 a peer).
+    rpc = Registry()
+    rpc.register(lambda a, b: a * b, "mul")
+    async with AsyncExecutor(rpc) as executor, TCPMeshBroker(executor, key=KEY) as member:
+        await member.listen("127.0.0.1", 0)
+        _, writer = await raw_member(member.listening[0][1], "router", "instance")
+        routable = [f"elsewhere-{i}" for i in range(1000)]
+        try:
+            writer.write(frame([MessageType.ANNOUNCE, ["div"], routable, 4, 8, False]))
+            for _ in range(100):
+                if any(v.names for v in member.links()):
+                    break
+                await asyncio.sleep(0.02)
+            (peer,) = member._links.peers
+            assert peer.names == {"div"} and peer.routable == frozenset()
+        finally:
+            close_raw(writer)

@@ -22,7 +22,7 @@ from patio import AsyncExecutor, ProcessPoolExecutor, Registry, TCPServerBroker,
 from patio.broker.tcp.links import MAX_LINKS_PER_NODE
 from patio.proto import MessageType
 
-from .test_bad_input import KEY, close_raw, frame, handshake, wait_closed
+from .test_bad_input import KEY, close_raw, frame, handshake, scraped, wait_closed
 from .test_hostile_peer import announce, raw_member
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leftover_tasks")]
@@ -163,8 +163,8 @@ async def test_a_peers_outstanding_argument_bytes_pause_its_link(
         await asyncio.sleep(0.2)
         # The budget, plus the call that crossed it.
         assert raw_link(server).serving <= 1 + 5
-        assert server.stats.reads_paused["bytes"] == 1
-        assert server.stats.reads_paused["window"] == 0
+        assert scraped(server, "patio_reads_paused_total", "bytes") == 1
+        assert scraped(server, "patio_reads_paused_total", "window") == 0
         # Once the calls run, the link is read again and every call is answered.
         gate.open()
         answered: set[int] = set()
@@ -197,7 +197,7 @@ async def test_links_per_node_id_are_capped(small_budget_server: TCPServerBroker
                 assert await wait_closed(reader, 3) < 3  # refused at once
             finally:
                 close_raw(writer)
-        assert server.stats.links_refused["too_many_links"] == 3
+        assert scraped(server, "patio_links_refused_total", "too_many_links") == 3
         assert all(not reader.at_eof() for reader, _ in links)
     finally:
         for _, writer in links:

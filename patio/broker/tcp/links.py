@@ -200,7 +200,10 @@ class LinkTable:
 
     def _on_announce(self, peer: Peer, announce: Announce) -> None:
         peer.names = frozenset(n for n in announce.names if type(n) is str)
-        peer.routable = frozenset(n for n in announce.routable if type(n) is str)
+        # Only a broker that routes by them keeps them: a mesh member picks
+        # among the members themselves and never looks at a peer's routes.
+        if self._router.route_flag:
+            peer.routable = frozenset(n for n in announce.routable if type(n) is str)
         peer.capacity = min(max(announce.capacity, 0), MAX_ANNOUNCED_CAPACITY)
         peer.window = min(max(announce.window, 1), MAX_ANNOUNCED_CAPACITY)
         if peer.state is PeerState.CONNECTED and peer is self.by_node.get(peer.node_id):
