@@ -113,7 +113,8 @@ async def kill_under_load(mesh: Mesh, retryable: bool) -> tuple[Counter[str], fl
                 result = await broker.call("work", i, 0.5, timeout=20, retryable=retryable)
             except PeerConnectionError:
                 outcomes["connection_error"] += 1
-                assert time.monotonic() - killed_at[0] < 1.0
+                # At once, not at the 20 s deadline (3 s: a loaded machine is slow).
+                assert time.monotonic() - killed_at[0] < 3.0
             else:
                 assert result[0] == i * 2
                 outcomes["ok"] += 1
@@ -128,10 +129,14 @@ async def kill_under_load(mesh: Mesh, retryable: bool) -> tuple[Counter[str], fl
         elapsed = time.monotonic() - started
         # The survivors keep serving. Their load reports (LOAD: the peak of
         # the last 100 ms) first settle from the storm just served; until then
-        # routing rightly avoids whichever one reported the most calls.
-        await asyncio.sleep(0.3)
-        after = await asyncio.gather(*[broker.call("whoami", timeout=5) for _ in range(60)])
-        assert set(after) == {"node-0", "node-2", "node-3"}
+        # routing rightly avoids whichever one reported the most calls, and on
+        # a loaded machine a report can take a while: wait for all three.
+        seen: set[str] = set()
+        async with asyncio.timeout(15):
+            while seen != {"node-0", "node-2", "node-3"}:
+                await asyncio.sleep(0.1)
+                seen |= set(await asyncio.gather(*[broker.call("whoami") for _ in range(60)]))
+                assert "node-1" not in seen
     victim.wait(timeout=10)
     return outcomes, elapsed
 
@@ -343,7 +348,9 @@ async def _outside_load(mesh: Mesh, concurrency: tuple[int, int], calls: int) ->
     """Two outside callers, each on its own member, in closed loops; each entry's forwarded share.
 
     Each caller makes ``calls`` calls per 64 in flight after as many of warm-up (the
-    first calls meet a mesh whose load reports are not in yet, and are not counted).
+    first calls meet a mesh whose load reports are not in yet, and are not counted);
+    a call counts only if both callers were in that second half when it was made
+    and when it returned.
     """
     async with (
         NullExecutor(Registry()) as null0,
@@ -368,27 +375,35 @@ async def _outside_load(mesh: Mesh, concurrency: tuple[int, int], calls: int) ->
             ):
                 await asyncio.sleep(0.1)
 
-        async def loop(client: TCPClientBroker, width: int, served: Counter[str]) -> None:
-            total = calls * width // 64
-            made = 0
+        # Only calls made while both callers are past their warm-up and still
+        # making calls count: when one caller has finished, the other's member
+        # rightly hands calls to the idle one, and on a loaded machine which
+        # caller finishes first (and how long that tail lasts) is chance.
+        totals = [calls * width // 64 for width in concurrency]
+        made = [0, 0]
+
+        def steady() -> bool:
+            return all(t < m < 2 * t for t, m in zip(totals, made, strict=True))
+
+        async def loop(index: int, served: Counter[str]) -> None:
+            client, total = clients[index], totals[index]
 
             async def worker() -> None:
-                nonlocal made
-                while made < 2 * total:
-                    made += 1
-                    counted = made > total
+                while made[index] < 2 * total:
+                    made[index] += 1
+                    counted = steady()
                     node = (await client.call("work", 1, 0.02))[1]
-                    if counted:
+                    if counted and steady():
                         served[node] += 1
 
-            await asyncio.gather(*[worker() for _ in range(width)])
+            await asyncio.gather(*[worker() for _ in range(concurrency[index])])
 
         served: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
-        await asyncio.gather(
-            *[loop(c, w, s) for c, w, s in zip(clients, concurrency, served, strict=True)]
-        )
+        await asyncio.gather(*[loop(i, s) for i, s in enumerate(served)])
+    counted = [s.total() for s in served]
+    assert min(counted) >= 500, f"too few calls made while both callers ran: {counted}"
     shares = [1 - s[f"node-{i}"] / s.total() for i, s in enumerate(served)]
-    print(f"forwarded shares with {concurrency} in flight: {shares}")
+    print(f"forwarded shares with {concurrency} in flight: {shares} (of {counted} calls)")
     return shares
 
 
