@@ -15,6 +15,7 @@ import trustme
 
 from patio import AsyncExecutor, NullExecutor, Registry, TCPClientBroker, TCPServerBroker
 from patio.errors import PeerConnectionError
+from patio.stats import BrokerStats
 from patio.transport.link import MAX_PENDING_PER_SOURCE
 from tests.test_bad_input import scraped
 
@@ -68,6 +69,19 @@ async def tls_client(
         yield broker
 
 
+async def refused_client(
+    context: ssl.SSLContext, port: int
+) -> tuple[PeerConnectionError, BrokerStats]:
+    """Connect a client that must be refused: the error it raised, and its counters."""
+    async with (
+        NullExecutor(Registry()) as executor,
+        TCPClientBroker(executor, key=KEY, ssl_context=context, connect_timeout=1.0) as broker,
+    ):
+        with pytest.raises(PeerConnectionError) as info:
+            await broker.connect("127.0.0.1", port)
+        return info.value, broker.stats
+
+
 def link_ssl_object(broker: TCPServerBroker | TCPClientBroker) -> Any:
     (peer,) = broker.links()
     transport = peer.link._transport
@@ -118,16 +132,15 @@ async def test_mutual_tls_refuses_a_client_without_certificate(
     client_ssl.maximum_version = version
     async with tls_server(mtls_server_ssl) as (server, port):
         t0 = time.monotonic()
-        with pytest.raises(PeerConnectionError) as info:
-            async with tls_client(client_ssl, "127.0.0.1", port, connect_timeout=1.0):
-                pass
+        error, client_stats = await refused_client(client_ssl, port)
         assert time.monotonic() - t0 < 3
-        assert isinstance(info.value, ConnectionError)
-        text = str(info.value)
+        assert isinstance(error, ConnectionError)
+        text = str(error)
         assert f"127.0.0.1:{port}" in text
         assert "requires a client certificate" in text and "load_cert_chain" in text, text
         assert server.peers() == []
         assert server.stats.connects == 0
+        assert client_stats.handshake_failures["tls"] >= 1  # the client counts them too
         # The client retries within its connect timeout: every attempt counts.
         failures = server.stats.handshake_failures
         assert set(failures) == {"tls"} and failures["tls"] >= 1
@@ -162,11 +175,12 @@ async def test_client_not_trusting_the_ca_fails_clearly(server_ssl: ssl.SSLConte
     untrusting.load_verify_locations(cadata=trustme.CA().cert_pem.bytes().decode())
     async with tls_server(server_ssl) as (server, port):
         t0 = time.monotonic()
-        with pytest.raises(PeerConnectionError, match=r"(?i)certificate verify failed"):
-            async with tls_client(untrusting, "127.0.0.1", port, connect_timeout=1.0):
-                pass
+        error, client_stats = await refused_client(untrusting, port)
+        assert "certificate verify failed" in str(error).lower()
         assert time.monotonic() - t0 < 3
         assert server.stats.connects == 0
+        assert client_stats.handshake_failures["tls"] >= 1
+        assert server.stats.handshake_failures["tls"] >= 1  # the client's alert closed it
 
 
 async def test_plain_client_against_tls_server_fails(server_ssl: ssl.SSLContext) -> None:

@@ -424,6 +424,7 @@ class Link(asyncio.Protocol):
             # Our TLS handshake succeeded and the acceptor hung up before its
             # HELLO: its TLS layer refused us after checking our certificate.
             reason = CLIENT_CERTIFICATE_REFUSED
+            self.settings.stats.handshake_failures["tls"] += 1
         self._finish(reason)
 
     def pause_writing(self) -> None:
@@ -668,9 +669,12 @@ async def dial(
                 server_hostname=(server_hostname or host) if ssl_context else None,
                 ssl_handshake_timeout=settings.handshake_timeout if ssl_context else None,
             )
-        except (ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError) as exc:
+        except (ConnectionResetError, ConnectionAbortedError, ssl.SSLError) as exc:
             if ssl_context is None:
                 raise
+            settings.stats.handshake_failures["tls"] += 1
+            if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+                raise  # its own words say it (certificate verify failed...)
             # A refused connection is ConnectionRefusedError, raised before
             # TLS starts; a reset here came during the TLS handshake.
             raise HandshakeError(f"{TLS_CLOSED_DURING_HANDSHAKE} ({exc!r})") from None
