@@ -127,12 +127,14 @@ async def test_peers_file_reload_with_the_real_broker(
     peers = tmp_path / "peers"
     args = base_args("--key", "k", "--peers-file", str(peers), "--peers", "127.0.0.1:1,127.0.0.1:2")
     args += ["--max-frame-size", "1MiB", "--max-buffered-output", "32MiB"]
+    args += ["--max-peer-call-bytes", "8MiB"]
     own = ("127.0.0.1", int(args[args.index("--port") + 1]))
     peers.write_text(f"127.0.0.1:3\n{own[0]}:{own[1]}\n")
     h = await start(args, fake=False)
     harnesses.append(h)
     settings = h.worker.broker.link_settings  # the limits reach the real broker
     assert (settings.max_frame_size, settings.max_buffered_output) == (1 << 20, 32 << 20)
+    assert h.worker.broker._server.max_peer_call_bytes == 8 << 20
 
     def known() -> set[tuple[str, int]]:
         return {tuple(p.address) for p in h.worker.broker.peers()}  # type: ignore[misc]
