@@ -150,13 +150,14 @@ async def handshake(
     key: bytes = KEY,
     *,
     sock: socket.socket | None = None,
+    node_id: str = "raw-peer",
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Connection]:
     """Do the patio handshake by hand over a raw socket."""
     if sock is None:
         reader, writer = await open_raw(port)
     else:
         reader, writer = await asyncio.open_connection(sock=sock)
-    conn = Connection(Role.DIALER, "raw-peer", "raw-instance", KeySet(key))
+    conn = Connection(Role.DIALER, node_id, "raw-instance", KeySet(key))
     writer.write(conn.data_to_send())
     try:
         async with asyncio.timeout(3):

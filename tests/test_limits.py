@@ -237,30 +237,43 @@ async def test_a_frame_over_the_size_limit_is_cut_and_counted(
     assert logged + ("" if authenticated else " before authentication") in warnings_text(caplog)
 
 
+async def bad_hello(port: int, i: int) -> None:
+    reader, writer = await open_raw(port)
+    try:
+        writer.write(raw([MessageType.HELLO, "not-patio", 1]))
+        await wait_closed(reader, 3)
+    finally:
+        close_raw(writer)
+
+
+async def wrong_key(port: int, i: int) -> None:
+    """A stranger guessing keys, with a new node id each time."""
+    with contextlib.suppress(ProtocolError, ConnectionError):
+        _, writer, _ = await handshake(port, key=b"guess %d" % i, node_id=f"stranger-{i}")
+        close_raw(writer)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "reason", "logged"),
+    [
+        (bad_hello, "malformed", "not speaking the patio protocol"),
+        (wrong_key, "auth", "did not prove it holds an accepted key"),
+    ],
+    ids=["bad-hello", "wrong-key"],
+)
 async def test_two_hundred_bad_hellos_log_a_bounded_number_of_lines(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, attempt: Any, reason: str, logged: str
 ) -> None:
     """Issue 16 item 10: 200 bad HELLOs wrote 210 KB of log; every one still counts."""
     caplog.set_level(logging.DEBUG, logger="patio.transport")
-    bad_hello = raw([MessageType.HELLO, "not-patio", 1])
     async with serving() as server:
         port = server.listening[0][1]
-        for _ in range(20):
-            opened = [await open_raw(port) for _i in range(10)]
-            for _, writer in opened:
-                writer.write(bad_hello)
-            for reader, writer in opened:
-                try:
-                    await wait_closed(reader, 3)
-                finally:
-                    close_raw(writer)
-        assert server.stats.handshake_failures == {"malformed": 200}
-        assert scraped(server, "patio_handshake_failures_total", "malformed") == 200
-        said = [
-            (r.levelno, r.getMessage())
-            for r in caplog.records
-            if "not speaking the patio protocol" in r.getMessage()
-        ]
+        for batch in range(20):
+            await asyncio.gather(*(attempt(port, batch * 10 + i) for i in range(10)))
+        await asyncio.sleep(0.05)
+        assert server.stats.handshake_failures == {reason: 200}
+        assert scraped(server, "patio_handshake_failures_total", reason) == 200
+        said = [(r.levelno, r.getMessage()) for r in caplog.records if logged in r.getMessage()]
         warned = [text for level, text in said if level >= logging.WARNING]
         assert len(warned) == 1, warned
         held = [text for level, text in said if level == logging.DEBUG]

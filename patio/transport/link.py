@@ -562,35 +562,37 @@ class Link(asyncio.Protocol):
         )
 
     def _reject(self, exc: ProtocolError) -> None:
-        stats = self.settings.stats
-        authenticated = self.authenticated.done()
-        if isinstance(exc, AuthenticationError):
-            stats.handshake_failures[exc.reason] += 1
-        elif not authenticated:
-            self._preauth_failure(exc.reason, exc)  # malformed, oversized, version...
-            self._rejected = exc
-            self.abort(str(exc))
-            return
-        else:
-            stats.frames_rejected[exc.reason] += 1
-        level = logging.WARNING
-        if isinstance(exc, AuthenticationError):
-            host = self.peername[0] if self.peername else "?"
-            seen = (self.settings.node_id, host, str(exc))
-            if seen in _AUTH_FAILURES_LOGGED:
-                level = logging.DEBUG
-            else:
-                if len(_AUTH_FAILURES_LOGGED) >= MAX_AUTH_FAILURES_REMEMBERED:
-                    _AUTH_FAILURES_LOGGED.pop(next(iter(_AUTH_FAILURES_LOGGED)))
-                _AUTH_FAILURES_LOGGED[seen] = None
-        log.log(level, "closing connection with %s: %s", self._describe(), exc)
         self._rejected = exc
         if isinstance(exc, AuthenticationError):
+            self._auth_failure(exc)
             # The chunk that carried the peer's bad AUTH may also have carried
             # its HELLO, so our own AUTH is still queued: send it, or the peer
             # never learns (nor counts, nor logs) that the keys differ.
             self._flush()
+        elif not self.authenticated.done():
+            self._preauth_failure(exc.reason, exc)  # malformed, oversized, version...
+        else:
+            self.settings.stats.frames_rejected[exc.reason] += 1
+            log.warning("closing connection with %s: %s", self._describe(), exc)
         self.abort(str(exc))
+
+    def _auth_failure(self, exc: AuthenticationError) -> None:
+        """Keys differ: logged once per peer, address and key, and rate-limited as the rest.
+
+        A peer with the wrong key retries every couple of seconds forever: its
+        first failure is news, the same again only a debug line. A stranger
+        inventing a new node id each time is held by the rate limit.
+        """
+        host = self.peername[0] if self.peername else "?"
+        seen = (self.settings.node_id, host, str(exc))
+        if seen in _AUTH_FAILURES_LOGGED:
+            self.settings.stats.handshake_failures[exc.reason] += 1
+            log.debug("closing connection with %s: %s", self._describe(), exc)
+            return
+        if len(_AUTH_FAILURES_LOGGED) >= MAX_AUTH_FAILURES_REMEMBERED:
+            _AUTH_FAILURES_LOGGED.pop(next(iter(_AUTH_FAILURES_LOGGED)))
+        _AUTH_FAILURES_LOGGED[seen] = None
+        self._preauth_failure(exc.reason, exc)
 
     def _on_authenticated(self, event: PeerAuthenticated) -> None:
         self._release_gate()
