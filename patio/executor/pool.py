@@ -111,39 +111,33 @@ class PoolExecutor(AbstractExecutor):
         self._get_pool()
 
     async def submit(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        target, call_args = self._pool_call(func, args, kwargs)
-        return await self._run_in_pool(target, call_args)
+        call = self._pool_call(func, args, kwargs)
+        return await self._run_in_pool(lambda: call)
 
     async def execute(self, func: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        target, call_args = self._pool_call(self._resolve_for_pool(func), args, kwargs)
-        return await self._run_in_pool(target, call_args)
+        call = self._pool_call(self._resolve_for_pool(func), args, kwargs)
+        return await self._run_in_pool(lambda: call)
 
     async def execute_deferred(self, name: str, arguments: Arguments) -> Any:
-        # Decoded here once the slot is ours, then handed to the pool as usual.
         func = self._resolve_for_pool(name)
 
         def call() -> tuple[Callable[..., Any], tuple[Any, ...]]:
             args, kwargs = arguments()
             return self._pool_call(func, tuple(args), dict(kwargs))
 
-        return await self._run_in_pool(None, (), call)
+        return await self._run_in_pool(call)
 
     def _resolve_for_pool(self, func: str | Callable[..., Any]) -> str | Callable[..., Any]:
         return self.registry.resolve(func)
 
     async def _run_in_pool(
-        self,
-        target: Callable[..., Any] | None,
-        call_args: tuple[Any, ...],
-        make: Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]] | None = None,
+        self, make: Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]
     ) -> Any:
-        """Hand ``target(*call_args)`` to the pool once a slot is free (``make()``
-        gives them instead, called once the slot is ours)."""
+        """Hand the pool what ``make()`` gives (a callable and its arguments), calling
+        it once a slot is ours: a deferred call's arguments are decoded only then."""
         await self._acquire()
         try:
-            if make is not None:
-                target, call_args = make()
-            assert target is not None
+            target, call_args = make()
             try:
                 cfuture = self._get_pool().submit(target, *call_args)
             except concurrent.futures.BrokenExecutor:
