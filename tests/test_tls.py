@@ -121,7 +121,9 @@ async def test_mutual_tls(
         assert names == ["patio-client@example.test"]
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"]
+)
 async def test_mutual_tls_refuses_a_client_without_certificate(
     mtls_server_ssl: ssl.SSLContext,
     client_ssl: ssl.SSLContext,
