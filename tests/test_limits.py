@@ -21,9 +21,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from patio import AsyncExecutor, Registry, TCPServerBroker
+from patio import AsyncExecutor, Registry, TCPClientBroker, TCPServerBroker
 from patio.broker.serializer import MsgpackSerializer
-from patio.errors import NameTooLongError, ProtocolError, TooManyNamesError
+from patio.errors import CallTimeoutError, NameTooLongError, ProtocolError, TooManyNamesError
 from patio.proto import Call, Connection, KeySet, MessageType, Role
 from patio.proto.messages import (
     HANDSHAKE_MAX_FRAME_SIZE,
@@ -356,3 +356,35 @@ async def test_calls_past_the_granted_window_are_refused_and_counted(
         "refusing calls from 'raw-peer': more than 1024 calls at once, "
         "the window this member granted"
     ]
+
+
+async def test_a_patio_caller_never_exceeds_the_window_even_cancelling() -> None:
+    """Calls that time out (and are cancelled) while they run here free the caller's window
+    at once: the caller sends new ones, and none is refused as over the window."""
+
+    async def slow(i: int) -> int:
+        await asyncio.sleep(0.2)
+        return i
+
+    rpc = Registry()
+    rpc.register(slow, "slow")
+    async with (
+        AsyncExecutor(rpc, max_workers=512) as executor,
+        TCPServerBroker(executor, key=KEY) as server,
+        AsyncExecutor(Registry()) as null,
+        TCPClientBroker(null, key=KEY) as client,
+    ):
+        await server.listen("127.0.0.1", 0)
+        await client.connect("127.0.0.1", server.listening[0][1])
+        window = server._server.window
+
+        async def one(i: int) -> str:
+            try:
+                await client.call("slow", i, timeout=0.05 if i % 2 else 2.0)
+            except CallTimeoutError:
+                return "timeout"
+            return "ok"
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(3 * window)))
+    assert server.stats.frames_rejected == {}
+    assert outcomes.count("ok") == 3 * window // 2  # the patient half all succeed
