@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import msgpack
+from msgpack import unpackb
 
 from patio.errors import PickleRefusedError, RemoteError, SerializationError
 
@@ -102,16 +103,11 @@ class MsgpackSerializer(AbstractSerializer):
         self._packer = self._new_packer()
         self._spare_packers: list[Any] = []
         self._depth = 0
-        self._unpack_options: dict[str, Any] = {
-            "raw": False,
-            "strict_map_key": False,
-            "ext_hook": self._ext_hook,
-            "max_str_len": max_message_size,
-            "max_bin_len": max_message_size,
-            "max_array_len": max_message_size,
-            "max_map_len": max_message_size // 2,
-            "max_ext_len": max_message_size,
-        }
+        # unpackb bounds every length by the size of the buffer it is given
+        # (msgpack >= 1.0), which unpack checks against max_message_size first,
+        # and decodes str as str by default: two keywords, not nine (the
+        # keywords are parsed on every call).
+        self._ext_hook_bound = self._ext_hook
 
     def _new_packer(self) -> Any:
         # strict_types: tuples and subclasses reach _default instead of being
@@ -174,7 +170,7 @@ class MsgpackSerializer(AbstractSerializer):
         )
 
     def _unpack_nested(self, data: bytes) -> Any:
-        return msgpack.unpackb(data, **self._unpack_options)
+        return unpackb(data, strict_map_key=False, ext_hook=self._ext_hook_bound)
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
         decode = _DECODERS.get(code)
@@ -189,7 +185,7 @@ class MsgpackSerializer(AbstractSerializer):
                 f"{self.max_message_size} byte limit",
             )
         try:
-            return msgpack.unpackb(data, **self._unpack_options)
+            return unpackb(data, strict_map_key=False, ext_hook=self._ext_hook_bound)
         except SerializationError:
             raise
         except Exception as e:  # msgpack raises many types on malformed input
