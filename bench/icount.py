@@ -9,7 +9,9 @@ on what else runs on the machine; wall-clock calls/s do. Both sides of a call
 (caller and executor) are counted, as in the bench's CPU per call.
 
 ``--timeout`` gives every call a deadline (``tcp_c64_timeout``'s case);
-``--payload N`` sends N bytes each way.
+``--payload N`` sends N bytes each way. ``--turns`` counts event-loop
+iterations per call instead (stock asyncio loop, no valgrind): the
+scheduling hops of one round trip, caller and executor together.
 """
 
 from __future__ import annotations
@@ -69,6 +71,26 @@ def _child(args: argparse.Namespace) -> None:
     runner(_load(args.calls, args.concurrency, args.timeout, args.payload))
 
 
+def _turns(args: argparse.Namespace) -> float:
+    """Event-loop iterations per call, from the difference of two loads."""
+    turns = 0
+    run_once = asyncio.BaseEventLoop._run_once  # type: ignore[attr-defined]
+
+    def counted(loop: asyncio.BaseEventLoop) -> None:
+        nonlocal turns
+        turns += 1
+        run_once(loop)
+
+    asyncio.BaseEventLoop._run_once = counted  # type: ignore[attr-defined]
+    counts: list[int] = []
+    calls: int = args.calls
+    for load in (calls, 3 * calls):
+        turns = 0
+        asyncio.run(_load(load, args.concurrency, args.timeout, args.payload))
+        counts.append(turns)
+    return (counts[1] - counts[0]) / (2 * calls)
+
+
 def _instructions(calls: int, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -105,10 +127,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--payload", type=int, default=0)
+    parser.add_argument("--turns", action="store_true", help="count loop iterations per call")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
+        return
+    if args.turns:
+        print(
+            f"{_turns(args):.2f} event-loop iterations per call (caller + executor, concurrency "
+            f"{args.concurrency}, Python {sys.version.split()[0]}, stock asyncio loop)"
+        )
         return
     small = _instructions(args.calls, args)
     large = _instructions(3 * args.calls, args)
