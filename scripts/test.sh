@@ -94,7 +94,7 @@ if [ $# -eq 0 ]; then
         PYTHONPATH="$root" "$venv313/bin/python" -m pytest -p no:cacheprovider -q \
             tests/test_tcp_broker.py tests/test_mesh.py tests/test_loop_fairness.py \
             tests/test_deadlines.py tests/test_compat_014.py tests/test_executors.py \
-            tests/test_proto.py tests/test_limits.py
+            tests/test_proto.py tests/test_limits.py tests/test_peer_memory.py
         status313=$?
         set -e
         [ $status313 -eq 0 ] || status=$status313
