@@ -32,7 +32,7 @@ from patio.proto.messages import (
     MAX_NAME_LENGTH,
     ErrorKind,
 )
-from patio.transport.link import RateLimitedLog
+from patio.transport.link import MAX_PREAUTH_SOURCES_REMEMBERED, RateLimitedLog
 from tests.test_bad_input import (
     KEY,
     Env,
@@ -290,6 +290,9 @@ def test_preauth_warnings_say_how_many_were_held_back(caplog: pytest.LogCaptureF
     limiter.warn("10.0.0.3", "timeout", "over the budget of 3 lines per interval in all")
     now[0] = 12.0
     limiter.warn("10.0.0.1", "timeout", "closing connection with 10.0.0.1:3: no handshake")
+    for i in range(5000):  # sources beyond the budget: held back, and remembered boundedly
+        limiter.warn(f"fd00::{i}", "timeout", "one of many sources")
+    assert len(limiter._last) <= MAX_PREAUTH_SOURCES_REMEMBERED
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [
         "closing connection with 10.0.0.1:1: no handshake",
@@ -297,6 +300,8 @@ def test_preauth_warnings_say_how_many_were_held_back(caplog: pytest.LogCaptureF
         "closing connection with 10.0.0.2:1: no handshake",
         "closing connection with 10.0.0.1:3: no handshake (4 more like it from 10.0.0.1 "
         "in the last 12 s, logged at debug level)",
+        "one of many sources",  # the last two lines of the budget of 3 in this interval
+        "one of many sources",
     ]
 
 

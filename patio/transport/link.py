@@ -112,14 +112,15 @@ class RateLimitedLog:
         last, held = self._last.get(key, (-self.interval, 0))
         if now - self._window >= self.interval:
             self._window, self._written = now, 0
-        if now - last < self.interval or self._written >= self.per_interval:
+        held_back = now - last < self.interval or self._written >= self.per_interval
+        self._last.pop(key, None)  # re-inserted last: the oldest entry goes first
+        if len(self._last) >= MAX_PREAUTH_SOURCES_REMEMBERED:
+            self._last.pop(next(iter(self._last)))
+        if held_back:
             self._last[key] = (last, held + 1)
             self.log.debug("%s", message)
             return
         self._written += 1
-        self._last.pop(key, None)  # re-inserted last: the oldest entry goes first
-        if len(self._last) >= MAX_PREAUTH_SOURCES_REMEMBERED:
-            self._last.pop(next(iter(self._last)))
         self._last[key] = (now, 0)
         if held:
             message += (
