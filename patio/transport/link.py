@@ -347,10 +347,10 @@ class Link(asyncio.Protocol):
             self._loop.time() + self.settings.handshake_timeout, self._tick
         )
         if self._tls is not None:
-            self._transport.pause_reading()  # its ClientHello is for start_tls, not for us
-            # The peer's first frames may arrive with the end of its TLS
-            # handshake, before start_tls returns the TLS transport: they are
-            # read, and what we answer waits until that transport is ours.
+            # start_tls takes the transport over now (start_eagerly). The
+            # peer's first frames may arrive with the end of its TLS handshake,
+            # before start_tls returns the TLS transport: they are read, and
+            # what we answer waits until that transport is ours.
             self._tls_pending = True
             self._tls_handshake = start_eagerly(self._loop, self._start_tls(self._tls))
             return
