@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import socket
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -617,7 +618,10 @@ async def test_call_cancelled_before_it_starts_is_forgotten(env: Env) -> None:
         await asyncio.sleep(0.1)
         (peer,) = [p for p in env.server.links() if p.node_id == "raw-peer"]
         assert peer.serving == 0 and peer.cancelled == 0
-        assert env.server.stats.calls_finished[("mul", "executor", "cancelled")] == 1
+        # On 3.12+ a served call starts eagerly: "mul" never suspends, so it is
+        # answered inside the read that brought it and the CANCEL finds nothing.
+        cancelled = 0 if sys.version_info >= (3, 12) else 1
+        assert env.server.stats.calls_finished[("mul", "executor", "cancelled")] == cancelled
     finally:
         close_raw(writer)
 
