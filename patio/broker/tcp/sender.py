@@ -64,18 +64,14 @@ class CallSender:
     ) -> Any:
         """The whole of a call, as ``TCPBroker.call`` describes it."""
         core = self._core
-        loop = core.running_loop()
+        timeout, deadline = self._deadline(timeout)
         name = func if type(func) is str else core.task_name(func)
-        retry = retryable if retryable is not None else name in core.retryable_tasks
-        if timeout is not None and not timeout < math.inf:
-            _not_nan(timeout)
-            timeout = None  # infinite: no deadline
         core.stats.calls_started[(name, SIDE_CALLER)] += 1
-        observer = core.stats.call_observer
         # Durations by perf_counter: loop.time() has 1 ms resolution under
         # uvloop, which would put every sub-millisecond call in one bucket.
-        clock = time.perf_counter()
-        deadline = None if timeout is None else loop.time() + timeout
+        # Read only for an observer: a flood parks many of these frames, and
+        # each local or float held is memory per pending call.
+        clock = time.perf_counter() if core.stats.call_observer is not None else 0.0
         outcome = OUTCOME_ERROR
         payload: bytes | None = None
         tried: set[str] | None = None
@@ -103,7 +99,7 @@ class CallSender:
                 try:
                     reply = await self.send(target, name, payload, deadline, timeout)
                 except (LinkLost, ErrorReply) as exc:
-                    self._retry_or_raise(exc, name, target, retry, deadline)
+                    self._retry_or_raise(exc, name, target, retryable, deadline)
                     tried = (tried or set()) | {target.node_id}
                     continue
                 result = self._decode(name, reply)
@@ -115,19 +111,31 @@ class CallSender:
             raise
         finally:
             core.stats.calls_finished[(name, SIDE_CALLER, outcome)] += 1
-            if observer is not None:
+            observer = core.stats.call_observer
+            if observer is not None and clock:
                 observer(name, SIDE_CALLER, outcome, time.perf_counter() - clock)
+
+    def _deadline(self, timeout: float | None) -> tuple[float | None, float | None]:
+        """The call's timeout (None: no deadline) and its deadline by the loop's clock."""
+        loop = self._core.running_loop()  # also: the broker is set up
+        if timeout is None:
+            return None, None
+        if not timeout < math.inf:
+            _not_nan(timeout)
+            return None, None  # infinite: no deadline
+        return timeout, loop.time() + timeout
 
     def _retry_or_raise(
         self,
         exc: LinkLost | ErrorReply,
         name: str,
         target: Peer,
-        retry: bool,
+        retryable: bool | None,
         deadline: float | None,
     ) -> None:
         """Return if the call may go to another peer; else raise what the caller sees."""
         core = self._core
+        retry = retryable if retryable is not None else name in core.retryable_tasks
         if isinstance(exc, ErrorReply):
             if exc.kind != ErrorKind.CONNECTION or not retry:
                 raise error_from_reply(exc, name, target.node_id, core.serializer) from None
