@@ -14,7 +14,11 @@
 #       image.tar       OCI archive (for `ctr images import`), name patio:dev
 #       rootfs.tar      the flattened root filesystem (for runc bundles)
 #       config.json     the image's config (User, Env, WorkingDir, Entrypoint)
-# <key> is a hash of every input, so a warm run does nothing.
+#       .used           touched by each run that uses it (a warm run, --print-dir)
+# <key> is a hash of every input, so a warm run does nothing. Each folder is
+# ~465 MB: a build keeps the two other folders used last (other checkouts may
+# share this cache) and any used within the hour (a test may be reading it),
+# and deletes the rest.
 #
 #   hack/image/build.sh                 build what is missing
 #   hack/image/build.sh --print-dir     the patio-<key> folder for the sources now
@@ -44,13 +48,15 @@ src_key="$(
   } | hash_of
 )"
 out="$cache/patio-$src_key"
+mark_used() { if [ -f "$out/.done" ]; then touch "$out/.used"; fi; }
 case "${1:-}" in
-  --print-dir) echo "$out"; exit 0 ;;
+  --print-dir) mark_used; echo "$out"; exit 0 ;;
   "") ;;
   -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
   *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
 esac
 if [ -f "$out/.done" ]; then
+  mark_used
   echo "[image] patio image up to date: $out"
   exit 0
 fi
@@ -60,7 +66,7 @@ done
 mkdir -p "$cache"
 exec 9>"$cache/.build.lock"
 flock 9
-[ -f "$out/.done" ] && { echo "[image] patio image up to date: $out"; exit 0; }
+[ -f "$out/.done" ] && { mark_used; echo "[image] patio image up to date: $out"; exit 0; }
 
 # buildah only ever touches this cache's store, never the machine's.
 # Its network settings too: buildah writes a CNI lock under its config folder
@@ -115,9 +121,20 @@ bh umount "$c" >/dev/null; bh rm "$c" >/dev/null
 # Keep the store small: only the base stays (the next build starts from it).
 bh rmi "$image" >/dev/null 2>&1 || true
 bh rmi --prune >/dev/null 2>&1 || true
-touch "$out.tmp/.done"
+touch "$out.tmp/.done" "$out.tmp/.used"
 rm -rf "$out"; mv "$out.tmp" "$out"
-# Images of older sources (other checkouts may share this cache: keep a day).
-find "$cache" -maxdepth 1 -name 'patio-*' -not -name "patio-$src_key" -mmin +1440 -exec rm -rf {} +
+# Images of other sources, last used first: keep two, and any used within the
+# hour; a folder from before .used existed counts from its own time.
 find "$cache" -maxdepth 1 -name 'patio-*.tmp' -exec rm -rf {} +
+for dir in "$cache"/patio-*; do
+  case "$dir" in "$out" | *.tmp) continue ;; esac
+  [ -e "$dir" ] || continue
+  used="$dir/.used"; [ -e "$used" ] || used="$dir"
+  echo "$(stat -c %Y "$used") $dir"
+done | sort -rn | tail -n +3 | while read -r when dir; do
+  if [ "$when" -lt "$(( $(date +%s) - 3600 ))" ]; then
+    echo "[image] removing the image of older sources: $dir"
+    rm -rf "$dir"
+  fi
+done
 echo "[image] done in $(( $(date +%s) - t_start ))s: $out ($(du -sh "$out/rootfs.tar" | cut -f1) root filesystem)"
