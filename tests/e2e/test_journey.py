@@ -31,185 +31,47 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests import observability
 from tests.e2e.journey import (
-    CLUSTER_LABEL,
+    CHART,
+    CLUSTER,
+    MESH_PORT,
+    OPERATOR,
+    OPERATOR_SELECTOR,
+    RELEASE,
     REPO_ROOT,
     Journey,
-    LoadProcess,
     Prometheus,
     Syncer,
+    World,
+    hosts_up,
     is_ready,
-    mesh_peers,
+    kill_a_worker_under_load,
     patio_call,
     pid_alive,
     processes_with_env,
     rest_client,
+    rotate_key_under_load,
+    scale_under_load,
     wait_until,
-    write_if_changed,
 )
-from tests.kube.controlplane import ControlPlane, free_port
+from tests.kube.controlplane import ControlPlane
 from tests.kube.nodeagent import NodeAgent
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 
-CHART = REPO_ROOT / "charts" / "patio"
 CLUSTER_YAML = REPO_ROOT / "examples" / "k8s" / "journey-cluster.yaml"
-RELEASE = "patio"
-OPERATOR = "patio-operator"  # the chart's full name for release "patio"
-CLUSTER = "journey"
-MESH_PORT = 15383
 SETTLE_SECONDS = 5
-OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
 
 JOURNEY = Journey()
-
-
-class World:
-    """Everything the steps build on, torn down at the end of the module."""
-
-    def __init__(self, plane: ControlPlane, node: NodeAgent, namespace: str, workdir: Path) -> None:
-        self.plane = plane
-        self.node = node
-        self.ns = namespace
-        self.workdir = workdir
-        self.rest = rest_client(plane)
-        self.metrics_port = free_port()
-        self.health_port = free_port()
-        self.load = LoadProcess(workdir / "load")
-        self.sd_dir = workdir / "sd"
-        self.sd_dir.mkdir(parents=True, exist_ok=True)
-        self.syncer: Syncer | None = None
-        self.prometheus: Prometheus | None = None
-
-    # -- API views ------------------------------------------------------------
-
-    def cluster(self) -> dict[str, Any]:
-        obj: dict[str, Any] = self.rest.get(
-            f"/apis/patio.dev/v1alpha1/namespaces/{self.ns}/patioclusters/{CLUSTER}"
-        )
-        return obj
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.cluster().get("status") or {})
-
-    def condition(self, ctype: str) -> str:
-        for c in self.status().get("conditions") or []:
-            if c["type"] == ctype:
-                return str(c["status"])
-        return ""
-
-    def pods(self, selector: str = f"{CLUSTER_LABEL}={CLUSTER}") -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self.rest.get(
-            f"/api/v1/namespaces/{self.ns}/pods", labelSelector=selector
-        ).get("items", [])
-        return items
-
-    def secret(self) -> dict[str, str]:
-        obj = self.rest.get(f"/api/v1/namespaces/{self.ns}/secrets/{CLUSTER}-auth")
-        return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
-
-    def peers_file(self) -> list[str]:
-        cm = self.rest.get(f"/api/v1/namespaces/{self.ns}/configmaps/{CLUSTER}-peers")
-        text = (cm.get("data") or {}).get("peers", "")
-        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-
-    def operator_pods(self) -> list[dict[str, Any]]:
-        return [
-            p for p in self.pods(OPERATOR_SELECTOR) if not p["metadata"].get("deletionTimestamp")
-        ]
-
-    def leader(self) -> str:
-        """The pod whose operator holds the leader Lease ("" while nobody does)."""
-        lease = self.rest.get(
-            f"/apis/coordination.k8s.io/v1/namespaces/{self.ns}/leases/{OPERATOR}"
-        )
-        holder = str((lease.get("spec") or {}).get("holderIdentity") or "")
-        # The identity is "<pod name>_<random per process>" (operator cli.py).
-        return holder.rsplit("_", 1)[0] if holder else ""
-
-    def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return self.plane.kubectl(*args, "-n", self.ns, **kwargs)
-
-    # -- waiting for a settled mesh ---------------------------------------------
-
-    def settled(self, replicas: int) -> str | bool:
-        """True when the cluster is Ready with ``replicas`` workers, each
-        connected to all the others; else a description of what is missing."""
-        st = self.status()
-        if st.get("observedGeneration") != self.cluster()["metadata"]["generation"]:
-            return "status not observed yet"
-        if (st.get("readyReplicas"), st.get("replicas"), st.get("peers")) != (
-            replicas,
-            replicas,
-            replicas,
-        ):
-            counts = [st.get(k) for k in ("readyReplicas", "replicas", "peers")]
-            return f"status readyReplicas/replicas/peers {counts}"
-        if self.condition("Ready") != "True" or self.condition("MeshReady") != "True":
-            return f"conditions {[(c['type'], c['status']) for c in st.get('conditions', [])]}"
-        pods = self.pods()
-        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-        if len(pods) != replicas or not all(is_ready(p) for p in live):
-            return f"{len(pods)} pods, ready {[is_ready(p) for p in live]}"
-        ips = sorted(p["status"]["podIP"] for p in live)
-        if sorted(self.peers_file()) != sorted(f"{ip}:{MESH_PORT}" for ip in ips):
-            return f"peers file {self.peers_file()} vs pods {ips}"
-        # Every peer a worker knows is connected, and it knows at least the
-        # other workers (callers such as the load count as peers too).
-        mesh = {ip: mesh_peers(ip) for ip in ips}
-        if any(m is None or m[0] != m[1] or m[1] < replicas - 1 for m in mesh.values()):
-            return f"(known, connected) peers per worker {mesh}"
-        return True
-
-    def wait_settled(self, replicas: int, timeout: float = 90, step: str = "") -> float:
-        """Wait for :meth:`settled`; with ``step``, record when the status
-        first showed the new replica, peer and ready counts."""
-        start = time.monotonic()
-        last: list[str | bool] = []
-        firsts: dict[str, float] = {}
-
-        def check() -> bool:
-            st = self.status()
-            for field in ("replicas", "peers", "readyReplicas"):
-                if field not in firsts and st.get(field) == replicas:
-                    firsts[field] = time.monotonic() - start
-            last.append(self.settled(replicas))
-            del last[:-1]
-            return last[-1] is True
-
-        try:
-            wait_until(check, timeout, f"{replicas} settled workers")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; last: {last[-1] if last else None}") from None
-        if step:
-            JOURNEY.notes[f"{step}: status reached"] = ", ".join(
-                f"{k}={replicas} after {v:.1f} s" for k, v in firsts.items()
-            )
-            # The status follows the pods within seconds, not a resync period.
-            slow = {k: v for k, v in firsts.items() if v > 20}
-            assert not slow, f"status followed slowly: {firsts}"
-        return time.monotonic() - start
-
-    def close(self) -> None:
-        self.load.stop()
-        if self.syncer is not None:
-            self.syncer.stop()
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        self.rest.close()
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +92,7 @@ def world(
     # In the plane's work folder: kept with its logs after a failing session.
     workdir = plane.workdir / f"e2e-{ns}"
     workdir.mkdir()
-    w = World(plane, kube_node, ns, workdir)
+    w = World(plane, kube_node, ns, workdir, JOURNEY)
     try:
         yield w
     finally:
@@ -252,33 +114,8 @@ def world(
 
 
 @pytest.fixture(autouse=True)
-def _in_order(request: pytest.FixtureRequest) -> None:
-    if JOURNEY.failed and not request.node.name.startswith("test_8"):
-        pytest.fail(f"an earlier step failed ({JOURNEY.failed[0]}); not attempted")
-
-
-def record(step: str, started: float) -> None:
-    JOURNEY.timings[step] = time.monotonic() - started
-    print(f"\n[e2e] {step}: {JOURNEY.timings[step]:.1f} s")
-
-
-def record_load(w: World, phase: str) -> dict[str, dict[str, int]]:
-    counts = w.load.phase_counts(phase)
-    JOURNEY.loads[phase] = counts
-    print(f"[e2e] load phase {phase}: {json.dumps(counts, sort_keys=True)}")
-    return counts
-
-
-def assert_no_failures(w: World, phase: str) -> None:
-    counts = record_load(w, phase)
-    failures = {
-        kind: {k: v for k, v in outcomes.items() if k != "ok"} for kind, outcomes in counts.items()
-    }
-    assert all(not f for f in failures.values()), (
-        f"calls failed in phase {phase}: {failures}; errors: {w.load.errors(phase)[:10]}"
-    )
-    assert sum(o.get("ok", 0) for o in counts.values()) > 0, f"no call at all in phase {phase}"
-    assert w.load.stats().get("wrong_results") == 0
+def _in_order(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield from JOURNEY.in_order(request)
 
 
 # --- 1 ------------------------------------------------------------------------
@@ -320,7 +157,7 @@ def test_1_helm_install_operator_with_its_own_service_account(world: World) -> N
     )
     names = sorted(p["metadata"]["name"] for p in pods)
     leader = wait_until(w.leader, 30, "an operator replica to hold the leader Lease")
-    record("1 helm install, operator pods Ready, one leads", started)
+    JOURNEY.record("1 helm install, operator pods Ready, one leads", started)
     assert leader in names, (leader, names)
     JOURNEY.notes["operator leader"] = f"{leader} of {names}"
     sa = f"system:serviceaccount:{w.ns}:{OPERATOR}"
@@ -385,7 +222,7 @@ def test_2_cluster_from_example_forms_a_mesh_and_answers(world: World) -> None:
     started = time.monotonic()
     w.kubectl("apply", "-f", str(CLUSTER_YAML))
     w.wait_settled(2, timeout=120)
-    record("2 apply PatioCluster -> Ready full mesh of 2", started)
+    JOURNEY.record("2 apply PatioCluster -> Ready full mesh of 2", started)
     st = w.status()
     assert st["peers"] == 2 and st["readyReplicas"] == 2
     printed = w.kubectl("get", "ptc", CLUSTER).stdout  # the CRD's short name
@@ -408,25 +245,13 @@ def test_2_cluster_from_example_forms_a_mesh_and_answers(world: World) -> None:
 
 
 def test_3_scale_up_and_down_under_load(world: World) -> None:
-    w = world
-    w.load.set_phase("scale")
-    w.load.start()
-    w.load.wait_calls("scale", 200)
-
-    started = time.monotonic()
-    w.kubectl("scale", f"patiocluster/{CLUSTER}", "--replicas=5")
-    w.wait_settled(5, step="3a")
-    record("3a scale 2 -> 5 (status, peers, full mesh)", started)
-    w.load.wait_calls("scale", w.load.ok_count("scale") + 200)
-
-    started = time.monotonic()
-    w.kubectl("scale", f"patiocluster/{CLUSTER}", "--replicas=2")
-    w.wait_settled(2, step="3b")
-    record("3b scale 5 -> 2 (status, peers, full mesh)", started)
-    w.load.wait_calls("scale", w.load.ok_count("scale") + 200)
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    assert_no_failures(w, "scale")
+    scale_under_load(
+        world,
+        [
+            (5, "3a scale 2 -> 5 (status, peers, full mesh)", "3a"),
+            (2, "3b scale 5 -> 2 (status, peers, full mesh)", "3b"),
+        ],
+    )
 
 
 # --- 4 ------------------------------------------------------------------------
@@ -450,13 +275,11 @@ def test_4_spec_change_rolls_pods_under_load(world: World) -> None:
 
     wait_until(rolled, 120, "every pod replaced with maxWorkers=48")
     w.wait_settled(2)
-    record("4 maxWorkers change rolls 2 pods", started)
+    JOURNEY.record("4 maxWorkers change rolls 2 pods", started)
     sts = w.plane.kubectl_json("get", "statefulset", "-n", w.ns, CLUSTER)
     assert sts["status"]["currentRevision"] == sts["status"]["updateRevision"]
     w.load.wait_calls("roll", w.load.ok_count("roll") + 200)
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    assert_no_failures(w, "roll")
+    JOURNEY.end_phase(w, "roll")
 
 
 # --- 5 ------------------------------------------------------------------------
@@ -464,58 +287,15 @@ def test_4_spec_change_rolls_pods_under_load(world: World) -> None:
 
 def test_5_key_rotation_under_load_then_old_key_refused(world: World) -> None:
     w = world
-    w.load.set_phase("rotate")
-    old = w.secret()["key"]
-    generation = w.status()["keyGeneration"]
-    started = time.monotonic()
-    w.kubectl(
-        "patch",
-        "patiocluster",
-        CLUSTER,
-        "--type=merge",
-        "-p",
-        '{"spec":{"auth":{"rotation":"e2e-1"}}}',
+    rotation = rotate_key_under_load(
+        w, "e2e-1", "5 key rotation (3 steps, settle 5 s)", timeout=150, refused_within=30
     )
-    phases: list[str] = []
-
-    def rotated() -> bool:
-        st = w.status()
-        phase = (st.get("rotation") or {}).get("phase", "")
-        if not phases or phases[-1] != phase:
-            phases.append(phase)
-        return (
-            phase == "Idle"
-            and (st.get("rotation") or {}).get("token") == "e2e-1"
-            and st.get("keyGeneration") == generation + 1
-        )
-
-    wait_until(rotated, 150, "the key rotation to complete")
-    record("5 key rotation (3 steps, settle 5 s)", started)
-    JOURNEY.notes["rotation phases seen"] = " -> ".join(phases)
-    secret = w.secret()
-    assert secret["key"] != old and not secret.get("next-key")
-    # The load follows the Secret as the workers do (through the syncer).
-    wait_until(lambda: (w.load.dir / "key").read_text() == secret["key"], 10, "the load's new key")
-    w.load.wait_calls("rotate", w.load.ok_count("rotate") + 200)
-
-    old_file = w.workdir / "old-key"
-    old_file.write_text(old)
+    assert not rotation.secret.get("next-key")
     new_file = w.workdir / "new-key"
-    new_file.write_text(secret["key"])
-    peer = f"{w.pods()[0]['status']['podIP']}:{MESH_PORT}"
-    # The workers re-read their mounted key within the node's volume sync.
-    refused = wait_until(
-        lambda: (r := patio_call(peer, old_file, "mul", "2", "3", call_timeout=3)).returncode and r,
-        30,
-        "the old key to be refused",
-    )
-    print(f"[e2e] old key: {refused.stderr.strip()}")
-    assert "authenticat" in refused.stderr.lower(), refused.stderr
-    ok = patio_call(peer, new_file, "mul", "2", "3")
+    new_file.write_text(rotation.secret["key"])
+    ok = patio_call(rotation.peer, new_file, "mul", "2", "3")
     assert (ok.returncode, ok.stdout.strip()) == (0, "6"), ok.stderr
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    assert_no_failures(w, "rotate")
+    JOURNEY.end_phase(w, "rotate")
 
 
 # --- 6 ------------------------------------------------------------------------
@@ -523,60 +303,30 @@ def test_5_key_rotation_under_load_then_old_key_refused(world: World) -> None:
 
 def test_6_sigkill_a_worker_under_load(world: World) -> None:
     w = world
-    w.load.set_phase("kill")
-    w.load.wait_calls("kill", 100)
-    # Long `sleep` calls, so that the killed worker surely holds some.
-    write_if_changed(w.load.dir / "sleep", "1.5\n")
-    time.sleep(2.5)
-    retried_before = w.load.stats()["retried"]
-    victim = sorted(p["metadata"]["name"] for p in w.pods())[0]
-    pod = next(p for p in w.pods() if p["metadata"]["name"] == victim)
-    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
-    pid = w.node.pids(w.ns, victim)["worker"]
-    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert b"worker" in cmd, cmd
-    started = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
 
-    def restarted() -> bool:
-        p = next((p for p in w.pods() if p["metadata"]["name"] == victim), None)
-        return bool(
-            p
-            and p["status"]["containerStatuses"][0]["restartCount"] == restarts + 1
-            and is_ready(p)
-        )
+    def worker_pid(pod: str) -> int:
+        pid = w.node.pids(w.ns, pod)["worker"]
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"worker" in cmd, cmd
+        return pid
 
-    wait_until(restarted, 60, f"{victim} restarted and Ready")
-    write_if_changed(w.load.dir / "sleep", "0.05\n")
-    w.wait_settled(2)
-    record("6 SIGKILL worker -> restarted, mesh full again", started)
-    new_pid = w.node.pids(w.ns, victim)["worker"]
-    assert new_pid != pid
-    w.load.wait_calls("kill", w.load.ok_count("kill") + 200)
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    counts = record_load(w, "kill")
-    retry_failures = {k: v for k, v in counts.get("retryable", {}).items() if k != "ok"}
-    plain_failures = {k: v for k, v in counts.get("plain", {}).items() if k != "ok"}
-    errors = w.load.errors("kill")
-    assert not retry_failures, f"retryable calls failed: {retry_failures}; {errors[:10]}"
-    assert set(plain_failures) <= {"PeerConnectionError"}, f"{plain_failures}; {errors[:10]}"
+    kill = kill_a_worker_under_load(
+        w, "6 SIGKILL worker -> restarted, mesh full again", worker_pid, restarted_within=60
+    )
+    assert w.node.pids(w.ns, kill.victim)["worker"] != kill.pid
     # Only plain calls fail, and only with the documented connection error:
     # "connection to <node> lost" when the caller's own link to the killed
     # worker dropped, or the bare reason (e.g. "closed by peer") when the
     # call had been forwarded by the other worker (see docs/e2e.md).
-    for e in errors:
+    for e in kill.errors:
         assert e["kind"] == "plain" and e["error"].startswith("PeerConnectionError: "), e
-    messages = sorted({e["error"] for e in errors})
-    retried = w.load.stats()["retried"] - retried_before
-    failed = plain_failures.get("PeerConnectionError", 0)
+    messages = sorted({e["error"] for e in kill.errors})
+    failed = kill.plain_failures.get("PeerConnectionError", 0)
     JOURNEY.notes["SIGKILL"] = (
-        f"{retried} retryable calls re-sent (all succeeded), {failed} plain calls failed: "
+        f"{kill.retried} retryable calls re-sent (all succeeded), {failed} plain calls failed: "
         f"{messages}"
     )
-    assert retried + failed > 0, "the killed worker held no call: the kill proved nothing"
-    assert w.load.stats().get("wrong_results") == 0
+    assert kill.retried + failed > 0, "the killed worker held no call: the kill proved nothing"
 
 
 # --- 7 ------------------------------------------------------------------------
@@ -592,17 +342,14 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     assert len(expected_operators) == 2
 
     def all_up() -> bool:
-        targets = prom.targets()
-        up: dict[str, list[str]] = {t["labels"]["job"]: [] for t in targets}
-        for t in targets:
-            if t["health"] == "up":
-                up[t["labels"]["job"]].append(t["scrapeUrl"])
-        workers = {u.split("//")[1].split(":")[0] for u in up.get("patio-workers", [])}
-        operators = {u.split("//")[1].split(":")[0] for u in up.get("patio-operator", [])}
-        return workers == expected_targets and operators == expected_operators
+        up = hosts_up(prom)
+        return (
+            up.get("patio-workers") == expected_targets
+            and up.get("patio-operator") == expected_operators
+        )
 
     wait_until(all_up, 60, "Prometheus scraping 2 workers and both operator replicas")
-    record("7a Prometheus up, all targets healthy", started)
+    JOURNEY.record("7a Prometheus up, all targets healthy", started)
 
     # A call from outside the mesh may be forwarded one hop: the member that
     # forwards it counts it under side="forwarder", the one that runs it
@@ -633,7 +380,7 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     assert baseline is not None and forwarded_before is not None
 
     # The calls made between the steps' observation windows did not fail either.
-    assert_no_failures(w, "between")
+    JOURNEY.assert_no_failures(w, "between")
     w.load.set_phase("prom")
     w.load.wait_calls("prom", 500)
     stats = w.load.pause()
@@ -641,7 +388,7 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     made = sum(sum(outcomes.values()) for outcomes in stats["phases"]["prom"].values())
     ok = sum(o.get("ok", 0) for o in stats["phases"]["prom"].values())
     assert made == ok, stats["phases"]["prom"]
-    record_load(w, "prom")
+    JOURNEY.record_load(w, "prom")
     started = time.monotonic()
     seen: list[tuple[float | None, float | None, dict[str, str]]] = []
 
@@ -659,7 +406,7 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
             f"{exc}; before: {pods_before}; last: {seen[-1] if seen else None}; "
             f"targets: {[(t['scrapeUrl'], t['health'], t['lastError']) for t in prom.targets()]}"
         ) from None
-    record("7b PromQL sees every call of the load", started)
+    JOURNEY.record("7b PromQL sees every call of the load", started)
     forwarded_now = seen[-1][1]
     assert forwarded_now is not None
     JOURNEY.notes["PromQL"] = (
@@ -697,7 +444,7 @@ def test_7_prometheus_counts_the_calls(world: World) -> None:
     variables = {"namespace": w.ns, "__rate_interval": "1m"}
     found = observability.problems(prom.query, queries, variables)
     assert not found, "\n".join(found)
-    record("7c operator dashboard queries and alerts return data", started)
+    JOURNEY.record("7c operator dashboard queries and alerts return data", started)
     print(f"[e2e] {len(queries)} operator queries checked")
 
 
@@ -770,4 +517,4 @@ def test_8_uninstall_and_delete_leave_nothing(world: World) -> None:
     assert not [run for run in list(w.node.pods.values()) if run.namespace == w.ns]
     assert not [pid for pid in tracked if pid_alive(pid)]
     assert w.rest.get_or_none(f"/apis/apps/v1/namespaces/{w.ns}/statefulsets/{CLUSTER}") is None
-    record("8 helm uninstall + delete PatioCluster -> nothing left", started)
+    JOURNEY.record("8 helm uninstall + delete PatioCluster -> nothing left", started)

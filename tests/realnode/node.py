@@ -419,6 +419,23 @@ def coredns_objects(image: str) -> list[dict[str, Any]]:
     ]
 
 
+def client_pod(peer: str, *key: str, secret: str | None = None) -> dict[str, Any]:
+    """A pod "client" of the image that runs ``patio call --peer PEER mul 6 7``
+    once (it prints 42); ``key`` is the call's key option, and ``secret`` a
+    Secret mounted at /auth (for ``--key-file /auth/key``)."""
+    container: dict[str, Any] = {
+        "name": "client",
+        "image": "patio:dev",
+        "imagePullPolicy": "Never",
+        "args": ["call", "--peer", peer, *key, "--timeout", "20", "mul", "6", "7"],
+    }
+    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if secret is not None:
+        container["volumeMounts"] = [{"name": "auth", "mountPath": "/auth", "readOnly": True}]
+        spec["volumes"] = [{"name": "auth", "secret": {"secretName": secret}}]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"}, "spec": spec}
+
+
 @dataclass
 class RealNode:
     """containerd, kubelet, kube-proxy and CoreDNS for ``plane``; see the module doc."""

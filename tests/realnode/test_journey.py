@@ -1,9 +1,9 @@
 """The user's journey on the real node: the built image in containers (issue 17).
 
-Steps in order, sharing one module-scoped world (like tests/e2e, whose
-helpers it uses, but nothing here runs as a process of this checkout: the
-operator, the workers, the ``helm test`` pod and the client pod are
-containers of the image built from ./Dockerfile):
+Steps in order, sharing one module-scoped world (that of tests/e2e, whose
+shared steps are in tests/e2e/journey.py; but nothing here runs as a
+process of this checkout: the operator, the workers, the ``helm test`` pod
+and the client pod are containers of the image built from ./Dockerfile):
 
 1. ``helm install`` with ``image: patio:dev``; the operator container runs
    as uid 10001.
@@ -26,8 +26,6 @@ Step timings are printed (``pytest -s``) and recorded in docs/e2e.md.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,35 +36,37 @@ import pytest
 import yaml
 
 from tests.e2e.journey import (
+    CHART,
+    CLUSTER,
+    MESH_PORT,
+    OPERATOR_SELECTOR,
+    RELEASE,
+    Journey,
     Prometheus,
     Syncer,
+    World,
+    hosts_up,
     is_ready,
+    kill_a_worker_under_load,
     patio_call,
-    pid_alive,
+    rotate_key_under_load,
+    scale_under_load,
     wait_until,
-    write_if_changed,
 )
-from tests.e2e.test_journey import CLUSTER, World
 
+from .node import client_pod
 from .plugin import RealCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "patio"
-RELEASE = "patio"
-OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
-MESH_PORT = 15383
-TIMINGS: dict[str, float] = {}
-NOTES: dict[str, str] = {}
-FAILED: list[str] = []
+JOURNEY = Journey(tag="realnode journey")
 
 
 class RealWorld(World):
     """The e2e World on the real node (no node agent: containers instead)."""
 
     def __init__(self, cluster: RealCluster, ns: str, workdir: Path) -> None:
-        super().__init__(cluster.plane, None, ns, workdir)  # type: ignore[arg-type]
+        super().__init__(cluster.plane, None, ns, workdir, JOURNEY)
         self.real = cluster
         self.metrics_port = 8000  # the chart's defaults: each pod has its own address
         self.health_port = 8080
@@ -122,37 +122,12 @@ def world(real_node: RealCluster) -> Iterator[RealWorld]:
             lambda: not plane.kubectl_json("get", "pods", "-n", ns)["items"], 120, "pods gone"
         )
         plane.kubectl("delete", "crd", "patioclusters.patio.dev", "--wait=false", check=False)
-        print("\n[realnode journey] step timings (s):")
-        for step, seconds in TIMINGS.items():
-            print(f"  {step}: {seconds:.1f}")
-        for key, note in NOTES.items():
-            print(f"  {key}: {note}")
+        print(JOURNEY.report())
 
 
 @pytest.fixture(autouse=True)
 def _in_order(request: pytest.FixtureRequest) -> Iterator[None]:
-    if FAILED and not request.node.name.startswith("test_8"):
-        pytest.fail(f"an earlier step failed ({FAILED[0]}); not attempted")
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        FAILED.append(request.node.name)
-
-
-def record(step: str, started: float) -> None:
-    TIMINGS[step] = time.monotonic() - started
-    print(f"\n[realnode journey] {step}: {TIMINGS[step]:.1f} s")
-
-
-def assert_no_failures(w: RealWorld, phase: str) -> None:
-    counts = w.load.phase_counts(phase)
-    NOTES[f"load {phase}"] = json.dumps(counts, sort_keys=True)
-    failures = {k: {o: n for o, n in v.items() if o != "ok"} for k, v in counts.items()}
-    assert all(not f for f in failures.values()), (
-        f"calls failed in phase {phase}: {failures}; errors: {w.load.errors(phase)[:10]}"
-    )
-    assert sum(o.get("ok", 0) for o in counts.values()) > 0, f"no call in phase {phase}"
-    assert w.load.stats().get("wrong_results") == 0
+    yield from JOURNEY.in_order(request)
 
 
 def test_1_helm_install_runs_the_operator_container(world: RealWorld) -> None:
@@ -181,7 +156,7 @@ def test_1_helm_install_runs_the_operator_container(world: RealWorld) -> None:
     pods = wait_until(
         lambda: [p for p in w.pods(OPERATOR_SELECTOR) if is_ready(p)], 60, "a Ready operator"
     )
-    record("1 helm install, operator container Ready", started)
+    JOURNEY.record("1 helm install, operator container Ready", started)
     name = pods[0]["metadata"]["name"]
     assert pods[0]["spec"]["containers"][0]["image"] == "patio:dev"
     uid = w.plane.kubectl(
@@ -203,7 +178,7 @@ def test_2_cluster_of_3_forms_its_mesh_and_answers_through_its_service(world: Re
     }
     w.kubectl("apply", "-f", "-", input=yaml.safe_dump(cluster))
     w.wait_settled(3, timeout=240)
-    record("2a PatioCluster of 3 Ready, full mesh", started)
+    JOURNEY.record("2a PatioCluster of 3 Ready, full mesh", started)
     ips = sorted(p["status"]["podIP"] for p in w.pods())
     # DNS: the headless Service lists every worker (what PATIO_PEERS_DNS reads).
     lookup = (
@@ -223,35 +198,8 @@ def test_2_cluster_of_3_forms_its_mesh_and_answers_through_its_service(world: Re
         res = patio_call(f"{cluster_ip}:{MESH_PORT}", w.key_file, "mul", "6", "7")
         assert (res.returncode, res.stdout.strip()) == (0, "42"), res.stderr
     started = time.monotonic()
-    client = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "client"},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "client",
-                    "image": "patio:dev",
-                    "imagePullPolicy": "Never",
-                    "args": [
-                        "call",
-                        "--peer",
-                        f"{CLUSTER}:{MESH_PORT}",
-                        "--key-file",
-                        "/auth/key",
-                        "--timeout",
-                        "20",
-                        "mul",
-                        "6",
-                        "7",
-                    ],
-                    "volumeMounts": [{"name": "auth", "mountPath": "/auth", "readOnly": True}],
-                }
-            ],
-            "volumes": [{"name": "auth", "secret": {"secretName": f"{CLUSTER}-auth"}}],
-        },
-    }
+    peer, secret = f"{CLUSTER}:{MESH_PORT}", f"{CLUSTER}-auth"
+    client = client_pod(peer, "--key-file", "/auth/key", secret=secret)
     w.kubectl("apply", "-f", "-", input=yaml.safe_dump(client))
     wait_until(
         lambda: (
@@ -265,7 +213,7 @@ def test_2_cluster_of_3_forms_its_mesh_and_answers_through_its_service(world: Re
     phase = w.plane.kubectl_json("get", "pod", "client", "-n", w.ns)["status"]["phase"]
     assert (phase, out) == ("Succeeded", "42")
     w.kubectl("delete", "pod", "client", "--wait=false")
-    record("2b client pod calls the Service by name", started)
+    JOURNEY.record("2b client pod calls the Service by name", started)
 
 
 def test_3_helm_test_passes(world: RealWorld) -> None:
@@ -273,110 +221,27 @@ def test_3_helm_test_passes(world: RealWorld) -> None:
     started = time.monotonic()
     res = w.plane.helm("test", RELEASE, "-n", w.ns, "--timeout", "120s", check=False)
     assert res.returncode == 0, f"{res.stdout[-3000:]}{res.stderr[-2000:]}"
-    record("3 helm test", started)
+    JOURNEY.record("3 helm test", started)
 
 
 def test_4_scale_3_5_2_under_load(world: RealWorld) -> None:
-    w = world
-    w.load.set_phase("scale")
-    w.load.start()
-    w.load.wait_calls("scale", 200)
-    started = time.monotonic()
-    w.kubectl("scale", f"patiocluster/{CLUSTER}", "--replicas=5")
-    w.wait_settled(5, timeout=180)
-    record("4a scale 3 -> 5", started)
-    w.load.wait_calls("scale", w.load.ok_count("scale") + 200)
-    started = time.monotonic()
-    w.kubectl("scale", f"patiocluster/{CLUSTER}", "--replicas=2")
-    w.wait_settled(2, timeout=180)
-    record("4b scale 5 -> 2", started)
-    w.load.wait_calls("scale", w.load.ok_count("scale") + 200)
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    assert_no_failures(w, "scale")
+    scale_under_load(world, [(5, "4a scale 3 -> 5", ""), (2, "4b scale 5 -> 2", "")], timeout=180)
 
 
 def test_5_kill_a_worker_container_under_load(world: RealWorld) -> None:
     w = world
-    w.load.set_phase("kill")
-    w.load.wait_calls("kill", 100)
-    write_if_changed(w.load.dir / "sleep", "1.5\n")  # long calls: the victim holds some
-    time.sleep(2.5)
-    victim = sorted(p["metadata"]["name"] for p in w.pods())[0]
-    pod = next(p for p in w.pods() if p["metadata"]["name"] == victim)
-    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
-    pid = w.container_pid(victim, "worker")
-    started = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
-
-    def restarted() -> bool:
-        p = next((p for p in w.pods() if p["metadata"]["name"] == victim), None)
-        return bool(
-            p
-            and p["status"]["containerStatuses"][0]["restartCount"] == restarts + 1
-            and is_ready(p)
-        )
-
-    wait_until(restarted, 90, f"{victim}'s container restarted and Ready")
-    write_if_changed(w.load.dir / "sleep", "0.05\n")
-    w.wait_settled(2, timeout=120)
-    record("5 SIGKILL a worker container -> restarted, mesh full", started)
-    w.load.wait_calls("kill", w.load.ok_count("kill") + 200)
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    counts = w.load.phase_counts("kill")
-    NOTES["load kill"] = json.dumps(counts, sort_keys=True)
-    retry_failures = {k: v for k, v in counts.get("retryable", {}).items() if k != "ok"}
-    plain_failures = {k: v for k, v in counts.get("plain", {}).items() if k != "ok"}
-    errors = w.load.errors("kill")
-    assert not retry_failures, f"retryable calls failed: {retry_failures}; {errors[:10]}"
-    assert set(plain_failures) <= {"PeerConnectionError"}, f"{plain_failures}; {errors[:10]}"
-    assert w.load.stats().get("wrong_results") == 0
+    kill_a_worker_under_load(
+        w,
+        "5 SIGKILL a worker container -> restarted, mesh full",
+        lambda pod: w.container_pid(pod, "worker"),
+        restarted_within=90,
+        settled_within=120,
+    )
 
 
 def test_6_key_rotation_under_load(world: RealWorld) -> None:
-    w = world
-    w.load.set_phase("rotate")
-    old = w.secret()["key"]
-    generation = w.status()["keyGeneration"]
-    started = time.monotonic()
-    w.kubectl(
-        "patch",
-        "patiocluster",
-        CLUSTER,
-        "--type=merge",
-        "-p",
-        '{"spec":{"auth":{"rotation":"realnode-1"}}}',
-    )
-
-    def rotated() -> bool:
-        st = w.status()
-        rot = st.get("rotation") or {}
-        return (
-            rot.get("phase") == "Idle"
-            and rot.get("token") == "realnode-1"
-            and st.get("keyGeneration") == generation + 1
-        )
-
-    wait_until(rotated, 240, "the key rotation to complete")
-    record("6 key rotation", started)
-    new = w.secret()["key"]
-    assert new != old
-    wait_until(lambda: (w.load.dir / "key").read_text() == new, 10, "the load's new key")
-    w.load.wait_calls("rotate", w.load.ok_count("rotate") + 200)
-    old_file = w.workdir / "old-key"
-    old_file.write_text(old)
-    peer = f"{w.pods()[0]['status']['podIP']}:{MESH_PORT}"
-    refused = wait_until(
-        lambda: (r := patio_call(peer, old_file, "mul", "2", "3", call_timeout=3)).returncode and r,
-        90,
-        "the old key to be refused",
-    )
-    assert "authenticat" in refused.stderr.lower(), refused.stderr
-    w.load.set_phase("between")
-    time.sleep(0.5)
-    assert_no_failures(w, "rotate")
+    rotate_key_under_load(world, "realnode-1", "6 key rotation", timeout=240, refused_within=90)
+    JOURNEY.end_phase(world, "rotate")
 
 
 def test_7_prometheus_scrapes_the_pods(world: RealWorld) -> None:
@@ -389,11 +254,7 @@ def test_7_prometheus_scrapes_the_pods(world: RealWorld) -> None:
     operators = {p["status"]["podIP"] for p in w.pods(OPERATOR_SELECTOR)}
 
     def all_up() -> bool:
-        up: dict[str, set[str]] = {}
-        for t in prom.targets():
-            if t["health"] == "up":
-                host = t["scrapeUrl"].split("//")[1].split(":")[0]
-                up.setdefault(t["labels"]["job"], set()).add(host)
+        up = hosts_up(prom)
         return up.get("patio-workers") == expected and up.get("patio-operator") == operators
 
     try:
@@ -403,7 +264,7 @@ def test_7_prometheus_scrapes_the_pods(world: RealWorld) -> None:
         raise AssertionError(
             f"{exc}; expected workers {expected}, operators {operators}; targets {seen}"
         ) from None
-    record("7a Prometheus scrapes every pod IP", started)
+    JOURNEY.record("7a Prometheus scrapes every pod IP", started)
     query = 'sum(patio_calls_finished_total{side="executor"})'
     stats = w.load.pause()
     time.sleep(2.5)
@@ -417,8 +278,10 @@ def test_7_prometheus_scrapes_the_pods(world: RealWorld) -> None:
     assert made == ok, stats["phases"]["prom"]
     started = time.monotonic()
     wait_until(lambda: prom.scalar(query) == baseline + made, 20, f"{query} to grow by {made}")
-    record("7b PromQL counts every call", started)
-    NOTES["PromQL"] = f"{query}: {baseline:.0f} -> {baseline + made:.0f} (+{made} calls made)"
+    JOURNEY.record("7b PromQL counts every call", started)
+    JOURNEY.notes["PromQL"] = (
+        f"{query}: {baseline:.0f} -> {baseline + made:.0f} (+{made} calls made)"
+    )
 
 
 def test_8_uninstall_leaves_no_container(world: RealWorld) -> None:
@@ -452,4 +315,4 @@ def test_8_uninstall_leaves_no_container(world: RealWorld) -> None:
         m for m in mounts if m.startswith(pods_dir) and m[len(pods_dir) :].split("/")[0] not in live
     ]
     assert not leaked, leaked
-    record("8 uninstall -> no object, sandbox or container left", started)
+    JOURNEY.record("8 uninstall -> no object, sandbox or container left", started)

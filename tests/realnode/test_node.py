@@ -155,37 +155,7 @@ def test_worker_pod_serves_calls_through_its_service(
     assert wait_until(host_call, timeout=60, interval=1, what="a call via the ClusterIP") == "42"
 
     # From a pod, by the Service's DNS name (CoreDNS via the kube-dns ClusterIP).
-    apply(
-        real_node,
-        ns,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "client"},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [
-                    {
-                        "name": "client",
-                        "image": "patio:dev",
-                        "imagePullPolicy": "Never",
-                        "args": [
-                            "call",
-                            "--peer",
-                            f"worker.{ns}.svc.cluster.local:15383",
-                            "--key",
-                            KEY,
-                            "--timeout",
-                            "20",
-                            "mul",
-                            "6",
-                            "7",
-                        ],
-                    }
-                ],
-            },
-        },
-    )
+    apply(real_node, ns, rn.client_pod(f"worker.{ns}.svc.cluster.local:15383", "--key", KEY))
 
     def client_done() -> str | None:
         phase = plane.kubectl_json("get", "pod", "-n", ns, "client")["status"].get("phase")
