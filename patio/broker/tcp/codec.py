@@ -58,16 +58,6 @@ class ErrorReply(Exception):
         self.payload = payload
 
 
-class PendingCall:
-    """A call sent on a link and not answered yet."""
-
-    __slots__ = ("future", "name")
-
-    def __init__(self, future: asyncio.Future[bytes], name: str) -> None:
-        self.future = future
-        self.name = name
-
-
 @dataclass(frozen=True, slots=True)
 class ErrorRule:
     #: the exception on the executing side that is sent as ``kind`` (None: never raised there)

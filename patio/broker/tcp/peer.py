@@ -19,13 +19,10 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from patio.proto.messages import ErrorKind
 from patio.transport import Link
-
-if TYPE_CHECKING:
-    from patio.broker.tcp.codec import PendingCall
 
 
 class PeerState(enum.Enum):
@@ -94,7 +91,8 @@ class Peer:
         self.goodbye_received = False
         self.read_paused = False
         self.retire_timer: asyncio.TimerHandle | None = None
-        self.pending: dict[int, PendingCall] = {}
+        #: calls sent on this link and not answered yet: call id -> its answer
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
         self.serving: dict[int, asyncio.Task[None]] = {}
         #: bytes of the arguments of the calls in ``serving`` (the byte budget)
         self.call_bytes = 0

@@ -20,7 +20,6 @@ from patio.broker.tcp.codec import (
     FRAME_OVERHEAD,
     ErrorReply,
     LinkLost,
-    PendingCall,
     error_from_reply,
     outcome_of,
     pack_value,
@@ -200,7 +199,7 @@ class CallSender:
             call_id = 1 if call_id >= protocol.MAX_SERIAL else call_id + 1
         protocol.serial = call_id
         future: asyncio.Future[bytes] = loop.create_future()
-        pending[call_id] = PendingCall(future, name)
+        pending[call_id] = future
         remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
         link.connection.send_call(call_id, name, payload, remaining, self._router.route_flag)
         timer = None
@@ -247,25 +246,25 @@ class CallSender:
     # -- answers, from the link table ---------------------------------------------
 
     def on_result(self, peer: Peer, call_id: int, payload: bytes) -> None:
-        call = peer.pending.pop(call_id, None)
-        if call is not None:
-            if not call.future.done():
-                call.future.set_result(payload)
+        future = peer.pending.pop(call_id, None)
+        if future is not None:
+            if not future.done():
+                future.set_result(payload)
             self._call_done(peer)
 
     def on_error(self, peer: Peer, call_id: int, kind: int, payload: bytes) -> None:
-        call = peer.pending.pop(call_id, None)
-        if call is not None:
-            if not call.future.done():
-                call.future.set_exception(ErrorReply(kind, payload))
+        future = peer.pending.pop(call_id, None)
+        if future is not None:
+            if not future.done():
+                future.set_exception(ErrorReply(kind, payload))
             self._call_done(peer)
 
     def fail_pending(self, peer: Peer, reason: str) -> None:
         """The link is gone (or going): fail every call waiting on it."""
         pending, peer.pending = peer.pending, {}
-        for call in pending.values():
-            if not call.future.done():
-                call.future.set_exception(LinkLost(reason))
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(LinkLost(reason))
         if pending:
             self._router.wake()
 
