@@ -12,6 +12,8 @@ on what else runs on the machine; wall-clock calls/s do. Both sides of a call
 ``--payload N`` sends N bytes each way. ``--turns`` counts event-loop
 iterations per call instead (stock asyncio loop, no valgrind): the
 scheduling hops of one round trip, caller and executor together.
+``--no-frame-mac`` turns frame authentication off on both sides
+(``tcp_c64_nomac``'s case).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+KEY = b"icount-key-0123456789abcdef"
 
 
-async def _load(calls: int, concurrency: int, timeout: float | None, payload: int) -> None:
+async def _load(
+    calls: int, concurrency: int, timeout: float | None, payload: int, frame_mac: bool
+) -> None:
     from patio import AsyncExecutor, NullExecutor, Registry
     from patio.broker.tcp import TCPClientBroker, TCPServerBroker
 
@@ -41,9 +46,9 @@ async def _load(calls: int, concurrency: int, timeout: float | None, payload: in
     arg: object = b"x" * payload if payload else 1
     async with (
         AsyncExecutor(rpc, max_workers=concurrency) as executor,
-        TCPServerBroker(executor, key=b"icount-key-0123456789abcdef") as server,
+        TCPServerBroker(executor, key=KEY, frame_mac=frame_mac) as server,
         NullExecutor(Registry()) as null,
-        TCPClientBroker(null, key=b"icount-key-0123456789abcdef") as client,
+        TCPClientBroker(null, key=KEY, frame_mac=frame_mac) as client,
     ):
         await server.listen("127.0.0.1", 0)
         port = server.listening[0][1]
@@ -68,7 +73,7 @@ def _child(args: argparse.Namespace) -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    runner(_load(args.calls, args.concurrency, args.timeout, args.payload))
+    runner(_load(args.calls, args.concurrency, args.timeout, args.payload, not args.no_frame_mac))
 
 
 def _turns(args: argparse.Namespace) -> float:
@@ -86,7 +91,9 @@ def _turns(args: argparse.Namespace) -> float:
     calls: int = args.calls
     for load in (calls, 3 * calls):
         turns = 0
-        asyncio.run(_load(load, args.concurrency, args.timeout, args.payload))
+        asyncio.run(
+            _load(load, args.concurrency, args.timeout, args.payload, not args.no_frame_mac)
+        )
         counts.append(turns)
     return (counts[1] - counts[0]) / (2 * calls)
 
@@ -111,6 +118,8 @@ def _instructions(calls: int, args: argparse.Namespace) -> int:
         ]
         if args.timeout is not None:
             cmd += ["--timeout", str(args.timeout)]
+        if args.no_frame_mac:
+            cmd.append("--no-frame-mac")
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -128,6 +137,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--payload", type=int, default=0)
     parser.add_argument("--turns", action="store_true", help="count loop iterations per call")
+    parser.add_argument("--no-frame-mac", action="store_true", help="frames without MAC")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,7 +154,8 @@ def main() -> None:
     per_call = (large - small) / (2 * args.calls)
     print(
         f"{per_call:,.0f} instructions per call (caller + executor, concurrency "
-        f"{args.concurrency}, timeout {args.timeout}, payload {args.payload} B; "
+        f"{args.concurrency}, timeout {args.timeout}, payload {args.payload} B, "
+        f"frame MAC {'off' if args.no_frame_mac else 'on'}; "
         f"callgrind Ir, {args.calls} vs {3 * args.calls} calls)"
     )
 

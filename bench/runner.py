@@ -72,6 +72,8 @@ class System:
 
     def supports(self, scenario: Scenario) -> str | None:
         """None if it can run ``scenario``, else why not."""
+        if not scenario.frame_mac and self.name != "ours":
+            return "frame_mac=False exists in our patio only"
         if self.name == "ceiling":
             return None
         if not self.caps.get("memory"):
@@ -111,6 +113,7 @@ def _cfg(sc: Scenario, use_uvloop: bool, **extra: Any) -> dict[str, Any]:
         "workers": sc.executor_workers,
         "key": KEY,
         "call_timeout": sc.call_timeout,
+        "frame_mac": sc.frame_mac,
     }
     cfg.update(extra)
     return cfg

@@ -20,6 +20,7 @@ class Scenario:
     warmup: int = 500
     remote_only: bool = False  # mesh: every call goes to another process
     call_timeout: float | None = None  # passed as call(..., timeout=) when set
+    frame_mac: bool = True  # False: frames without MAC (our patio only, loopback)
 
     @property
     def executor_workers(self) -> int:
@@ -45,6 +46,15 @@ FULL: list[Scenario] = [
         "tcp_c1", "TCP, one caller -> one executor, concurrency 1 (latency)", "pair", 1, 8_000, 5.0
     ),
     Scenario("tcp_c64", "TCP, one caller -> one executor, concurrency 64", "pair", 64, 80_000, 6.0),
+    Scenario(
+        "tcp_c64_nomac",
+        "TCP, concurrency 64, frames without MAC (ours only: the cost of authenticated frames)",
+        "pair",
+        64,
+        80_000,
+        6.0,
+        frame_mac=False,
+    ),
     Scenario(
         "tcp_c1024",
         "TCP, one caller -> one executor, concurrency 1024",

@@ -101,8 +101,21 @@ class TooManyNamesError(ProtocolError):
     reason: ClassVar[str] = "too_many_names"
 
 
+class FrameAuthenticationError(ProtocolError):
+    """A frame after the handshake does not carry its MAC: injected, changed,
+    replayed, reordered, reflected, or one before it was dropped."""
+
+    reason: ClassVar[str] = "frame_auth"
+
+
 class HandshakeError(ProtocolError):
     """The hello exchange failed: wrong version, timeout or malformed hello."""
+
+
+class FrameMacMismatchError(HandshakeError):
+    """One side authenticates frames and the other does not (``frame_mac``)."""
+
+    reason: ClassVar[str] = "frame_mac"
 
 
 class VersionMismatchError(HandshakeError):

@@ -178,6 +178,7 @@ async def handshake(
 
 
 def frame(message: Any) -> bytes:
+    """``message`` framed as before the handshake (no tag)."""
     import msgpack
 
     body = msgpack.packb(message, use_bin_type=True)
@@ -189,6 +190,14 @@ def scraped(broker: TCPServerBroker, metric: str, reason: str) -> float:
     registry = CollectorRegistry()
     registry.register(BrokerCollector(broker, version="test"))
     return registry.get_sample_value(metric, {"reason": reason}) or 0.0
+
+
+def sealed(conn: Connection, message: Any) -> bytes:
+    """``message`` (any shape) framed and tagged as ``conn`` sends after the handshake."""
+    import msgpack
+
+    conn.send_frame(msgpack.packb(message, use_bin_type=True))
+    return conn.data_to_send()
 
 
 def warnings_text(caplog: pytest.LogCaptureFixture) -> str:
@@ -369,9 +378,9 @@ async def test_malformed_message_after_auth_is_closed(
     env: Env, caplog: pytest.LogCaptureFixture, message: list[Any], logged: str
 ) -> None:
     async with steady_load(env):
-        reader, writer, _ = await handshake(env.port)
+        reader, writer, conn = await handshake(env.port)
         try:
-            writer.write(frame(message))
+            writer.write(sealed(conn, message))
             assert await wait_closed(reader, 3) < 1
         finally:
             close_raw(writer)

@@ -43,7 +43,7 @@ def test_every_fuzz_target_runs_clean(tmp_path: Path) -> None:
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-6000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 6 and all(" ok " in line for line in lines), lines
+    assert len(lines) == 7 and all(" ok " in line for line in lines), lines
     # Every target ran inputs beyond its seeds.
     assert all(int(line.split("runs=")[1].split()[0]) > 100 for line in lines), lines
 

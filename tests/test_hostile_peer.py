@@ -23,7 +23,7 @@ from patio.proto.messages import MAX_ANNOUNCED_NAMES, MAX_NAME_LENGTH
 from patio.stats import OTHER_NAME
 from patio.transport.link import MAX_PENDING_PER_SOURCE
 
-from .test_bad_input import KEY, close_raw, frame, handshake, open_raw, scraped, wait_closed
+from .test_bad_input import KEY, close_raw, handshake, open_raw, scraped, sealed, wait_closed
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_leftover_tasks")]
 
@@ -37,8 +37,8 @@ async def server() -> AsyncIterator[TCPServerBroker]:
         yield broker
 
 
-def announce(names: list[Any], capacity: int = 4, window: int = 8) -> bytes:
-    return frame([MessageType.ANNOUNCE, names, [], capacity, window, False])
+def announce(conn: Connection, names: list[Any], capacity: int = 4, window: int = 8) -> bytes:
+    return sealed(conn, [MessageType.ANNOUNCE, names, [], capacity, window, False])
 
 
 def raw_peer_names(server: TCPServerBroker) -> frozenset[str]:
@@ -58,9 +58,9 @@ async def test_oversized_announce_closes_the_link_and_stores_nothing(
 ) -> None:
     # Issue 16 item 4: one 3.6 MiB ANNOUNCE was stored and re-announced
     # (the limits are enforced in patio/proto/connection.py).
-    reader, writer, _ = await handshake(server.listening[0][1])
+    reader, writer, conn = await handshake(server.listening[0][1])
     try:
-        writer.write(announce(names))
+        writer.write(announce(conn, names))
         assert await wait_closed(reader, 5) < 5
         assert raw_peer_names(server) == frozenset()
     finally:
@@ -69,9 +69,9 @@ async def test_oversized_announce_closes_the_link_and_stores_nothing(
 
 async def test_announced_capacity_is_clamped(server: TCPServerBroker) -> None:
     # Issue 16 item 11: a capacity of 2**62 drew 11 of 20 calls.
-    _, writer, _ = await handshake(server.listening[0][1])
+    _, writer, conn = await handshake(server.listening[0][1])
     try:
-        writer.write(announce(["mul"], capacity=2**62, window=2**62))
+        writer.write(announce(conn, ["mul"], capacity=2**62, window=2**62))
         for _ in range(100):
             infos = [p for p in server.peers() if p.node_id == "raw-peer" and p.names]
             if infos:
@@ -98,7 +98,7 @@ async def test_a_peers_node_id_is_logged_quoted(
             while conn.state is not State.OPEN:
                 conn.receive_data(await reader.read(65536))
                 writer.write(conn.data_to_send())
-        writer.write(announce(["mul"]))
+        writer.write(announce(conn, ["mul"]))
         for _ in range(100):
             if any("connected to" in r.getMessage() for r in caplog.records):
                 break
@@ -114,12 +114,12 @@ async def test_a_peers_node_id_is_logged_quoted(
 async def test_distinct_unknown_task_names_are_not_kept(server: TCPServerBroker) -> None:
     # Issue 16 item 5: every distinct name a peer sent stayed in the stats
     # counters and the route cache (600 names of 64 KiB: +39 MiB, kept).
-    _, writer, _ = await handshake(server.listening[0][1])
+    _, writer, conn = await handshake(server.listening[0][1])
     try:
         for i in range(600):
             name = f"{i:04d}" + "x" * 1000
-            writer.write(frame([MessageType.CALL, i + 1, name, b"\x90", 5.0, True]))
-        writer.write(frame([MessageType.CALL, 9999, "mul", b"\x92\x06\x07", 5.0, True]))
+            writer.write(sealed(conn, [MessageType.CALL, i + 1, name, b"\x90", 5.0, True]))
+        writer.write(sealed(conn, [MessageType.CALL, 9999, "mul", b"\x92\x06\x07", 5.0, True]))
         await writer.drain()
         for _ in range(200):
             finished = sum(server.stats.calls_finished.values())
@@ -137,7 +137,7 @@ async def test_distinct_unknown_task_names_are_not_kept(server: TCPServerBroker)
 
 async def raw_member(
     port: int, node_id: str, instance: str
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Connection]:
     reader, writer = await open_raw(port)
     conn = Connection(Role.DIALER, node_id, instance, KeySet(KEY))
     writer.write(conn.data_to_send())
@@ -148,7 +148,7 @@ async def raw_member(
                 raise ConnectionError("closed during the handshake")
             conn.receive_data(data)
             writer.write(conn.data_to_send())
-    return reader, writer
+    return reader, writer, conn
 
 
 async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
@@ -157,17 +157,17 @@ async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
     # Issue 16 item 11: a new instance claiming a node id aborted the live
     # member's link; 5 claims gave 10 disconnects.
     port = server.listening[0][1]
-    live_reader, live_writer = await raw_member(port, "victim", "instance-1")
+    live_reader, live_writer, live = await raw_member(port, "victim", "instance-1")
     try:
-        live_writer.write(announce(["mul"]))
+        live_writer.write(announce(live, ["mul"]))
         for _ in range(5):
-            claim_reader, claim_writer = await raw_member(port, "victim", "impostor")
+            claim_reader, claim_writer, _ = await raw_member(port, "victim", "impostor")
             try:
                 assert await wait_closed(claim_reader, 3) < 3  # the claim is refused
             finally:
                 close_raw(claim_writer)
         assert not live_reader.at_eof()
-        live_writer.write(frame([MessageType.PING]))
+        live_writer.write(sealed(live, [MessageType.PING]))
         await asyncio.sleep(0.2)
         assert not live_reader.at_eof()  # the live member was never cut
         assert [p.connected for p in server.peers() if p.node_id == "victim"] == [True]
@@ -176,9 +176,9 @@ async def test_claiming_a_live_node_id_does_not_cut_the_live_link(
         close_raw(live_writer)
     # Once the live link is gone, a restarted instance is welcome.
     await asyncio.sleep(0.2)
-    _, new_writer = await raw_member(port, "victim", "instance-2")
+    _, new_writer, new = await raw_member(port, "victim", "instance-2")
     try:
-        new_writer.write(announce(["mul"]))
+        new_writer.write(announce(new, ["mul"]))
         for _ in range(100):
             if any(p.node_id == "victim" and p.connected for p in server.peers()):
                 break
@@ -223,9 +223,9 @@ async def test_no_route_error_is_cheap_with_a_peer_announcing_the_most_names(
     # serves (1.2M names: 3.4 s on the loop, each time). Now the list is made
     # once per routing change and shows a few names and a count.
     names = [f"task-{i:06d}" for i in range(MAX_ANNOUNCED_NAMES)]
-    _, writer, _ = await handshake(server.listening[0][1])
+    _, writer, conn = await handshake(server.listening[0][1])
     try:
-        writer.write(announce(names))
+        writer.write(announce(conn, names))
         for _ in range(500):
             if raw_peer_names(server):
                 break
@@ -259,8 +259,8 @@ async def test_announcing_sorts_nothing() -> None:
         port = broker.listening[0][1]
         peers = [await raw_member(port, f"peer-{i}", "instance") for i in range(3)]
         try:
-            for _, writer in peers:
-                writer.write(announce(["mul"]))
+            for _, writer, conn in peers:
+                writer.write(announce(conn, ["mul"]))
             for _ in range(100):
                 if len([v for v in broker.links() if v.names]) == 3:
                     break
@@ -279,7 +279,7 @@ async def test_announcing_sorts_nothing() -> None:
                 sys.setprofile(None)
             assert sorts == []
         finally:
-            for _, writer in peers:
+            for _, writer, _ in peers:
                 close_raw(writer)
 
 
@@ -290,10 +290,10 @@ async def test_a_mesh_member_does_not_keep_the_routes_peers_announce() -> None:
     rpc.register(lambda a, b: a * b, "mul")
     async with AsyncExecutor(rpc) as executor, TCPMeshBroker(executor, key=KEY) as member:
         await member.listen("127.0.0.1", 0)
-        _, writer = await raw_member(member.listening[0][1], "router", "instance")
+        _, writer, conn = await raw_member(member.listening[0][1], "router", "instance")
         routable = [f"elsewhere-{i}" for i in range(1000)]
         try:
-            writer.write(frame([MessageType.ANNOUNCE, ["div"], routable, 4, 8, False]))
+            writer.write(sealed(conn, [MessageType.ANNOUNCE, ["div"], routable, 4, 8, False]))
             for _ in range(100):
                 if any(v.names for v in member.links()):
                     break

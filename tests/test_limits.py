@@ -32,6 +32,7 @@ from patio.proto.messages import (
     MAX_NAME_LENGTH,
     ErrorKind,
 )
+from patio.proto.session import TAG_SIZE
 from patio.transport.link import MAX_PREAUTH_SOURCES_REMEMBERED, RateLimitedLog
 from tests.test_bad_input import (
     KEY,
@@ -39,10 +40,10 @@ from tests.test_bad_input import (
     close_raw,
     echo,
     env,
-    frame,
     handshake,
     open_raw,
     scraped,
+    sealed,
     small_buffer_socket,
     steady_load,
     wait_closed,
@@ -88,9 +89,10 @@ def announce(names: list[Any], routable: list[Any] = ()) -> list[Any]:  # type: 
 def test_a_frame_over_a_name_limit_closes_the_connection(
     message: list[Any], error: type[ProtocolError], reason: str
 ) -> None:
-    ours, _ = open_pair()
+    ours, theirs = open_pair()
+    theirs.send_frame(msgpack.packb(message, use_bin_type=True))
     with pytest.raises(error, match="over the limit") as caught:
-        ours.receive_data(raw(message))
+        ours.receive_data(theirs.data_to_send())
     assert caught.value.reason == reason
     assert ours.receive_data(raw([MessageType.PING])) == []  # closed
 
@@ -129,9 +131,9 @@ async def test_a_broker_cuts_a_peer_over_a_name_limit_and_counts_why(
     env: Env, caplog: pytest.LogCaptureFixture, message: list[Any], reason: str, logged: str
 ) -> None:
     async with steady_load(env):  # the other callers are not disturbed
-        reader, writer, _ = await handshake(env.port)
+        reader, writer, conn = await handshake(env.port)
         try:
-            writer.write(frame(message))
+            writer.write(sealed(conn, message))
             assert await wait_closed(reader, 3) < 1
         finally:
             close_raw(writer)
@@ -208,13 +210,16 @@ async def test_a_frame_over_the_size_limit_is_cut_and_counted(
         if authenticated:
             reader, writer, conn = await handshake(port)
             # A CALL frame of exactly the limit is served...
+            # (a frame's size counts its tag: the body is TAG_SIZE bytes less)
             size = limit
             while True:  # msgpack's headers grow with the size: settle on the exact one
                 payload = MsgpackSerializer().pack([[b"x" * size], {}])
-                big = raw([MessageType.CALL, 1, "len", payload, None, False])
-                if len(big) - 4 == limit:
+                body = msgpack.packb([MessageType.CALL, 1, "len", payload, None, False])
+                if len(body) + TAG_SIZE == limit:
                     break
-                size += limit - (len(big) - 4)
+                size += limit - (len(body) + TAG_SIZE)
+            conn.send_frame(body)
+            big = conn.data_to_send()
             assert len(big) - 4 == limit, len(big) - 4
             writer.write(big)
             got: list[Any] = []

@@ -12,11 +12,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patio.errors import AuthenticationError, HandshakeError, ProtocolError
+from patio.errors import (
+    AuthenticationError,
+    FrameAuthenticationError,
+    HandshakeError,
+    ProtocolError,
+)
 from patio.proto import (
     HANDSHAKE_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     Call,
+    Cancel,
     Connection,
     KeySet,
     Load,
@@ -29,6 +35,7 @@ from patio.proto import (
 )
 from patio.proto.connection import State, _proof
 from patio.proto.messages import HEADER, MAGIC, MESSAGE_TYPES, NONCE_SIZE
+from patio.proto.session import TAG_SIZE, transcript
 
 KEY = b"k" * 32
 OTHER = b"o" * 32
@@ -39,14 +46,34 @@ def frame(message: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def unframe(data: bytes) -> list[Any]:
-    """Split a byte stream into the decoded messages it carries."""
+def unframe(data: bytes, *, tagged: bool = False) -> list[Any]:
+    """Split a byte stream into the decoded messages it carries.
+
+    Frames after an AUTH carry a tag; ``tagged`` says the stream starts after it.
+    """
     messages = []
     while data:
         (size,) = HEADER.unpack_from(data)
-        messages.append(msgpack.unpackb(data[4 : 4 + size], raw=False))
+        message = msgpack.unpackb(data[4 : 4 + size - TAG_SIZE * tagged], raw=False)
+        messages.append(message)
+        tagged = tagged or message[0] == MessageType.AUTH
         data = data[4 + size :]
     return messages
+
+
+def sealed(sender: Connection, message: Any) -> bytes:
+    """``message`` (any shape) framed and authenticated as ``sender`` sends frames."""
+    sender.send_frame(msgpack.packb(message, use_bin_type=True))
+    return sender.data_to_send()
+
+
+def sealed_body(sender: Connection, body: bytes) -> bytes:
+    sender.send_frame(body)
+    return sender.data_to_send()
+
+
+def hello(node: str, instance: str, nonce: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    return frame([MessageType.HELLO, MAGIC, version, node, instance, nonce, "", True])
 
 
 def dialer(keys: KeySet | bytes = KEY, node: str = "dialer", **kw: Any) -> Connection:
@@ -176,9 +203,8 @@ def test_keyset_fingerprint_names_primary_without_revealing_it() -> None:
 @pytest.mark.parametrize("version", [PROTOCOL_VERSION + 1, 0, 99])
 def test_version_mismatch_names_both_versions(version: int) -> None:
     b = acceptor()
-    hello = frame([MessageType.HELLO, MAGIC, version, "peer", "i", b"n" * NONCE_SIZE])
     with pytest.raises(HandshakeError) as info:
-        b.receive_data(hello)
+        b.receive_data(hello("peer", "i", b"n" * NONCE_SIZE, version))
     assert not isinstance(info.value, AuthenticationError)
     text = str(info.value)
     assert str(version) in text and str(PROTOCOL_VERSION) in text
@@ -253,9 +279,7 @@ def test_own_auth_reflected_back_is_rejected() -> None:
     b = acceptor()
     own_hello = unframe(b.data_to_send())[0]
     attacker_nonce = b"\x01" * NONCE_SIZE
-    b.receive_data(
-        frame([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, "acceptor", "inst-a", attacker_nonce])
-    )
+    b.receive_data(hello("acceptor", "inst-a", attacker_nonce))
     auth = b.data_to_send()
     with pytest.raises(AuthenticationError):
         b.receive_data(auth)
@@ -263,25 +287,28 @@ def test_own_auth_reflected_back_is_rejected() -> None:
 
 
 def test_cross_connection_reflection_fails_only_because_of_the_role() -> None:
-    """Two connections to one node, nonces swapped: only the role tells the proofs apart.
+    """Two connections to one node, nonces swapped: the role tells the proofs apart.
 
     The attacker opens c1 and c2 to the same node, sends on c1 a HELLO whose
     nonce is c2's nonce and on c2 one whose nonce is c1's, both claiming the
-    node's own identity. c2's AUTH then covers exactly the nonces and
-    identities c1 expects; it must still fail on c1 because it was made by
-    an acceptor.
+    node's own identity. c2's AUTH then covers the nonces and identities c1
+    expects; it must still fail on c1 because it was made by an acceptor
+    (the transcript puts each nonce in its role's place, and the role byte
+    is proven too).
     """
     c1, c2 = acceptor(), acceptor()
     n1 = unframe(c1.data_to_send())[0][5]
     n2 = unframe(c2.data_to_send())[0][5]
     ident = ("acceptor", "inst-a")
-    c1.receive_data(frame([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, *ident, n2]))
-    c2.receive_data(frame([MessageType.HELLO, MAGIC, PROTOCOL_VERSION, *ident, n1]))
+    c1.receive_data(hello(*ident, n2))
+    c2.receive_data(hello(*ident, n1))
     c1.data_to_send()
     (auth_c2,) = unframe(c2.data_to_send())
     # The proof c1 wants differs from c2's only by the role byte.
-    assert auth_c2[1] == _proof(KEY, Role.ACCEPTOR, n2, n1, ident, ident)
-    assert _proof(KEY, Role.DIALER, n2, n1, ident, ident) != auth_c2[1]
+    agreed_c2 = transcript(PROTOCOL_VERSION, True, ident, ident, n1, n2, b"")
+    expected_by_c1 = transcript(PROTOCOL_VERSION, True, ident, ident, n2, n1, b"")
+    assert auth_c2[1] == _proof(KEY, Role.ACCEPTOR, agreed_c2)
+    assert _proof(KEY, Role.DIALER, expected_by_c1) != auth_c2[1]
     with pytest.raises(AuthenticationError):
         c1.receive_data(frame(auth_c2))
 
@@ -407,8 +434,12 @@ def test_random_bytes_before_auth_only_raise_protocol_errors(junk: bytes) -> Non
 @settings(max_examples=300, deadline=None)
 @given(junk=st.binary(max_size=4096), framed=st.booleans())
 def test_random_bytes_after_auth_only_raise_protocol_errors(junk: bytes, framed: bool) -> None:
-    _, b = open_pair()
-    data = HEADER.pack(len(junk)) + junk if framed else junk
+    a, b = open_pair()
+    if framed:  # a frame with a valid tag: reaches the decoder
+        a.send_frame(junk)
+        data = a.data_to_send()
+    else:
+        data = junk
     try:
         events = b.receive_data(data)
     except ProtocolError as exc:
@@ -441,9 +472,9 @@ def test_random_messages_after_auth_are_valid_or_protocol_errors(
     kind: Any, fields: list[Any]
 ) -> None:
     """Any well-framed msgpack array is either a well-shaped event or a ProtocolError."""
-    _, b = open_pair()
+    a, b = open_pair()
     try:
-        events = b.receive_data(frame([kind, *fields]))
+        events = b.receive_data(sealed(a, [kind, *fields]))
     except ProtocolError as exc:
         assert str(exc)
         return
@@ -489,9 +520,9 @@ def test_random_messages_after_auth_are_valid_or_protocol_errors(
     ],
 )
 def test_malformed_messages_after_auth(message: Any, needle: str) -> None:
-    _, b = open_pair()
+    a, b = open_pair()
     with pytest.raises(ProtocolError, match=needle):
-        b.receive_data(frame(message))
+        b.receive_data(sealed(a, message))
     assert b.state is State.CLOSED
 
 
@@ -507,17 +538,18 @@ def test_call_timeouts_that_are_accepted(timeout: Any) -> None:
 
 
 def test_invalid_msgpack_after_auth() -> None:
-    _, b = open_pair()
+    a, b = open_pair()
     with pytest.raises(ProtocolError, match="msgpack"):
-        b.receive_data(HEADER.pack(1) + b"\xc1")  # 0xc1 is never used by msgpack
+        b.receive_data(sealed_body(a, b"\xc1"))  # 0xc1 is never used by msgpack
 
 
 def test_valid_frames_before_a_bad_one_are_not_lost_by_the_parser() -> None:
     """The bad frame raises; the state closes and nothing after it is parsed."""
-    _, b = open_pair()
+    a, b = open_pair()
+    stream = sealed(a, [MessageType.CANCEL, 1]) + sealed(a, [42]) + sealed(a, [MessageType.PONG])
     with pytest.raises(ProtocolError):
-        b.receive_data(frame([MessageType.CANCEL, 1]) + frame([42]) + frame([MessageType.PONG]))
-    assert b.receive_data(frame([MessageType.CANCEL, 2])) == []
+        b.receive_data(stream)
+    assert b.receive_data(sealed(a, [MessageType.CANCEL, 2])) == []
 
 
 def test_ping_is_answered_with_pong_internally() -> None:
@@ -525,7 +557,7 @@ def test_ping_is_answered_with_pong_internally() -> None:
     a.send_ping()
     assert b.receive_data(a.data_to_send()) == []
     reply = b.data_to_send()
-    assert unframe(reply) == [[MessageType.PONG]]
+    assert unframe(reply, tagged=True) == [[MessageType.PONG]]
     # The PONG is an event for the side that pinged (a heartbeat answer).
     assert a.receive_data(reply) == [Pong(MessageType.PONG)]
     assert a.data_to_send() == b""
@@ -590,7 +622,7 @@ def test_on_output_is_told_once_per_batch_of_queued_frames() -> None:
     a.send_result(2, b"")
     a.send_cancel(3)
     assert calls == [0]  # told when the first frame was queued, not again
-    assert unframe(a.data_to_send())[0][0] == MessageType.CALL
+    assert unframe(a.data_to_send(), tagged=True)[0][0] == MessageType.CALL
     a.send_goodbye("bye")
     assert calls == [0, 0]
 
@@ -600,4 +632,154 @@ def test_load_travels_typed_and_a_malformed_one_is_refused() -> None:
     a.send_load(37)
     assert b.receive_data(a.data_to_send()) == [Load(MessageType.LOAD, 37)]
     with pytest.raises(ProtocolError, match="LOAD field 1 is str"):
-        b.receive_data(frame([MessageType.LOAD, "37"]))
+        b.receive_data(sealed(a, [MessageType.LOAD, "37"]))
+
+
+# -- authenticated frames (issue 16 items 2 and 12) ------------------------------
+
+
+def test_every_frame_after_the_handshake_carries_a_tag() -> None:
+    a, b = open_pair()
+    a.send_cancel(1)
+    data = a.data_to_send()
+    (size,) = HEADER.unpack_from(data)
+    body = msgpack.packb([MessageType.CANCEL, 1])
+    assert size == len(body) + TAG_SIZE and data[4 : 4 + len(body)] == body
+    assert b.receive_data(data) == [Cancel(MessageType.CANCEL, 1)]
+
+
+def _two_cancels() -> tuple[Connection, Connection, bytes, bytes]:
+    a, b = open_pair()
+    a.send_cancel(1)
+    first = a.data_to_send()
+    a.send_cancel(2)
+    return a, b, first, a.data_to_send()
+
+
+def _flip_last_body_byte(frame_bytes: bytes) -> bytes:
+    changed = bytearray(frame_bytes)
+    changed[-TAG_SIZE - 1] ^= 0x01  # CANCEL 1 becomes CANCEL 0
+    return bytes(changed)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["inject", "modify", "modify-tag", "replay", "drop", "reorder", "reflect", "truncate"],
+)
+def test_a_frame_not_sent_as_is_fails_authentication(attack: str) -> None:
+    """What an on-path relay can do after a handshake it passed through: all refused."""
+    _, b, first, second = _two_cancels()
+    if attack == "inject":  # a well-formed CALL without the key: executed before v2
+        stream = frame([MessageType.CALL, 1, "t", b"", None, False])
+    elif attack == "modify":
+        stream = _flip_last_body_byte(first)
+    elif attack == "modify-tag":
+        stream = first[:-1] + bytes([first[-1] ^ 0x80])
+    elif attack == "replay":
+        assert b.receive_data(first) == [Cancel(MessageType.CANCEL, 1)]
+        stream = first
+    elif attack == "drop":
+        stream = second
+    elif attack == "reorder":
+        stream = second + first
+    elif attack == "reflect":  # b's own frame sent back to b
+        b.send_cancel(1)
+        stream = b.data_to_send()
+    else:  # a frame shorter than a tag
+        stream = HEADER.pack(3) + b"\x91\x06\x01"
+    with pytest.raises(FrameAuthenticationError, match="frame authentication failed") as info:
+        b.receive_data(stream)
+    assert info.value.reason == "frame_auth"
+    assert b.state is State.CLOSED
+
+
+def test_nothing_of_a_chunk_after_a_forged_frame_is_used() -> None:
+    _, b, first, second = _two_cancels()
+    with pytest.raises(FrameAuthenticationError):
+        b.receive_data(_flip_last_body_byte(first) + second)
+    assert b.receive_data(second) == []  # closed
+
+
+def test_directions_and_links_have_their_own_keys() -> None:
+    """A frame from one link, or from the other direction, never verifies."""
+    a1, b1 = open_pair()
+    _, b2 = open_pair()
+    a1.send_cancel(1)
+    with pytest.raises(FrameAuthenticationError):
+        b2.receive_data(a1.data_to_send())
+    b1.send_cancel(1)
+    b1_frame = b1.data_to_send()
+    with pytest.raises(FrameAuthenticationError):
+        b1.receive_data(b1_frame)
+
+
+def test_the_proof_covers_the_protocol_version() -> None:
+    """Item 12: the version is under the proof (and so under the session keys)."""
+    a, b = dialer(), acceptor()
+    nonce_a = unframe(a.data_to_send())[0][5]
+    b.receive_data(hello("dialer", "inst-d", nonce_a))
+    hello_b, auth_b = unframe(b.data_to_send())
+    ids = (("dialer", "inst-d"), ("acceptor", "inst-a"))
+    agreed = transcript(PROTOCOL_VERSION, True, *ids, nonce_a, hello_b[5], b"")
+    assert auth_b[1] == _proof(KEY, Role.ACCEPTOR, agreed)
+    other = transcript(PROTOCOL_VERSION - 1, True, *ids, nonce_a, hello_b[5], b"")
+    assert _proof(KEY, Role.ACCEPTOR, other) != auth_b[1]
+
+
+def test_a_frame_mac_flag_changed_on_the_way_fails_the_proofs() -> None:
+    """A relay turning authentication off in one HELLO cannot make the ends agree."""
+    a, b = dialer(), acceptor(frame_mac=False)
+    hello_a, hello_b = unframe(a.data_to_send())[0], unframe(b.data_to_send())[0]
+    hello_a[7], hello_b[7] = False, True  # what each side expects of the other
+    b.receive_data(frame(hello_a))
+    a.receive_data(frame(hello_b))
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    with pytest.raises(AuthenticationError, match="altered on the way"):
+        b.receive_data(auth_a)
+    with pytest.raises(AuthenticationError, match="altered on the way"):
+        a.receive_data(auth_b)
+
+
+def test_frame_mac_mismatch_is_refused_naming_both_settings() -> None:
+    a, b = dialer(frame_mac=False), acceptor()
+    with pytest.raises(HandshakeError, match="off and this side has it on") as info:
+        b.receive_data(a.data_to_send())
+    assert info.value.reason == "frame_mac"
+
+
+def test_frames_without_mac_when_both_sides_turn_it_off() -> None:
+    a, b = open_pair(frame_mac=False)
+    a.send_cancel(1)
+    data = a.data_to_send()
+    assert data == frame([MessageType.CANCEL, 1])
+    assert b.receive_data(data) == [Cancel(MessageType.CANCEL, 1)]
+
+
+def test_a_version_1_peer_is_refused_naming_both_versions() -> None:
+    b = acceptor()
+    old = [MessageType.HELLO, MAGIC, 1, "old", "i", b"n" * NONCE_SIZE, ""]
+    with pytest.raises(HandshakeError, match="protocol version 1, this side speaks 2"):
+        b.receive_data(frame(old))
+
+
+def test_different_channel_bindings_fail_the_handshake_and_say_why() -> None:
+    """A relay terminating TLS on both sides: each end binds to the certificate it saw."""
+    a = dialer(channel_binding=b"tls-server-end-point:relay")
+    b = acceptor(channel_binding=b"tls-server-end-point:server")
+    hello_a, hello_b = a.data_to_send(), b.data_to_send()
+    b.receive_data(hello_a)
+    a.receive_data(hello_b)
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    with pytest.raises(AuthenticationError, match="TLS channel binding differs"):
+        b.receive_data(auth_a)
+    with pytest.raises(AuthenticationError, match="TLS channel binding differs"):
+        a.receive_data(auth_b)
+
+
+def test_rotation_keys_derive_the_same_session_keys_on_both_sides() -> None:
+    a, b = dialer(KeySet(A, (B,))), acceptor(KeySet(B, (A,)))
+    pump(a, b)
+    a.send_cancel(7)
+    assert b.receive_data(a.data_to_send()) == [Cancel(MessageType.CANCEL, 7)]
+    b.send_cancel(8)
+    assert a.receive_data(b.data_to_send()) == [Cancel(MessageType.CANCEL, 8)]

@@ -85,6 +85,11 @@ def describe() -> dict[str, Any]:
     }
 
 
+def options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Broker keyword arguments a scenario sets (only ours knows ``frame_mac``)."""
+    return {} if cfg.get("frame_mac", True) else {"frame_mac": False}
+
+
 def make_call(broker: Any, name: str, timeout: float | None) -> common.CallFn:
     if timeout is None:
 
@@ -139,7 +144,7 @@ async def role_server(cfg: dict[str, Any], control: common.Control) -> None:
     rpc = make_registry(True)
     executor = AsyncExecutor(rpc, max_workers=cfg["workers"])
     await executor.__aenter__()
-    broker = server_cls(executor, key=cfg["key"].encode())
+    broker = server_cls(executor, key=cfg["key"].encode(), **options(cfg))
     await broker.__aenter__()
     try:
         await broker.listen(HOST, cfg["port"])
@@ -155,7 +160,7 @@ async def role_client(cfg: dict[str, Any]) -> None:
     rpc = make_registry(False)
     executor = AsyncExecutor(rpc, max_workers=cfg["workers"])
     await executor.__aenter__()
-    broker = client_cls(executor, key=cfg["key"].encode())
+    broker = client_cls(executor, key=cfg["key"].encode(), **options(cfg))
     await broker.__aenter__()
     try:
         for port in cfg["peers"]:
@@ -200,9 +205,9 @@ async def role_mesh(cfg: dict[str, Any], control: common.Control) -> None:
     await executor.__aenter__()
     client_executor = AsyncExecutor(rpc, max_workers=cfg["workers"])
     await client_executor.__aenter__()
-    server = server_cls(executor, key=cfg["key"].encode())
+    server = server_cls(executor, key=cfg["key"].encode(), **options(cfg))
     await server.__aenter__()
-    client = client_cls(client_executor, key=cfg["key"].encode())
+    client = client_cls(client_executor, key=cfg["key"].encode(), **options(cfg))
     await client.__aenter__()
     try:
         await server.listen(HOST, cfg["port"])
@@ -260,7 +265,7 @@ async def mesh_native(
 ) -> None:
     executor = AsyncExecutor(rpc, max_workers=cfg["workers"])
     await executor.__aenter__()
-    broker = mesh_cls(executor, key=cfg["key"].encode())
+    broker = mesh_cls(executor, key=cfg["key"].encode(), **options(cfg))
     await broker.__aenter__()
     try:
         await broker.listen(HOST, cfg["port"])

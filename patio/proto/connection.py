@@ -9,15 +9,24 @@ Both sides send HELLO as soon as the connection starts (no side waits for the
 other), so the handshake costs one round trip plus one flight:
 
 1. HELLO carries the protocol version, the sender's node id, a per-process
-   instance id and a fresh random nonce.
+   instance id, a fresh random nonce, its key's fingerprint and whether it
+   authenticates frames (``frame_mac``; both sides must agree).
 2. On the peer's HELLO each side sends AUTH: an HMAC-SHA256 with its primary
-   key over both nonces, both identities and its role (dialer or acceptor).
-   Both nonces make a proof useless on any other connection (no replay); the
-   role makes a proof useless when reflected back at its sender.
+   key over its role (dialer or acceptor) and the transcript
+   (:func:`patio.proto.session.transcript`): the protocol version, the
+   ``frame_mac`` flag, both identities, both nonces and the TLS channel
+   binding. Both nonces make a proof useless on any other connection (no
+   replay); the role makes a proof useless when reflected back at its
+   sender; the version, flag and binding make a proof fail when any of them
+   was changed on the way, or when a relay terminates TLS on both sides.
 3. A side that verifies the peer's AUTH against any key it accepts (constant
    time compare) is OPEN. Until then only HELLO and AUTH frames of at most
    ``HANDSHAKE_MAX_FRAME_SIZE`` bytes are accepted, and nothing is handed to
    a serializer.
+4. From then on every frame in each direction carries a tag under that
+   direction's session key and its implicit sequence number
+   (:mod:`patio.proto.session`); a frame whose tag fails closes the link
+   before any of it is decoded.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from msgpack import unpackb
 
 from patio.errors import (
     AuthenticationError,
+    FrameAuthenticationError,
+    FrameMacMismatchError,
     FrameTooLargeError,
     HandshakeError,
     NameTooLongError,
@@ -43,7 +54,7 @@ from patio.errors import (
     TooManyNamesError,
     VersionMismatchError,
 )
-from patio.proto import keys
+from patio.proto import keys, session
 from patio.proto.messages import (
     DEFAULT_MAX_FRAME_SIZE,
     HANDSHAKE_MAX_FRAME_SIZE,
@@ -62,7 +73,9 @@ from patio.proto.messages import (
     shape_error,
 )
 
-_AUTH_CONTEXT: Final = b"patio-auth-v1"
+_AUTH_CONTEXT: Final = b"patio-auth-v2"
+_TAG_SIZE: Final = session.TAG_SIZE
+_REFUSED_BODY: Final = msgpack.packb([int(MessageType.REFUSED)])
 MAX_FINGERPRINT_LENGTH: Final = 64
 
 
@@ -191,18 +204,9 @@ def _check_announce(message: list[Any]) -> None:
                 raise NameTooLongError(_name_too_long("ANNOUNCE", name))
 
 
-def _proof(
-    key: bytes,
-    role: Role,
-    own_nonce: bytes,
-    peer_nonce: bytes,
-    own_identity: tuple[str, str],
-    peer_identity: tuple[str, str],
-) -> bytes:
-    packed = msgpack.packb(
-        [role.value, own_nonce, peer_nonce, list(own_identity), list(peer_identity)]
-    )
-    return hmac.new(key, _AUTH_CONTEXT + packed, hashlib.sha256).digest()
+def _proof(key: bytes, role: Role, agreed: bytes) -> bytes:
+    """The proof that the side in ``role`` holds ``key``, over the transcript."""
+    return hmac.new(key, _AUTH_CONTEXT + role.value + agreed, hashlib.sha256).digest()
 
 
 class Connection:
@@ -217,6 +221,8 @@ class Connection:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         nonce: bytes | None = None,
+        frame_mac: bool = True,
+        channel_binding: bytes = b"",
     ) -> None:
         if len(node_id) > MAX_NODE_ID_LENGTH:
             raise ValueError(f"node id longer than {MAX_NODE_ID_LENGTH} characters")
@@ -225,12 +231,23 @@ class Connection:
         self.instance = instance
         self.keys = keys
         self.max_frame_size = max_frame_size
+        #: Whether frames after the handshake carry a MAC (both sides must agree).
+        self.frame_mac = frame_mac
+        #: What identifies the TLS channel under this connection (b"" without
+        #: TLS); may be set until the peer's HELLO arrives (the link knows it
+        #: only once TLS is up, after the HELLO was queued).
+        self.channel_binding = channel_binding
         self.state = State.AWAIT_HELLO
         self.peer: PeerAuthenticated | None = None
         self._nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         self._peer_nonce = b""
         self._peer_identity = ("", "")
         self._peer_fingerprint = ""  # of the key it presents, from its HELLO (if it sent one)
+        self._agreed = b""  # the transcript both proofs cover (session.transcript)
+        # Per-direction MACs, from the handshake on (None: frames are not
+        # authenticated, before the handshake or with frame_mac off).
+        self._send_mac: session.FrameMac | None = None
+        self._receive_mac: session.FrameMac | None = None
         self._in = bytearray()
         self._out = bytearray()
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -241,7 +258,7 @@ class Connection:
         # that refuses our proof name both keys in one log line.
         self._queue(
             [MessageType.HELLO, MAGIC, PROTOCOL_VERSION, node_id, instance, self._nonce,
-             self.keys.fingerprint]
+             self.keys.fingerprint, frame_mac]
         )  # fmt: skip
 
     # -- output -------------------------------------------------------------
@@ -259,12 +276,26 @@ class Connection:
         return len(self._out)
 
     def _queue(self, message: list[Any]) -> None:
-        body = self._packer.pack(message)
+        self.send_frame(self._packer.pack(message))
+
+    def send_frame(self, body: bytes) -> None:
+        """Queue one frame carrying ``body`` as is, authenticated once the link is.
+
+        Every send_* method ends here (or inlines it). Tests and tools use it
+        to send what no send_* method would; ``body`` is not checked.
+        """
         out = self._out
         if not out and self.on_output is not None:
             self.on_output()
-        out += HEADER.pack(len(body))
+        mac = self._send_mac
+        if mac is None:
+            out += HEADER.pack(len(body))
+            out += body
+            return
+        length = len(body) + _TAG_SIZE
+        out += HEADER.pack(length)
         out += body
+        out += mac.tag(length, body)
 
     def _require_open(self) -> None:
         if self.state is not State.OPEN:
@@ -290,22 +321,12 @@ class Connection:
             raise ValueError(_name_too_long("CALL", name))
         if type(timeout) is float and isnan(timeout):  # the peer would close the link
             raise ValueError("CALL timeout is NaN")
-        body = self._packer.pack([3, call_id, name, payload, timeout, route])
-        out = self._out
-        if not out and self.on_output is not None:
-            self.on_output()
-        out += HEADER.pack(len(body))
-        out += body
+        self.send_frame(self._packer.pack([3, call_id, name, payload, timeout, route]))
 
     def send_result(self, call_id: int, payload: bytes) -> None:
         if self.state is not State.OPEN:
             self._require_open()
-        body = self._packer.pack([4, call_id, payload])
-        out = self._out
-        if not out and self.on_output is not None:
-            self.on_output()
-        out += HEADER.pack(len(body))
-        out += body
+        self.send_frame(self._packer.pack([4, call_id, payload]))
 
     def send_error(self, call_id: int, kind: int, payload: bytes) -> None:
         self._require_open()
@@ -374,8 +395,10 @@ class Connection:
                     break
                 start = pos + 4
                 pos = start + size
+                # Nothing of a frame is decoded before its tag is checked.
+                stop = pos if self._receive_mac is None else self._verify(view, start, pos)
                 try:
-                    message = unpackb(view[start:pos], raw=False, strict_map_key=False)
+                    message = unpackb(view[start:stop], raw=False, strict_map_key=False)
                 except Exception as exc:
                     raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
                 event: PeerAuthenticated | Message | None
@@ -397,6 +420,28 @@ class Connection:
         if pos:
             del buf[:pos]
         return events
+
+    def _verify(self, view: memoryview, start: int, end: int) -> int:
+        """Check the tag of the frame at ``view[start:end]``; return where its body ends."""
+        mac = self._receive_mac
+        assert mac is not None
+        stop = end - _TAG_SIZE
+        sequence = mac.sequence
+        if stop >= start and hmac.compare_digest(
+            mac.tag(end - start, view[start:stop]), view[stop:end]
+        ):
+            return stop
+        if sequence == 0 and view[start:end] == _REFUSED_BODY:
+            # The peer refused our proof after we accepted its own: it never
+            # opened, so its REFUSED has no tag. Forging one only closes the
+            # link, which anyone on the path can do anyway.
+            raise self._refused()
+        raise FrameAuthenticationError(
+            f"frame authentication failed: frame {sequence} after the handshake "
+            f"({end - start} bytes) from peer {self._peer_identity[0]!r} does not carry its "
+            "MAC; it was injected, changed, replayed, reordered, reflected or a frame before "
+            "it was dropped on the way (nothing of it was used; the link is closed)"
+        )
 
     def _message(self, message: Any) -> Message | None:
         """Check one post-handshake message and type it; None for what is handled here."""
@@ -440,11 +485,14 @@ class Connection:
             raise VersionMismatchError(
                 f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
             )
-        if len(message) not in (6, 7):  # the fingerprint came later: optional
+        if len(message) != 8:
             raise HandshakeError("HELLO has the wrong number of fields")
-        _, _, _, node_id, instance, nonce = message[:6]
-        fingerprint = message[6] if len(message) == 7 else ""
-        if type(fingerprint) is not str or len(fingerprint) > MAX_FINGERPRINT_LENGTH:
+        _, _, _, node_id, instance, nonce, fingerprint, frame_mac = message
+        if (
+            type(fingerprint) is not str
+            or len(fingerprint) > MAX_FINGERPRINT_LENGTH
+            or type(frame_mac) is not bool
+        ):
             raise HandshakeError("HELLO fields are malformed")
         self._peer_fingerprint = fingerprint
         if (
@@ -460,16 +508,22 @@ class Connection:
             raise HandshakeError("peer echoed our nonce")
         self._peer_nonce = nonce
         self._peer_identity = (node_id, instance)
-        own_identity = (self.node_id, self.instance)
-        proof = _proof(
-            self.keys.primary,
-            self.role,
-            self._nonce,
-            nonce,
-            own_identity,
-            self._peer_identity,
+        if frame_mac is not self.frame_mac:
+            raise FrameMacMismatchError(
+                f"peer {node_id!r} has frame authentication "
+                f"{'on' if frame_mac else 'off'} and this side has it "
+                f"{'on' if self.frame_mac else 'off'}: both ends must agree (frame_mac=False / "
+                "--no-frame-mac is for benchmarks on loopback only)"
+            )
+        own = (self.node_id, self.instance)
+        if self.role is Role.DIALER:
+            ids, nonces = (own, self._peer_identity), (self._nonce, nonce)
+        else:
+            ids, nonces = (self._peer_identity, own), (nonce, self._nonce)
+        self._agreed = session.transcript(
+            PROTOCOL_VERSION, self.frame_mac, *ids, *nonces, self.channel_binding
         )
-        self._queue([MessageType.AUTH, proof])
+        self._queue([MessageType.AUTH, _proof(self.keys.primary, self.role, self._agreed)])
         self.state = State.AWAIT_AUTH
 
     def _handshake(self, message: Any) -> PeerAuthenticated | None:
@@ -485,23 +539,53 @@ class Connection:
         if kind != MessageType.AUTH or len(message) != 2 or type(message[1]) is not bytes:
             raise HandshakeError(f"expected AUTH, got message type {kind}")
         peer_role = Role.ACCEPTOR if self.role is Role.DIALER else Role.DIALER
-        own_identity = (self.node_id, self.instance)
-        matched = False
+        peer_key: bytes | None = None
         for key in self.keys.all_accepted():
-            expected = _proof(
-                key, peer_role, self._peer_nonce, self._nonce, self._peer_identity, own_identity
-            )
             # Check every key so the time taken does not say which one matched.
-            matched |= hmac.compare_digest(expected, message[1])
-        if not matched:
+            if hmac.compare_digest(_proof(key, peer_role, self._agreed), message[1]):
+                peer_key = key
+        if peer_key is None:
             # Tell the peer it was refused, and nothing else: it stops retrying.
             self._queue([MessageType.REFUSED])
-            theirs = f", its key's is {self._peer_fingerprint}" if self._peer_fingerprint else ""
-            raise AuthenticationError(
-                f"peer {self._peer_identity[0]!r} did not prove it holds an accepted key "
-                f"(our key's fingerprint is {self.keys.fingerprint}{theirs}); give both sides "
-                "the same key"
-            )
+            raise AuthenticationError(self._refusal())
+        if self.frame_mac:
+            own_key = self.keys.primary
+            if self.role is Role.DIALER:
+                keys = (own_key, peer_key, self._nonce, self._peer_nonce)
+            else:
+                keys = (peer_key, own_key, self._peer_nonce, self._nonce)
+            to_acceptor, to_dialer = session.session_keys(*keys, self._agreed)
+            dialing = self.role is Role.DIALER
+            self._send_mac = session.FrameMac(to_acceptor if dialing else to_dialer)
+            self._receive_mac = session.FrameMac(to_dialer if dialing else to_acceptor)
         self.state = State.OPEN
-        self.peer = PeerAuthenticated(self._peer_identity[0], self._peer_identity[1], 1)
+        self.peer = PeerAuthenticated(
+            self._peer_identity[0], self._peer_identity[1], PROTOCOL_VERSION
+        )
         return self.peer
+
+    def _refusal(self) -> str:
+        """Why the peer's proof did not verify, as precisely as this side can tell."""
+        peer = self._peer_identity[0]
+        ours = self.keys.fingerprint
+        theirs = self._peer_fingerprint
+        shared = {keys.fingerprint(key) for key in self.keys.all_accepted()}
+        if theirs and theirs != keys.WEAK_KEY_FINGERPRINT and theirs in shared:
+            # It presents a key we accept, yet its proof does not verify: what
+            # the proof covers differs between the two sides.
+            where = (
+                "the TLS channel binding differs, so a relay terminates TLS between us "
+                "(configure a CA so both sides verify certificates), or "
+                if self.channel_binding
+                else ""
+            )
+            return (
+                f"peer {peer!r} presents a key we accept (fingerprint {theirs}) but its "
+                f"proof does not verify: the handshake was altered on the way ({where}an "
+                "on-path attacker changed it)"
+            )
+        named = f", its key's is {theirs}" if theirs else ""
+        return (
+            f"peer {peer!r} did not prove it holds an accepted key (our key's fingerprint is "
+            f"{ours}{named}); give both sides the same key"
+        )

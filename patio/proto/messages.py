@@ -3,7 +3,7 @@
 A frame on the wire is a 4-byte big-endian length followed by that many bytes
 of one msgpack array whose first element is the message type::
 
-    HELLO     [0, "patio", version, node_id, instance, nonce, key_fingerprint]
+    HELLO     [0, "patio", version, node_id, instance, nonce, key_fingerprint, frame_mac]
     AUTH      [1, proof]
     ANNOUNCE  [2, names, routable, capacity, window, draining]
     CALL      [3, call_id, name, payload, timeout, route]
@@ -48,7 +48,7 @@ import enum
 import struct
 from typing import Any, Final, NamedTuple
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 MAGIC: Final = "patio"
 
 HEADER: Final = struct.Struct(">I")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -20,10 +21,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
-from patio.errors import AuthenticationError, HandshakeError, ProtocolError
+from patio.errors import (
+    AuthenticationError,
+    FrameAuthenticationError,
+    HandshakeError,
+    ProtocolError,
+)
 from patio.proto import Connection, KeySet, PeerAuthenticated, Role
 from patio.proto.messages import DEFAULT_MAX_FRAME_SIZE, Message
 from patio.stats import BrokerStats
+from patio.transport import binding
 
 log = logging.getLogger("patio.transport")
 
@@ -71,6 +78,14 @@ def check_limits(max_frame_size: int, max_buffered_output: int) -> None:
 # anyone who can reach the port can make new entries.
 _AUTH_FAILURES_LOGGED: dict[tuple[str, str, str], None] = {}
 MAX_AUTH_FAILURES_REMEMBERED = 1024
+
+
+def is_loopback_address(host: str) -> bool:
+    """True for a loopback IP address (an address a socket reports, not a name)."""
+    try:
+        return ipaddress.ip_address(host.split("%", maxsplit=1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 #: Failures of connections that never authenticated are logged at WARNING at
@@ -223,6 +238,9 @@ class LinkSettings:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
     preauth_log: RateLimitedLog = field(default_factory=RateLimitedLog)
+    #: Authenticate every frame (docs/protocol.md); off only between loopback
+    #: addresses, for benchmarks: both ends must agree.
+    frame_mac: bool = True
 
 
 #: Connections a listener holds before they authenticate, in all and from
@@ -299,6 +317,7 @@ class Link(asyncio.Protocol):
             settings.instance,
             settings.keys,
             max_frame_size=settings.max_frame_size,
+            frame_mac=settings.frame_mac,
         )
         # Whatever the owner queues on the connection leaves at the end of this
         # loop iteration: sending is one call, never a send plus a flush.
@@ -338,6 +357,22 @@ class Link(asyncio.Protocol):
                 self.abort(reason)
                 return
             self._gate_source = source
+        if not self.settings.frame_mac and not (
+            self.peername and is_loopback_address(self.peername[0])
+        ):
+            reason = (
+                f"frame authentication is off, and {self._describe()} is not a loopback "
+                "address: frame_mac=False is for benchmarks on loopback only"
+            )
+            self._preauth_failure("frame_mac", reason)
+            self.abort(reason)
+            return
+        try:
+            self.connection.channel_binding = self._channel_binding(transport)
+        except (ValueError, ssl.SSLError) as exc:
+            self._preauth_failure("tls_binding", exc)
+            self.abort(str(exc))
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # not every platform has it
@@ -565,6 +600,7 @@ class Link(asyncio.Protocol):
     def _reject(self, exc: ProtocolError) -> None:
         self._rejected = exc
         if isinstance(exc, AuthenticationError):
+            self._recheck_certificate()
             self._auth_failure(exc)
             # The chunk that carried the peer's bad AUTH may also have carried
             # its HELLO, so our own AUTH is still queued: send it, or the peer
@@ -572,6 +608,13 @@ class Link(asyncio.Protocol):
             self._flush()
         elif not self.authenticated.done():
             self._preauth_failure(exc.reason, exc)  # malformed, oversized, version...
+        elif isinstance(exc, FrameAuthenticationError):
+            # Each costs a relay a link, but links are dialled again: rate-limited.
+            self.settings.stats.frames_rejected[exc.reason] += 1
+            source = self.peername[0] if self.peername else "?"
+            self.settings.preauth_log.warn(
+                source, exc.reason, f"closing connection with {self._describe()}: {exc}"
+            )
         else:
             self.settings.stats.frames_rejected[exc.reason] += 1
             log.warning("closing connection with %s: %s", self._describe(), exc)
@@ -594,6 +637,24 @@ class Link(asyncio.Protocol):
             _AUTH_FAILURES_LOGGED.pop(next(iter(_AUTH_FAILURES_LOGGED)))
         _AUTH_FAILURES_LOGGED[seen] = None
         self._preauth_failure(exc.reason, exc)
+
+    def _channel_binding(self, transport: asyncio.BaseTransport) -> bytes:
+        """What the handshake is bound to: the TLS server's certificate (binding.py).
+
+        A listener's link is the TLS server (start_tls, once admitted): its
+        own certificate, known before the peer's HELLO can arrive. A dialled
+        link comes up with TLS done: the certificate the server presented.
+        """
+        if self._tls is not None:
+            return binding.end_point(binding.server_certificate(self._tls))
+        ssl_object = transport.get_extra_info("ssl_object")
+        return b"" if ssl_object is None else binding.for_client(ssl_object)
+
+    def _recheck_certificate(self) -> None:
+        """A proof failed on a TLS listener: its certificate may have been reloaded."""
+        if self._tls is not None:
+            with contextlib.suppress(ValueError, ssl.SSLError):
+                binding.server_certificate(self._tls, refresh=True)
 
     def _on_authenticated(self, event: PeerAuthenticated) -> None:
         self._release_gate()
@@ -703,8 +764,14 @@ async def listen(
     TLS is started by each link once ``gate`` (the connections still in
     their handshake) admits it, so TLS handshakes count against its caps
     and failures are counted and logged as every other handshake failure.
+
+    With TLS, the certificate the context presents is read here (the
+    handshake is bound to it, see :mod:`patio.transport.binding`), so a
+    context that cannot present one fails now, not at the first connection.
     """
     loop = asyncio.get_running_loop()
+    if ssl_context is not None:
+        binding.server_certificate(ssl_context)
     return await loop.create_server(
         _factory(Role.ACCEPTOR, settings, handler, gate or PreAuthGate(), ssl_context),
         host,

@@ -84,6 +84,7 @@ class WorkerConfig:
     log_format: str = "plain"
     allow_empty_key: bool = False
     allow_weak_key: bool = False
+    frame_mac: bool = True
     event_loop: str = "auto"
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_buffered_output: int = DEFAULT_MAX_BUFFERED_OUTPUT
@@ -173,6 +174,11 @@ BOOLEAN_OPTIONS: tuple[tuple[str, str, str], ...] = (
         "PATIO_ALLOW_WEAK_KEY",
         "permit a key under 128 bits on a non-loopback address (make one with `patio keygen`)",
     ),
+    (
+        "--no-frame-mac",
+        "PATIO_NO_FRAME_MAC",
+        "do not authenticate frames (benchmarks on loopback only; every peer must agree)",
+    ),
 )
 
 
@@ -241,6 +247,7 @@ def config_from_namespace(
     log_format = opts.choice("--log-format", "PATIO_LOG_FORMAT", "plain", LOG_FORMATS)
     event_loop = opts.choice("--event-loop", "PATIO_EVENT_LOOP", "auto", EVENT_LOOPS)
     allow_empty_key, allow_weak_key = _key_allowances(opts)
+    frame_mac = _frame_mac(opts, listen, peers, peers_dns)
     if key_file is None and not key and not allow_empty_key and not is_loopback(listen):
         raise ConfigError(
             f"no key for a worker listening on {listen} (not loopback): give --key-file "
@@ -272,6 +279,7 @@ def config_from_namespace(
         log_format=log_format,
         allow_empty_key=allow_empty_key,
         allow_weak_key=allow_weak_key,
+        frame_mac=frame_mac,
         event_loop=event_loop,
         max_frame_size=max_frame_size,
         max_buffered_output=max_buffered_output,
@@ -425,6 +433,25 @@ def _key_allowances(opts: _Lookup) -> tuple[bool, bool]:
         "PATIO_ALLOW_WEAK_KEY", environ.get("PATIO_ALLOW_WEAK_KEY", "")
     )
     return allow_empty, allow_weak
+
+
+def _frame_mac(
+    opts: _Lookup, listen: str, peers: tuple[PeerAddress, ...], peers_dns: PeerAddress | None
+) -> bool:
+    """False with --no-frame-mac, which only loopback addresses may use."""
+    off = bool(opts.flags.get("no_frame_mac")) or _bool(
+        "PATIO_NO_FRAME_MAC", opts.environ.get("PATIO_NO_FRAME_MAC", "")
+    )
+    if not off:
+        return True
+    hosts = [listen, *(host for host, _ in peers), *([peers_dns[0]] if peers_dns else [])]
+    remote = [host for host in hosts if not is_loopback(host)]
+    if remote:
+        raise ConfigError(
+            f"{opts.name('--no-frame-mac')} is for benchmarks on loopback only, and "
+            f"{', '.join(remote)} is not loopback: anyone on the path could inject calls"
+        )
+    return False
 
 
 def resolve_key_source(

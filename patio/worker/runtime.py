@@ -144,7 +144,9 @@ def build_ssl_contexts(
     Peers are dialled by IP address, which certificates issued for pods rarely
     name, so the client checks the chain but not the host name; authorization
     is the CA plus the shared key. Without a CA the link is encrypted and the
-    shared-key handshake is what authenticates the peer.
+    shared-key handshake is what authenticates the peer: it is bound to the
+    server's certificate (a relay terminating TLS fails it) and every frame
+    after it carries a MAC under keys derived from it (docs/protocol.md).
     """
     for path, what in ((cert, "TLS certificate"), (key, "TLS key"), (ca, "TLS CA")):
         if path is not None and not os.path.isfile(path):
@@ -268,6 +270,7 @@ class Worker:
                 max_frame_size=config.max_frame_size,
                 max_buffered_output=config.max_buffered_output,
                 max_peer_call_bytes=config.max_peer_call_bytes,
+                frame_mac=config.frame_mac,
             )
             self.metrics = WorkerMetrics(self.broker, version=__version__, executor=self.executor)
             if config.metrics_enabled:  # nobody can read the histograms otherwise

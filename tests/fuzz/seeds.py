@@ -31,6 +31,7 @@ MAX_LEN = {
     "handshake": 2048,
     "open_stream": 8192,
     "open_frames": 4096,
+    "forged": 4096,
     "roundtrip": 1024,
     "msgpack": 4096,
     "restricted_pickle": 4096,
@@ -96,13 +97,24 @@ def _open_bad_messages() -> list[list[object]]:
     ]
 
 
+def _sealed(messages: list[list[object]]) -> bytes:
+    """``messages`` as the fuzz targets' open dialer sends them (tagged)."""
+    from tests.fuzz.targets import open_dialer
+
+    theirs = open_dialer()
+    for message in messages:
+        theirs.send_frame(msgpack.packb(message, use_bin_type=True))
+    return theirs.data_to_send()
+
+
 def _open_stream_seeds() -> list[bytes]:
-    good = [_frame(m) for m in _open_messages()]
-    bad = [_frame(m) for m in _open_bad_messages()]
+    good = [_sealed([m]) for m in _open_messages()]
+    bad = [_sealed([m]) for m in _open_bad_messages()]
     return [
-        b"".join(good),
+        _sealed(_open_messages()),
         *good,
         *bad,
+        _frame([3, 1, "work", b"", None, False]),  # a call without a tag: injected
         _HEADER.pack(5000) + b"x" * 100,  # past the (fuzzing) frame limit
         _frame([7]) * 20,
         _HEADER.pack(1) + b"\xc1",  # a byte msgpack never uses
@@ -175,6 +187,7 @@ def seeds() -> dict[str, list[bytes]]:
         "handshake": _handshake_seeds(),
         "open_stream": _open_stream_seeds(),
         "open_frames": _open_frames_seeds(),
+        "forged": [b"\0\5" + seed for seed in _open_frames_seeds()],
         "roundtrip": [b"", bytes(range(256)), b"\xff" * 64, b"\x01" * 200],
         "msgpack": _msgpack_seeds(),
         "restricted_pickle": _pickle_seeds(),

@@ -16,10 +16,16 @@ Targets:
 ``handshake``
     Bytes from an anonymous peer into a fresh connection.
 ``open_stream``
-    Bytes from an authenticated peer (the handshake is replayed first).
+    Bytes from an authenticated peer (the handshake is replayed first). Frames
+    after the handshake carry a MAC, so most inputs end at the tag check:
+    this target fuzzes the framing and the check itself.
 ``open_frames``
     The same, but the input is cut into frame bodies and each gets a correct
-    length header, so the fuzzer spends its time on message decoding.
+    length header and a valid tag (the harness holds the dialer's session
+    keys), so the fuzzer spends its time on message decoding.
+``forged``
+    Valid tagged frames as in ``open_frames`` with one byte of the stream
+    changed: no frame from the changed one on may be handed up.
 ``roundtrip``
     Messages built from the input are sent with the ``send_*`` methods of one
     side and must come out of the other side as sent, whatever the chunking.
@@ -45,7 +51,7 @@ from patio.broker.serializer import (
     RestrictedPickleSerializer,
     exception_from_payload,
 )
-from patio.errors import ProtocolError, SerializationError
+from patio.errors import FrameAuthenticationError, ProtocolError, SerializationError
 from patio.proto import Connection, KeySet, PeerAuthenticated, Role
 from patio.proto.messages import MESSAGE_TYPES
 
@@ -81,6 +87,26 @@ def _dialer_handshake() -> bytes:
 
 
 DIALER_HANDSHAKE = _dialer_handshake()
+
+
+def _acceptor_handshake() -> bytes:
+    """What our side answers to DIALER_HANDSHAKE: its HELLO and its AUTH."""
+    ours = acceptor()
+    ours.receive_data(DIALER_HANDSHAKE)
+    return ours.data_to_send()
+
+
+ACCEPTOR_HANDSHAKE = _acceptor_handshake()
+
+
+def open_dialer() -> Connection:
+    """The dialer of DIALER_HANDSHAKE, open: its frames carry valid tags for us."""
+    theirs = dialer()
+    theirs.data_to_send()
+    theirs.receive_data(ACCEPTOR_HANDSHAKE)
+    assert theirs.peer is not None
+    theirs.data_to_send()  # its AUTH, already in DIALER_HANDSHAKE
+    return theirs
 
 
 def open_connection() -> Connection:
@@ -155,20 +181,64 @@ def open_stream(data: bytes) -> None:
     same_either_way(open_connection, data)
 
 
-def frames_from(data: bytes) -> bytes:
-    """Cut ``data`` into bodies, each preceded by a one-byte length, and frame each."""
-    out = bytearray()
+def bodies_from(data: bytes) -> list[bytes]:
+    """Cut ``data`` into bodies, each preceded by a one-byte length."""
+    bodies = []
     pos = 0
     while pos < len(data):
         size = data[pos]
-        body = data[pos + 1 : pos + 1 + size]
-        out += HEADER.pack(len(body)) + body
+        bodies.append(data[pos + 1 : pos + 1 + size])
         pos += 1 + size
-    return bytes(out)
+    return bodies
+
+
+def frames_from(data: bytes) -> bytes:
+    """The bodies in ``data``, each framed and tagged as the open dialer sends them."""
+    theirs = open_dialer()
+    for body in bodies_from(data):
+        theirs.send_frame(body)
+    return theirs.data_to_send()
 
 
 def open_frames(data: bytes) -> None:
     same_either_way(open_connection, frames_from(data))
+
+
+def forged(data: bytes) -> None:
+    """One byte of a valid tagged stream changed: nothing from there on is handed up."""
+    if len(data) < 3:
+        return
+    theirs = open_dialer()
+    ends = []  # where each frame ends in the stream
+    stream = b""
+    for body in bodies_from(data[2:]):
+        theirs.send_frame(body)
+        stream += theirs.data_to_send()
+        ends.append(len(stream))
+    if not stream:
+        return
+    where = int.from_bytes(data[:2], "big") % len(stream)
+    changed = bytearray(stream)
+    changed[where] ^= 1 + data[1] % 255
+    # What the honest stream hands up, frame by frame, up to its first refusal.
+    honest: list[Any] = []
+    reader, start = open_connection(), 0
+    with contextlib.suppress(ProtocolError):
+        for end in ends:
+            honest += reader.receive_data(stream[start:end])
+            start = end
+    ours = open_connection()
+    try:
+        events = ours.receive_data(bytes(changed))
+    except FrameAuthenticationError:
+        return
+    except ProtocolError:
+        # Another refusal (a changed header over the size limit) is fine too.
+        return
+    # No error: the change left the changed frame incomplete (a header
+    # announcing more bytes than came). Only frames wholly before it count.
+    before = sum(1 for end in ends if end <= where)
+    assert events == honest[: len(events)] and len(events) <= before, (events, before)
 
 
 def roundtrip(data: bytes) -> None:
@@ -291,6 +361,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "handshake": handshake,
     "open_stream": open_stream,
     "open_frames": open_frames,
+    "forged": forged,
     "roundtrip": roundtrip,
     "msgpack": msgpack_serializer,
     "restricted_pickle": restricted_pickle,

@@ -114,6 +114,7 @@ class TCPBroker(AbstractBroker):
         route_wait: float = DEFAULT_ROUTE_WAIT,
         allow_empty_key: bool = False,
         allow_weak_key: bool = False,
+        frame_mac: bool = True,
         prefer_local: bool = False,
         retryable_tasks: Iterable[str] = (),
         reconnect_timeout: float | None = None,
@@ -139,6 +140,7 @@ class TCPBroker(AbstractBroker):
             max_buffered_output=max_buffered_output,
             handshake_timeout=handshake_timeout,
             heartbeat_interval=heartbeat_interval,
+            frame_mac=frame_mac,
         )
         self._server_ssl = ssl_context
         self.connect_timeout = connect_timeout
@@ -224,6 +226,15 @@ class TCPBroker(AbstractBroker):
         ):
             log.warning("%s", warning)
 
+    def _check_frame_mac_for(self, address: str, what: str) -> None:
+        """frame_mac=False is for benchmarks on loopback: refuse any other address."""
+        if not self.link_settings.frame_mac and not is_loopback(address):
+            raise ValueError(
+                f"refusing to {what} {address!r} with frame authentication off: "
+                "frame_mac=False (--no-frame-mac) lets anyone on the path inject calls, so it "
+                "is allowed only between loopback addresses, for benchmarks"
+            )
+
     def _check_key_for(self, address: str) -> None:
         if self.link_settings.keys.primary:
             self._check_key_strength(f"listening on {address}", address)
@@ -247,6 +258,7 @@ class TCPBroker(AbstractBroker):
     async def listen(self, address: str, port: int = DEFAULT_PORT) -> None:
         """Accept connections on ``address:port`` (IPv4 or IPv6)."""
         self.running_loop()
+        self._check_frame_mac_for(address, "listen on")
         self._check_key_for(address)
         gate = PreAuthGate()
         server = await listen(
@@ -271,6 +283,7 @@ class TCPBroker(AbstractBroker):
 
     def add_peer(self, host: str, port: int = DEFAULT_PORT) -> None:
         """Keep a connection to ``host:port`` (dialled and re-dialled with backoff)."""
+        self._check_frame_mac_for(host.strip("[]"), "dial")
         self._check_key_strength(f"dialling {host}", host.strip("[]"))
         manual = set(self._dialer.sources.get("manual", ()))
         manual.add((host.strip("[]"), int(port)))
@@ -284,7 +297,10 @@ class TCPBroker(AbstractBroker):
 
     def set_peers(self, source: str, peers: Iterable[tuple[str, int]]) -> None:
         """Replace the set of addresses one membership source contributes."""
-        self._dialer.set_source(source, {(host.strip("[]"), int(port)) for host, port in peers})
+        addresses = {(host.strip("[]"), int(port)) for host, port in peers}
+        for host, _ in addresses:
+            self._check_frame_mac_for(host, "dial")
+        self._dialer.set_source(source, addresses)
 
     def set_keys(self, key: bytes | str, accepted_keys: Iterable[bytes | str] = ()) -> None:
         """Use a new key set for handshakes from now on (links already up stay up)."""
