@@ -189,7 +189,10 @@ class Router:
 
     def known(self, name: str) -> bool:
         """Whether ``name`` is served here or routable to a peer (else counted as other)."""
-        return name in self._core.own_names or name in self.routable_names
+        core = self._core  # (not own_names: two properties per served call)
+        return (
+            core.executor.accepts_calls and name in core.registry
+        ) or name in self.routable_names
 
     def _local_serves(self, name: str) -> bool:
         core = self._core
@@ -201,7 +204,7 @@ class Router:
         )
 
     def choose(self, name: str, exclude: set[str] | None) -> Target | None:
-        candidates = self.candidates(name)
+        candidates = self._routes.get(name) or self.candidates(name)  # cached: no call
         best = self._best(
             _two_of(candidates) if len(candidates) > SAMPLE_ABOVE else candidates, exclude
         )
