@@ -359,3 +359,27 @@ async def test_a_relay_terminating_tls_fails_the_handshake(
         messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert any("TLS channel binding differs" in m for m in messages), messages
         assert await direct.call("mul", 2, 3, timeout=5) == 6  # the honest link is untouched
+
+
+async def test_a_certificate_reloaded_in_place_is_bound_again(tmp_path: Path) -> None:
+    """The worker's rotation: load_cert_chain on the live context, then set_ssl_contexts."""
+    server_ssl, client_ssl = member_contexts(tmp_path)
+    rpc = Registry()
+    rpc.register(lambda a, b: a * b, "mul")
+    async with (
+        AsyncExecutor(rpc) as executor,
+        TCPServerBroker(executor, key=KEY, ssl_context=server_ssl) as server,
+        NullExecutor(Registry()) as null,
+    ):
+        await server.listen("127.0.0.1", 0)
+        port = server.listening[0][1]
+        new = trustme.CA().issue_cert("patio-member-2.example.test")
+        cert, key = tmp_path / "new.pem", tmp_path / "new.key"
+        new.cert_chain_pems[0].write_to_path(str(cert))
+        new.private_key_pem.write_to_path(str(key))
+        server_ssl.load_cert_chain(str(cert), str(key))
+        server.set_ssl_contexts(server_ssl, client_ssl)
+        async with TCPClientBroker(null, key=KEY, ssl_context=client_ssl) as client:
+            await client.connect("127.0.0.1", port, first_attempt_only=True)
+            assert await client.call("mul", 6, 7, timeout=5) == 42
+        assert server.stats.handshake_failures == {}

@@ -22,8 +22,9 @@ presents, so :func:`server_certificate` asks it: an in-memory TLS handshake
 reads the certificate the server sent. It costs a few milliseconds, so it is
 remembered per context; a listener whose certificate is reloaded in place
 (``load_cert_chain`` on the same context, as the worker does on rotation)
-is probed again when a proof fails (at most once a second), so new
-connections verify again after the first one after a rotation.
+is probed again by ``TCPBroker.set_ssl_contexts`` (the worker calls it after
+reloading), and otherwise when a proof fails (at most once a second), so
+only the first connection after an unannounced reload fails.
 """
 
 from __future__ import annotations
@@ -90,8 +91,13 @@ def server_certificate(context: ssl.SSLContext, *, refresh: bool = False) -> byt
     now = time.monotonic()
     if known is not None and not (refresh and now - known[1] >= REPROBE_INTERVAL):
         return known[0]
+    return reload(context)
+
+
+def reload(context: ssl.SSLContext) -> bytes:
+    """Read the certificate ``context`` presents now (after ``load_cert_chain``)."""
     certificate = _probe(context)
-    _certificates[context] = (certificate, now)
+    _certificates[context] = (certificate, time.monotonic())
     return certificate
 
 

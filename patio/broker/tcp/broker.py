@@ -63,6 +63,7 @@ from patio.transport import (
     DEFAULT_MAX_BUFFERED_OUTPUT,
     LinkSettings,
     PreAuthGate,
+    binding,
     check_limits,
     listen,
 )
@@ -315,8 +316,13 @@ class TCPBroker(AbstractBroker):
         """TLS contexts for listeners started and links dialled from now on.
 
         To rotate a certificate under a running listener, call
-        ``load_cert_chain`` on the context it already uses instead.
+        ``load_cert_chain`` on the context it already uses, then this with
+        that context: the handshake is bound to the listener's certificate,
+        which is read again here (otherwise the first connection after the
+        change fails and it is read again then).
         """
+        if server is not None:
+            binding.reload(server)
         self._server_ssl = server
         self._dialer.client_ssl = client
 
