@@ -361,7 +361,7 @@ async def test_huge_header_after_auth_is_closed(env: Env, caplog: pytest.LogCapt
     assert env.server.stats.frames_rejected["oversized"] == 1
     assert scraped(env.server, "patio_frames_rejected_total", "oversized") == 1
     assert env.server.stats.handshake_failures == {}
-    assert "4294967295 bytes exceeds the limit of 16777216 bytes" in warnings_text(caplog)
+    assert "record of 4294967295 bytes exceeds the limit of 16777236 bytes" in warnings_text(caplog)
 
 
 @pytest.mark.parametrize(

@@ -210,17 +210,16 @@ async def test_a_frame_over_the_size_limit_is_cut_and_counted(
         if authenticated:
             reader, writer, conn = await handshake(port)
             # A CALL frame of exactly the limit is served...
-            # (a frame's size counts its tag: the body is TAG_SIZE bytes less)
             size = limit
             while True:  # msgpack's headers grow with the size: settle on the exact one
                 payload = MsgpackSerializer().pack([[b"x" * size], {}])
                 body = msgpack.packb([MessageType.CALL, 1, "len", payload, None, False])
-                if len(body) + TAG_SIZE == limit:
+                if len(body) == limit:
                     break
-                size += limit - (len(body) + TAG_SIZE)
+                size += limit - len(body)
             conn.send_frame(body)
-            big = conn.data_to_send()
-            assert len(big) - 4 == limit, len(big) - 4
+            big = conn.data_to_send()  # one record: the frame and a tag
+            assert len(big) == 4 + 4 + limit + TAG_SIZE, len(big)
             writer.write(big)
             got: list[Any] = []
             async with asyncio.timeout(5):
@@ -230,16 +229,24 @@ async def test_a_frame_over_the_size_limit_is_cut_and_counted(
             assert MsgpackSerializer().unpack(got[0][2]) == size
         else:
             reader, writer = await open_raw(port)
-        try:
-            writer.write(HEADER.pack(limit + 1) + b"x" * (limit + 1))  # ... one byte more is not
+        try:  # ... one byte more is not (after auth: its record, one frame and a tag)
+            if authenticated:
+                conn.send_frame(b"x" * (limit + 1))
+                writer.write(conn.data_to_send())
+            else:
+                writer.write(HEADER.pack(limit + 1) + b"x" * (limit + 1))
             assert await wait_closed(reader, 3) < 1
         finally:
             close_raw(writer)
     where = "frames_rejected" if authenticated else "handshake_failures"
     assert getattr(server.stats, where) == {"oversized": 1}
     assert scraped(server, f"patio_{where}_total", "oversized") == 1
-    logged = f"frame of {limit + 1} bytes exceeds the limit of {limit} bytes"
-    assert logged + ("" if authenticated else " before authentication") in warnings_text(caplog)
+    if authenticated:
+        overhead = 4 + TAG_SIZE
+        logged = f"record of {limit + 1 + overhead} bytes exceeds the limit of {limit + overhead}"
+    else:
+        logged = f"frame of {limit + 1} bytes exceeds the limit of {limit} bytes before auth"
+    assert logged in warnings_text(caplog)
 
 
 async def bad_hello(port: int, i: int) -> None:

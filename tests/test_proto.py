@@ -33,7 +33,7 @@ from patio.proto import (
     Result,
     Role,
 )
-from patio.proto.connection import State, _proof
+from patio.proto.connection import RECORD_BATCH, State, _proof
 from patio.proto.messages import HEADER, MAGIC, MESSAGE_TYPES, NONCE_SIZE
 from patio.proto.session import TAG_SIZE, transcript
 
@@ -49,14 +49,18 @@ def frame(message: Any) -> bytes:
 def unframe(data: bytes, *, tagged: bool = False) -> list[Any]:
     """Split a byte stream into the decoded messages it carries.
 
-    Frames after an AUTH carry a tag; ``tagged`` says the stream starts after it.
+    Frames after an AUTH travel in records (frames and a tag); ``tagged``
+    says the stream starts after it.
     """
-    messages = []
+    messages: list[Any] = []
     while data:
         (size,) = HEADER.unpack_from(data)
-        message = msgpack.unpackb(data[4 : 4 + size - TAG_SIZE * tagged], raw=False)
-        messages.append(message)
-        tagged = tagged or message[0] == MessageType.AUTH
+        if tagged:
+            messages += unframe(data[4 : 4 + size - TAG_SIZE])
+        else:
+            message = msgpack.unpackb(data[4 : 4 + size], raw=False)
+            messages.append(message)
+            tagged = message[0] == MessageType.AUTH
         data = data[4 + size :]
     return messages
 
@@ -396,7 +400,7 @@ def test_oversized_header_after_hello_before_auth() -> None:
         b.receive_data(HEADER.pack(64 * 1024))
 
 
-@pytest.mark.parametrize("size", [0xFFFFFFFF, 1 << 31, 1024 * 1024 + 1])
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 1 << 31, 1024 * 1024 + 4 + TAG_SIZE + 1])
 def test_oversized_header_after_auth(size: int) -> None:
     _, b = open_pair(max_frame_size=1024 * 1024)
     with pytest.raises(ProtocolError, match="exceeds") as info:
@@ -638,14 +642,41 @@ def test_load_travels_typed_and_a_malformed_one_is_refused() -> None:
 # -- authenticated frames (issue 16 items 2 and 12) ------------------------------
 
 
-def test_every_frame_after_the_handshake_carries_a_tag() -> None:
+def test_frames_after_the_handshake_travel_in_authenticated_records() -> None:
+    """What one write carries is one record: its frames, then one tag."""
     a, b = open_pair()
     a.send_cancel(1)
+    a.send_cancel(2)
     data = a.data_to_send()
     (size,) = HEADER.unpack_from(data)
-    body = msgpack.packb([MessageType.CANCEL, 1])
-    assert size == len(body) + TAG_SIZE and data[4 : 4 + len(body)] == body
-    assert b.receive_data(data) == [Cancel(MessageType.CANCEL, 1)]
+    frames = frame([MessageType.CANCEL, 1]) + frame([MessageType.CANCEL, 2])
+    assert size == len(frames) + TAG_SIZE and len(data) == 4 + size
+    assert data[4 : 4 + len(frames)] == frames
+    assert b.receive_data(data) == [Cancel(MessageType.CANCEL, i) for i in (1, 2)]
+
+
+def test_frames_share_a_record_up_to_the_batch_size() -> None:
+    """Records stay under RECORD_BATCH bytes of frames; a larger frame has its own."""
+    a, b = open_pair()
+    for i in range(5):
+        a.send_result(i, b"p" * 30_000)
+    a.send_result(5, b"q" * (RECORD_BATCH + 1))
+    data = a.data_to_send()
+    sizes = []
+    rest = data
+    while rest:
+        (size,) = HEADER.unpack_from(rest)
+        sizes.append(size - TAG_SIZE)
+        rest = rest[4 + size :]
+    assert len(sizes) == 4 and max(sizes[:3]) <= RECORD_BATCH < sizes[3], sizes
+    assert [r.call_id for r in b.receive_data(data)] == list(range(6))
+
+
+def test_a_frame_crossing_the_end_of_its_record_is_refused() -> None:
+    a, b = open_pair()
+    a._pending += HEADER.pack(100) + b"\x90"  # a frame announcing more than the record holds
+    with pytest.raises(ProtocolError, match="crosses the end of its record"):
+        b.receive_data(a.data_to_send())
 
 
 def _two_cancels() -> tuple[Connection, Connection, bytes, bytes]:

@@ -23,10 +23,10 @@ other), so the handshake costs one round trip plus one flight:
    time compare) is OPEN. Until then only HELLO and AUTH frames of at most
    ``HANDSHAKE_MAX_FRAME_SIZE`` bytes are accepted, and nothing is handed to
    a serializer.
-4. From then on every frame in each direction carries a tag under that
+4. From then on frames travel in records, each sealed with a tag under that
    direction's session key and its implicit sequence number
-   (:mod:`patio.proto.session`); a frame whose tag fails closes the link
-   before any of it is decoded.
+   (:mod:`patio.proto.session`); a record whose tag fails closes the link
+   before any of its frames is decoded.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import enum
 import hashlib
 import hmac
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import isnan
@@ -75,6 +76,10 @@ from patio.proto.messages import (
 
 _AUTH_CONTEXT: Final = b"patio-auth-v2"
 _TAG_SIZE: Final = session.TAG_SIZE
+#: Frame bytes several frames may share one record with (a larger frame has
+#: a record of its own): a constant, so a peer's records never depend on its
+#: own max_frame_size, only its frames do, as before records.
+RECORD_BATCH: Final = 64 * 1024
 _REFUSED_BODY: Final = msgpack.packb([int(MessageType.REFUSED)])
 MAX_FINGERPRINT_LENGTH: Final = 64
 
@@ -250,6 +255,10 @@ class Connection:
         self._receive_mac: session.FrameMac | None = None
         self._in = bytearray()
         self._out = bytearray()
+        # Frames not yet sealed into a record: _out itself until frames are
+        # authenticated, then a buffer sealed into _out by _seal.
+        self._pending = self._out
+        self._record_room = sys.maxsize  # most frame bytes one record may hold
         self._packer = msgpack.Packer(use_bin_type=True)
         #: Called when output is queued while none was waiting (the driver
         #: schedules a write): every send_* is then the whole of a send.
@@ -264,7 +273,13 @@ class Connection:
     # -- output -------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Everything queued for the peer since the last call, as one chunk."""
+        """Everything queued for the peer since the last call, as one chunk.
+
+        With authenticated frames, what was queued since the last call is
+        sealed here into one record: one tag per write, not per frame.
+        """
+        if self._pending is not self._out and self._pending:
+            self._seal()
         if not self._out:
             return b""
         data = bytes(self._out)
@@ -273,7 +288,8 @@ class Connection:
 
     @property
     def pending_output(self) -> int:
-        return len(self._out)
+        pending = self._pending
+        return len(self._out) + (len(pending) if pending is not self._out else 0)
 
     def _queue(self, message: list[Any]) -> None:
         self.send_frame(self._packer.pack(message))
@@ -281,21 +297,28 @@ class Connection:
     def send_frame(self, body: bytes) -> None:
         """Queue one frame carrying ``body`` as is, authenticated once the link is.
 
-        Every send_* method ends here (or inlines it). Tests and tools use it
-        to send what no send_* method would; ``body`` is not checked.
+        Every send_* method ends here. Tests and tools use it to send what no
+        send_* method would; ``body`` is not checked.
         """
-        out = self._out
-        if not out and self.on_output is not None:
+        pending = self._pending
+        if pending and len(pending) + 4 + len(body) > self._record_room:
+            self._seal()  # several frames share a record up to RECORD_BATCH bytes
+        if not pending and not self._out and self.on_output is not None:
             self.on_output()
+        pending += HEADER.pack(len(body))
+        pending += body
+
+    def _seal(self) -> None:
+        """Move the pending frames into the output as one authenticated record."""
+        pending = self._pending
         mac = self._send_mac
-        if mac is None:
-            out += HEADER.pack(len(body))
-            out += body
-            return
-        length = len(body) + _TAG_SIZE
+        assert mac is not None and pending is not self._out
+        length = len(pending) + _TAG_SIZE
+        out = self._out
         out += HEADER.pack(length)
-        out += body
-        out += mac.tag(length, body)
+        out += pending
+        out += mac.tag(length, pending)
+        pending.clear()
 
     def _require_open(self) -> None:
         if self.state is not State.OPEN:
@@ -376,40 +399,18 @@ class Connection:
         buf += data
         events: list[PeerAuthenticated | Message] = []
         pos = 0
-        end = len(buf)
-        opened = self.state is State.OPEN
-        limit = self.max_frame_size if opened else HANDSHAKE_MAX_FRAME_SIZE
         # Frames are decoded from a view of the buffer, not copies of it (a
         # 64 KiB argument is copied once less); the view is released before
         # the buffer is trimmed, which a live view would forbid.
         view = memoryview(buf)
         try:
-            while end - pos >= 4:
-                (size,) = HEADER.unpack_from(buf, pos)
-                if size > limit:
-                    raise FrameTooLargeError(
-                        f"frame of {size} bytes exceeds the limit of {limit} bytes"
-                        + ("" if opened else " before authentication")
-                    )
-                if end - pos - 4 < size:
-                    break
-                start = pos + 4
-                pos = start + size
-                # Nothing of a frame is decoded before its tag is checked.
-                stop = pos if self._receive_mac is None else self._verify(view, start, pos)
-                try:
-                    message = unpackb(view[start:stop], raw=False, strict_map_key=False)
-                except Exception as exc:
-                    raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
-                event: PeerAuthenticated | Message | None
-                if not opened:
-                    event = self._handshake(message)
-                    opened = self.state is State.OPEN
-                    limit = self.max_frame_size if opened else HANDSHAKE_MAX_FRAME_SIZE
-                elif (event := _fast_event(message)) is None:
-                    event = self._message(message)
-                if event is not None:
-                    events.append(event)
+            if self.state is not State.OPEN:
+                pos = self._frames(view, 0, len(buf), HANDSHAKE_MAX_FRAME_SIZE, events)
+            if self.state is State.OPEN:
+                if self._receive_mac is None:
+                    pos = self._frames(view, pos, len(buf), self.max_frame_size, events)
+                else:
+                    pos = self._records(view, pos, events)
         except ProtocolError:
             view.release()
             self.state = State.CLOSED
@@ -421,8 +422,74 @@ class Connection:
             del buf[:pos]
         return events
 
+    def _frames(
+        self,
+        view: memoryview,
+        pos: int,
+        end: int,
+        limit: int,
+        events: list[PeerAuthenticated | Message],
+    ) -> int:
+        """Decode the whole frames in ``view[pos:end]``; return where the first partial one starts.
+
+        Before authentication it stops after the frame that opens the link:
+        what follows is in records (with authenticated frames).
+        """
+        handshaking = self.state is not State.OPEN
+        event: PeerAuthenticated | Message | None
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(view, pos)
+            if size > limit:
+                raise FrameTooLargeError(
+                    f"frame of {size} bytes exceeds the limit of {limit} bytes"
+                    + (" before authentication" if handshaking else "")
+                )
+            if end - pos - 4 < size:
+                break
+            start = pos + 4
+            pos = start + size
+            try:
+                message = unpackb(view[start:pos], raw=False, strict_map_key=False)
+            except Exception as exc:
+                raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
+            if handshaking:
+                event = self._handshake(message)
+                if event is not None:
+                    events.append(event)
+                if self.state is State.OPEN:
+                    break
+                continue
+            if (event := _fast_event(message)) is None:
+                event = self._message(message)
+            if event is not None:
+                events.append(event)
+        return pos
+
+    def _records(
+        self, view: memoryview, pos: int, events: list[PeerAuthenticated | Message]
+    ) -> int:
+        """Verify and decode the whole records in ``view[pos:]``; return where the rest starts."""
+        end = len(view)
+        limit = self.max_frame_size + 4 + _TAG_SIZE
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(view, pos)
+            if size > limit:
+                raise FrameTooLargeError(
+                    f"record of {size} bytes exceeds the limit of {limit} bytes (a frame of "
+                    f"at most {self.max_frame_size} bytes and its MAC)"
+                )
+            if end - pos - 4 < size:
+                break
+            start = pos + 4
+            pos = start + size
+            # Nothing of a record is decoded before its tag is checked.
+            stop = self._verify(view, start, pos)
+            if self._frames(view, start, stop, self.max_frame_size, events) != stop:
+                raise ProtocolError("a frame crosses the end of its record")
+        return pos
+
     def _verify(self, view: memoryview, start: int, end: int) -> int:
-        """Check the tag of the frame at ``view[start:end]``; return where its body ends."""
+        """Check the tag of the record at ``view[start:end]``; return where its frames end."""
         mac = self._receive_mac
         assert mac is not None
         stop = end - _TAG_SIZE
@@ -437,10 +504,10 @@ class Connection:
             # link, which anyone on the path can do anyway.
             raise self._refused()
         raise FrameAuthenticationError(
-            f"frame authentication failed: frame {sequence} after the handshake "
+            f"frame authentication failed: record {sequence} after the handshake "
             f"({end - start} bytes) from peer {self._peer_identity[0]!r} does not carry its "
-            "MAC; it was injected, changed, replayed, reordered, reflected or a frame before "
-            "it was dropped on the way (nothing of it was used; the link is closed)"
+            "MAC; it was injected, changed, replayed, reordered, reflected or a record before "
+            "it was dropped on the way (none of its frames was used; the link is closed)"
         )
 
     def _message(self, message: Any) -> Message | None:
@@ -558,6 +625,8 @@ class Connection:
             dialing = self.role is Role.DIALER
             self._send_mac = session.FrameMac(to_acceptor if dialing else to_dialer)
             self._receive_mac = session.FrameMac(to_dialer if dialing else to_acceptor)
+            self._pending = bytearray()
+            self._record_room = RECORD_BATCH
         self.state = State.OPEN
         self.peer = PeerAuthenticated(
             self._peer_identity[0], self._peer_identity[1], PROTOCOL_VERSION

@@ -17,15 +17,16 @@ Targets:
     Bytes from an anonymous peer into a fresh connection.
 ``open_stream``
     Bytes from an authenticated peer (the handshake is replayed first). Frames
-    after the handshake carry a MAC, so most inputs end at the tag check:
-    this target fuzzes the framing and the check itself.
+    after the handshake travel in records with a MAC, so most inputs end at
+    the tag check: this target fuzzes the record framing and the check itself.
 ``open_frames``
-    The same, but the input is cut into frame bodies and each gets a correct
-    length header and a valid tag (the harness holds the dialer's session
-    keys), so the fuzzer spends its time on message decoding.
+    The same, but the input is cut into frame bodies, each gets a correct
+    length header and they are sealed into records with valid tags (the
+    harness holds the dialer's session keys), so the fuzzer spends its time
+    on message decoding.
 ``forged``
-    Valid tagged frames as in ``open_frames`` with one byte of the stream
-    changed: no frame from the changed one on may be handed up.
+    Valid records as in ``open_frames`` (one per frame) with one byte of the
+    stream changed: no frame from the changed record on may be handed up.
 ``roundtrip``
     Messages built from the input are sent with the ``send_*`` methods of one
     side and must come out of the other side as sent, whatever the chunking.
