@@ -194,15 +194,6 @@ class Router:
             core.executor.accepts_calls and name in core.registry
         ) or name in self.routable_names
 
-    def _local_serves(self, name: str) -> bool:
-        core = self._core
-        return (
-            core.local_execution
-            and not core.draining
-            and core.executor.accepts_calls
-            and name in core.registry
-        )
-
     def choose(self, name: str, exclude: set[str] | None) -> Target | None:
         candidates = self._routes.get(name) or self.candidates(name)  # cached: no call
         best = self._best(
@@ -211,11 +202,17 @@ class Router:
         if best[0] is None and len(candidates) > SAMPLE_ABOVE:
             best = self._best(candidates, exclude)  # both picks full or excluded: look at all
         peer, best_score = best
-        if self._local_serves(name):
-            executor = self._core.executor
+        core = self._core
+        if (  # our own executor serves it (a mesh member): inline, asked on every call
+            core.local_execution
+            and not core.draining
+            and core.executor.accepts_calls
+            and name in core.registry
+        ):
+            executor = core.executor
             load = executor.busy + executor.queued
             self.local_peak = max(self.local_peak, load)
-            if self._core.prefer_local and executor.busy < executor.max_workers:
+            if core.prefer_local and executor.busy < executor.max_workers:
                 return LOCAL
             load = max(load, self.local_load)
             if peer is None or local_keeps(load, executor.max_workers, best_score):
