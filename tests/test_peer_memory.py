@@ -22,7 +22,7 @@ from patio import AsyncExecutor, ProcessPoolExecutor, Registry, TCPServerBroker,
 from patio.broker.tcp.links import MAX_LINKS_PER_NODE
 from patio.proto import MessageType
 
-from .test_bad_input import KEY, close_raw, frame, handshake, scraped, wait_closed
+from .test_bad_input import KEY, close_raw, handshake, scraped, sealed, wait_closed
 from .test_hostile_peer import announce, raw_member
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leftover_tasks")]
@@ -126,15 +126,16 @@ async def test_waiting_calls_hold_their_bytes_not_their_unpacked_arguments(
     # msgpack empty arrays cost 143 MiB. Here the one slot is taken and
     # three calls of 1 MiB each wait for it.
     executor = server.executor
-    reader, writer, _ = await handshake(server.listening[0][1])
+    reader, writer, conn = await handshake(server.listening[0][1])
     try:
-        writer.write(frame([MessageType.CALL, 1, "hold", hold_payload(gate), None, False]))
+        writer.write(sealed(conn, [MessageType.CALL, 1, "hold", hold_payload(gate), None, False]))
         await until(lambda: executor.busy == 1)
         payload = empty_arrays_payload(MIB)
         tracemalloc.start()
         try:
             for call_id in (2, 3, 4):
-                writer.write(frame([MessageType.CALL, call_id, "take", payload, None, False]))
+                call = [MessageType.CALL, call_id, "take", payload, None, False]
+                writer.write(sealed(conn, call))
             await until(lambda: executor.queued == 3)
             held, _ = tracemalloc.get_traced_memory()
         finally:
@@ -155,10 +156,10 @@ async def test_a_peers_outstanding_argument_bytes_pause_its_link(
     server = small_budget_server
     reader, writer, conn = await handshake(server.listening[0][1])
     try:
-        writer.write(frame([MessageType.CALL, 1, "hold", hold_payload(gate), None, False]))
+        writer.write(sealed(conn, [MessageType.CALL, 1, "hold", hold_payload(gate), None, False]))
         payload = bytes_payload(MIB)
         for call_id in range(2, 22):  # 20 MiB of arguments
-            writer.write(frame([MessageType.CALL, call_id, "take", payload, None, False]))
+            writer.write(sealed(conn, [MessageType.CALL, call_id, "take", payload, None, False]))
         await until(lambda: raw_link(server).read_paused)
         await asyncio.sleep(0.2)
         # The budget, plus the call that crossed it.
@@ -189,22 +190,22 @@ async def test_links_per_node_id_are_capped(small_budget_server: TCPServerBroker
     port = server.listening[0][1]
     links = [await raw_member(port, "greedy", "instance-1") for _ in range(MAX_LINKS_PER_NODE)]
     try:
-        for _, writer in links:
-            writer.write(announce(["mul"]))
+        for _, writer, conn in links:
+            writer.write(announce(conn, ["mul"]))
         for _ in range(3):
-            reader, writer = await raw_member(port, "greedy", "instance-1")
+            reader, writer, _ = await raw_member(port, "greedy", "instance-1")
             try:
                 assert await wait_closed(reader, 3) < 3  # refused at once
             finally:
                 close_raw(writer)
         assert scraped(server, "patio_links_refused_total", "too_many_links") == 3
-        assert all(not reader.at_eof() for reader, _ in links)
+        assert all(not reader.at_eof() for reader, _, _ in links)
     finally:
-        for _, writer in links:
+        for _, writer, _ in links:
             close_raw(writer)
     # Once they are gone the node is welcome again.
     await until(lambda: not [v for v in server.links() if v.node_id == "greedy"])
-    reader, writer = await raw_member(port, "greedy", "instance-1")
+    reader, writer, _ = await raw_member(port, "greedy", "instance-1")
     try:
         await asyncio.sleep(0.2)
         assert not reader.at_eof()
