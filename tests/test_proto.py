@@ -814,3 +814,18 @@ def test_rotation_keys_derive_the_same_session_keys_on_both_sides() -> None:
     assert b.receive_data(a.data_to_send()) == [Cancel(MessageType.CANCEL, 7)]
     b.send_cancel(8)
     assert a.receive_data(b.data_to_send()) == [Cancel(MessageType.CANCEL, 8)]
+
+
+def test_record_tags_are_hmac_sha256_over_the_sequence_length_and_frames() -> None:
+    """FrameMac hashes the padded key once per link; its tags are plain HMAC-SHA256."""
+    import hmac
+    import struct
+
+    from patio.proto.session import FrameMac
+
+    for key in (b"k" * 32, b"", b"x" * 100):
+        mac = FrameMac(key)
+        for sequence, frames in enumerate([b"", b"abc", b"z" * 70_000]):
+            place = struct.pack(">QI", sequence, len(frames) + TAG_SIZE)
+            expected = hmac.new(key, place + frames, "sha256").digest()[:TAG_SIZE]
+            assert mac.tag(len(frames) + TAG_SIZE, frames) == expected

@@ -42,10 +42,12 @@ class FakeMeshBroker(MemoryBroker):
         max_frame_size: int = 0,
         max_buffered_output: int = 0,
         max_peer_call_bytes: int = 0,
+        frame_mac: bool = True,
     ) -> None:
         super().__init__(executor)
         self.limits = (max_frame_size, max_buffered_output)
         self.max_peer_call_bytes = max_peer_call_bytes
+        self.frame_mac = frame_mac
         self.node_id = node_id
         self.key = key
         self.accepted_keys = tuple(accepted_keys)
