@@ -139,6 +139,15 @@ class KeyMismatchError(AuthenticationError, PeerConnectionError):
     """
 
 
+class FrameMacRefusedError(FrameMacMismatchError, PeerConnectionError):
+    """``connect()`` failed because the two ends' ``frame_mac`` settings differ.
+
+    Like :class:`KeyMismatchError` it is raised at once (retrying cannot help
+    until one end is restarted with the other setting) and is also a
+    :class:`PeerConnectionError`, what a failed ``connect()`` raises otherwise.
+    """
+
+
 class WeakKeyError(PatioError, ValueError):
     """A key under 128 bits would be used where strangers can reach the broker."""
 

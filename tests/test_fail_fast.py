@@ -16,6 +16,8 @@ from patio import AsyncExecutor, NullExecutor, Registry
 from patio.broker import TCPClientBroker, TCPMeshBroker, TCPServerBroker
 from patio.errors import (
     AuthenticationError,
+    FrameMacMismatchError,
+    FrameMacRefusedError,
     NoRouteError,
     PeerConnectionError,
     PeersUnreachableError,
@@ -62,6 +64,40 @@ async def test_server_that_refuses_our_key_fails_connect_at_once() -> None:
             assert isinstance(info.value, PeerConnectionError)  # what connect() raised before
             assert client.peers() == []
         assert server.stats.handshake_failures["auth"] == 1
+
+
+@pytest.mark.parametrize("server_mac", [True, False])
+async def test_server_with_another_frame_mac_setting_fails_connect_at_once(
+    server_mac: bool,
+) -> None:
+    """frame_mac differs: the HELLOs say so, connect() stops instead of retrying."""
+    async with (
+        AsyncExecutor(registry()) as executor,
+        TCPServerBroker(executor, KEY, frame_mac=server_mac) as server,
+    ):
+        await server.listen("127.0.0.1", 0)
+        port = server.listening[0][1]
+        async with (
+            NullExecutor(Registry()) as null,
+            TCPClientBroker(null, KEY, frame_mac=not server_mac, connect_timeout=20) as client,
+        ):
+            t0 = time.monotonic()
+            with pytest.raises(FrameMacRefusedError) as info:
+                await client.connect("127.0.0.1", port)
+            assert time.monotonic() - t0 < 3.0  # not the retry loop up to connect_timeout
+            message = str(info.value)
+            theirs, ours = ("on", "off") if server_mac else ("off", "on")
+            assert f"has frame authentication {theirs} and this side has it {ours}" in message
+            assert "start both ends with --no-frame-mac" in message
+            assert isinstance(info.value, PeerConnectionError)  # what connect() raised before
+            assert isinstance(info.value, FrameMacMismatchError)
+            assert client.peers() == []
+            # A call routed to it while it is the only peer fails at once too.
+            client.add_peer("127.0.0.1", port)
+            t0 = time.monotonic()
+            with pytest.raises(PeersUnreachableError, match="--no-frame-mac"):
+                await client.call("mul", 2, 3, timeout=20)
+            assert time.monotonic() - t0 < 3.0
 
 
 @pytest.mark.parametrize("timeout", [None, 30.0])

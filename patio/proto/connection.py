@@ -579,8 +579,8 @@ class Connection:
             raise FrameMacMismatchError(
                 f"peer {node_id!r} has frame authentication "
                 f"{'on' if frame_mac else 'off'} and this side has it "
-                f"{'on' if self.frame_mac else 'off'}: both ends must agree (frame_mac=False / "
-                "--no-frame-mac is for benchmarks on loopback only)"
+                f"{'on' if self.frame_mac else 'off'}: both ends must agree; start both ends "
+                "with --no-frame-mac (frame_mac=False, benchmarks on loopback only), or neither"
             )
         own = (self.node_id, self.instance)
         if self.role is Role.DIALER:

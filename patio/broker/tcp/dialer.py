@@ -20,7 +20,13 @@ from patio.broker.tcp.core import BrokerCore
 from patio.broker.tcp.links import LinkTable
 from patio.broker.tcp.peer import Peer, PeerState
 from patio.broker.tcp.router import Reach, Router
-from patio.errors import AuthenticationError, HandshakeError, KeyMismatchError
+from patio.errors import (
+    AuthenticationError,
+    FrameMacMismatchError,
+    FrameMacRefusedError,
+    HandshakeError,
+    KeyMismatchError,
+)
 from patio.proto import Role
 from patio.transport import Link, dial
 
@@ -190,7 +196,7 @@ class Dialer:
                 ssl_context=self.client_ssl,
                 timeout=core.connect_timeout,
             )
-        except AuthenticationError as exc:
+        except (AuthenticationError, FrameMacMismatchError) as exc:
             self._refused(target, exc)
             return None
         except (OSError, TimeoutError, HandshakeError, ssl.SSLError) as exc:
@@ -215,12 +221,14 @@ class Dialer:
             return None
         return link
 
-    def _refused(self, target: Target, exc: AuthenticationError) -> None:
-        """Keys differ: retrying will not help until one side changes its key."""
+    def _refused(self, target: Target, exc: AuthenticationError | FrameMacMismatchError) -> None:
+        """Keys or frame_mac settings differ: retrying will not help until one side changes."""
         target.last_error = f"{type(exc).__name__}: {exc}"
         if not target.connected.done():
+            mac = isinstance(exc, FrameMacMismatchError)
+            error = FrameMacRefusedError if mac else KeyMismatchError
             target.connected.set_exception(
-                KeyMismatchError(f"cannot connect to {target.describe()}: {target.last_error}")
+                error(f"cannot connect to {target.describe()}: {target.last_error}")
             )
 
     async def _accepted_by(self, peer: Peer) -> bool:
