@@ -176,6 +176,11 @@ def _add_connection_options(parser: argparse.ArgumentParser, *, timeout: float) 
         action="store_true",
         help="dial a non-loopback worker with a key under 128 bits (make one with `patio keygen`)",
     )
+    parser.add_argument(
+        "--no-frame-mac",
+        action="store_true",
+        help="reach workers run with --no-frame-mac (frames without MAC; loopback only)",
+    )
     parser.add_argument("--tls-cert", help="PEM client certificate (for a mesh with mutual TLS)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-ca", help="PEM CA bundle that signed the workers' certificates")
@@ -424,6 +429,7 @@ def run_call_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
         tls_key=ns.tls_key,
         tls_ca=ns.tls_ca,
         allow_weak_key=ns.allow_weak_key,
+        frame_mac=not ns.no_frame_mac,
     )
     _prepare_client("call", has_key=bool(request.key))
     return run_call(request, as_json=ns.json)
@@ -440,6 +446,7 @@ def run_status_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> in
     target = make_request(
         peers=ns.peer, task="", args=[], key=key, key_file=key_file, timeout=ns.timeout,
         retryable=False, tls_cert=ns.tls_cert, tls_key=ns.tls_key, tls_ca=ns.tls_ca,
+        frame_mac=not ns.no_frame_mac,
     )  # fmt: skip
     _prepare_client("status", has_key=bool(target.key))
     return run_status(
@@ -451,6 +458,7 @@ def run_status_command(ns: argparse.Namespace, environ: Mapping[str, str]) -> in
             watch=ns.watch,
             ssl_context=target.ssl_context,
             allow_weak_key=ns.allow_weak_key,
+            frame_mac=target.frame_mac,
         )
     )
 

@@ -28,7 +28,13 @@ from patio.broker import TCPClientBroker
 from patio.errors import PeerConnectionError
 from patio.executor import NullExecutor
 from patio.registry import Registry
-from patio.worker.config import DEFAULT_PORT, ConfigError, PeerAddress, parse_peer_address
+from patio.worker.config import (
+    DEFAULT_PORT,
+    ConfigError,
+    PeerAddress,
+    check_frame_mac_off,
+    parse_peer_address,
+)
 from patio.worker.runtime import build_ssl_contexts, read_key_file
 
 log = logging.getLogger("patio.worker.client")
@@ -48,6 +54,7 @@ class CallRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
     ssl_context: ssl.SSLContext | None = None
     allow_weak_key: bool = False
+    frame_mac: bool = True
 
 
 def parse_argument(text: str) -> Any:
@@ -136,6 +143,7 @@ def make_request(
     tls_ca: str | None = None,
     stdin: TextIO | None = None,
     allow_weak_key: bool = False,
+    frame_mac: bool = True,
 ) -> CallRequest:
     if key is not None and key_file is not None:
         raise ConfigError("--key and --key-file are exclusive: give one of them")
@@ -147,6 +155,8 @@ def make_request(
     }
     if not addresses:
         raise ConfigError("no peer to call: give --peer HOST:PORT")
+    if not frame_mac:
+        check_frame_mac_off((host for host, _ in addresses), "--no-frame-mac / PATIO_NO_FRAME_MAC")
     reader = ArgumentReader(stdin if stdin is not None else sys.stdin)
     values = tuple(
         parse_argument(reader.text(raw, f"argument {n}")) for n, raw in enumerate(args, start=1)
@@ -172,6 +182,7 @@ def make_request(
         timeout=timeout,
         retryable=retryable,
         allow_weak_key=allow_weak_key,
+        frame_mac=frame_mac,
     )
 
 
@@ -212,6 +223,7 @@ async def connected_client(
     ssl_context: ssl.SSLContext | None,
     command: str = "patio call",
     allow_weak_key: bool = False,
+    frame_mac: bool = True,
 ) -> AsyncIterator[TCPClientBroker]:
     """A client broker that serves nothing, connected to every peer that answers.
 
@@ -226,6 +238,7 @@ async def connected_client(
             allow_weak_key=allow_weak_key,
             connect_timeout=min(CONNECT_TIMEOUT, timeout),
             ssl_context=ssl_context,
+            frame_mac=frame_mac,
         )
         async with broker:
             outcomes = await asyncio.gather(
@@ -261,6 +274,7 @@ async def call_once(request: CallRequest) -> Any:
         timeout=request.timeout,
         ssl_context=request.ssl_context,
         allow_weak_key=request.allow_weak_key,
+        frame_mac=request.frame_mac,
     ) as broker:
         return await broker.call(
             request.task,

@@ -17,7 +17,7 @@ import argparse
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -445,13 +445,18 @@ def _frame_mac(
     if not off:
         return True
     hosts = [listen, *(host for host, _ in peers), *([peers_dns[0]] if peers_dns else [])]
+    check_frame_mac_off(hosts, opts.name("--no-frame-mac"))
+    return False
+
+
+def check_frame_mac_off(hosts: Iterable[str], name: str) -> None:
+    """Frames without MAC (``name`` is the flag or variable asking) only on loopback hosts."""
     remote = [host for host in hosts if not is_loopback(host)]
     if remote:
         raise ConfigError(
-            f"{opts.name('--no-frame-mac')} is for benchmarks on loopback only, and "
+            f"{name} is for benchmarks on loopback only, and "
             f"{', '.join(remote)} is not loopback: anyone on the path could inject calls"
         )
-    return False
 
 
 def resolve_key_source(

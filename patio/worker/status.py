@@ -28,6 +28,7 @@ class StatusRequest:
     watch: float | None = None  # seconds between refreshes
     ssl_context: Any = None
     allow_weak_key: bool = False
+    frame_mac: bool = True
 
 
 def format_uptime(seconds: float) -> str:
@@ -100,6 +101,7 @@ async def gather_status(request: StatusRequest, out: TextIO) -> int:
         ssl_context=request.ssl_context,
         command="patio status",
         allow_weak_key=request.allow_weak_key,
+        frame_mac=request.frame_mac,
     ) as broker:
         while True:
             members = await broker.mesh_status(timeout=request.timeout)

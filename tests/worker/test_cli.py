@@ -52,6 +52,13 @@ def test_version(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
         (["call", "--peer", "h", "--kwargs", "{", "t"], {}, "--kwargs is not valid JSON"),
         (["call", "--peer", "h", "t", "@/nonexistent/arg"], {},
          "argument 1: file /nonexistent/arg does not exist"),
+        (["call", "--no-frame-mac", "--peer", "127.0.0.1,10.1.2.3:15383", "t"], {},
+         "--no-frame-mac / PATIO_NO_FRAME_MAC is for benchmarks on loopback only, and "
+         "10.1.2.3 is not loopback"),
+        (["status", "--peer", "[fd00::1]:15383"], {"PATIO_NO_FRAME_MAC": "1"},
+         "fd00::1 is not loopback: anyone on the path could inject calls"),
+        (["call", "--peer", "h", "t"], {"PATIO_NO_FRAME_MAC": "maybe"},
+         "PATIO_NO_FRAME_MAC: must be true or"),
         (["local"], {"PATIO_WORKERS": "300"}, "PATIO_WORKERS: must be between 1 and 253, not 300"),
         (["local", "-n", "300"], {}, "--workers/-n: must be between 1 and 253, not 300"),
         (["local"], {"PATIO_EXECUTOR": "gpu"}, "PATIO_EXECUTOR: must be one of async, thread"),
@@ -168,6 +175,28 @@ def test_patio_call_inputs_outputs_and_variables(spawn: Spawner, tmp_path: Path)
     started = time.monotonic()
     refused = run_patio("call", "--peer", worker.address, "--key-file", str(wrong), "mul", "1", "2")
     assert refused.returncode == 1 and "fingerprint" in refused.stderr, refused.stderr
+    assert time.monotonic() - started < 6, refused.stderr
+
+
+@pytest.mark.slow
+def test_call_and_status_reach_a_worker_without_frame_mac(spawn: Spawner) -> None:
+    key = "frame-mac-off-key-0123456789abcdefghij"
+    worker = spawn.worker("--key", key, "--no-frame-mac")
+    worker.wait_ready()
+    called = run_patio("call", "--no-frame-mac", "--peer", worker.address, "--key", key,
+                       "mul", "6", "7")  # fmt: skip
+    assert (called.returncode, called.stdout) == (0, "42\n"), called.stderr
+    status = run_patio("status", "--json", "--peer", worker.address, "--key", key,
+                       env=patio_env(PATIO_NO_FRAME_MAC="1"))  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert [m["node_id"] for m in json.loads(status.stdout)["members"]] == ["w0"]
+    # Without the flag: refused at once, naming both settings and what to do.
+    started = time.monotonic()
+    refused = run_patio("call", "--peer", worker.address, "--key", key, "mul", "6", "7")
+    assert refused.returncode == 1, refused.stderr
+    assert "FrameMacRefusedError" in refused.stderr, refused.stderr
+    assert "frame authentication off and this side has it on" in refused.stderr
+    assert "start both ends with --no-frame-mac" in refused.stderr
     assert time.monotonic() - started < 6, refused.stderr
 
 
