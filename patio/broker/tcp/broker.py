@@ -490,7 +490,9 @@ class TCPClientBroker(TCPBroker):
 
         Returns once the first connection is authenticated. Raises
         :class:`~patio.errors.AuthenticationError` at once when the server
-        refuses our key (or we refuse its), and
+        refuses our key (or we refuse its),
+        :class:`~patio.errors.FrameMacRefusedError` at once when its
+        ``frame_mac`` setting differs from ours, and
         :class:`~patio.errors.PeerConnectionError` when no connection can be
         made within ``connect_timeout`` seconds -- or, with
         ``first_attempt_only``, as soon as the first attempt fails (a refused
