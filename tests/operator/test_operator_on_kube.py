@@ -514,8 +514,12 @@ def test_spec_change_rolls_out_and_scale_down_drains(
         )
 
     wait_until(rolled, timeout=120, what="both workers replaced")
-    pc = wait_condition(plane, ns, "roll", "Ready")
-    assert condition(pc, "Progressing")["status"] == "False"
+    wait_condition(plane, ns, "roll", "Ready")
+    # Ready can come a resync before the StatefulSet's status names the new
+    # revision current (Progressing is still RollingUpdate then): the roll
+    # must settle, not be settled at the first Ready.
+    pc = wait_condition(plane, ns, "roll", "Progressing", "False", timeout=60)
+    assert condition(pc, "Ready")["status"] == "True"
     assert pc["status"]["observedGeneration"] == pc["metadata"]["generation"]
 
     # Scale down while the leaving worker runs a call: the call still completes.
