@@ -16,7 +16,7 @@ import contextlib
 import logging
 import ssl
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,21 +38,17 @@ HANDSHAKE_FRAMES = 2  # HELLO and AUTH each way, untagged
 
 
 @dataclass
-class Relay:
-    """A TCP relay on 127.0.0.1 that forwards whole frames and can tamper with them."""
+class _Listener:
+    """A relay's listening side on 127.0.0.1: its piping tasks and both ends' writers."""
 
     target_port: int
-    attack: str = ""  # armed attack, done on the next frame it applies to
     port: int = 0
-    links: int = 0
-    done: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _to_server: list[asyncio.StreamWriter] = field(default_factory=list)
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, context: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -65,6 +61,24 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
+    def _spawn(self, pipe: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(pipe)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Relay(_Listener):
+    """A TCP relay on 127.0.0.1 that forwards whole frames and can tamper with them."""
+
+    attack: str = ""  # armed attack, done on the next frame it applies to
+    links: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    _to_server: list[asyncio.StreamWriter] = field(default_factory=list)
+
     def inject_to_server(self, data: bytes) -> None:
         self._to_server[-1].write(data)
 
@@ -73,10 +87,8 @@ class Relay:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers += [writer, up_writer]
         self._to_server.append(up_writer)
-        for args in ((reader, up_writer, "up", writer), (up_reader, writer, "down", up_writer)):
-            task = asyncio.create_task(self._pipe(*args))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._spawn(self._pipe(reader, up_writer, "up", writer))
+        self._spawn(self._pipe(up_reader, writer, "down", up_writer))
 
     async def _pipe(
         self,
@@ -273,29 +285,8 @@ async def test_frame_mac_off_on_loopback_works() -> None:
 
 
 @dataclass
-class TLSRelay:
+class TLSRelay(_Listener):
     """Terminates TLS on both sides with its own certificate and relays the bytes."""
-
-    target_port: int
-    context: ssl.SSLContext
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.context)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -305,10 +296,8 @@ class TLSRelay:
             "127.0.0.1", self.target_port, ssl=upstream
         )
         self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._spawn(self._pipe(reader, up_writer))
+        self._spawn(self._pipe(up_reader, writer))
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -348,8 +337,8 @@ async def test_a_relay_terminating_tls_fails_the_handshake(
         # Directly, the two ends see the same certificate: the binding agrees.
         await direct.connect("127.0.0.1", port)
         assert await direct.call("mul", 6, 7, timeout=5) == 42
-        relay = TLSRelay(port, relay_ssl)
-        await relay.start()
+        relay = TLSRelay(port)
+        await relay.start(relay_ssl)
         try:
             with pytest.raises(PeerConnectionError, match="TLS channel binding differs"):
                 await relayed.connect("127.0.0.1", relay.port, first_attempt_only=True)
