@@ -117,6 +117,15 @@ def open_pair(**kw: Any) -> tuple[Connection, Connection]:
 # -- handshake ---------------------------------------------------------------
 
 
+def both_proofs_fail(a: Connection, b: Connection, match: str) -> None:
+    """Each side sends its AUTH; each refuses the other's, saying ``match``."""
+    auth_a, auth_b = a.data_to_send(), b.data_to_send()
+    with pytest.raises(AuthenticationError, match=match):
+        b.receive_data(auth_a)
+    with pytest.raises(AuthenticationError, match=match):
+        a.receive_data(auth_b)
+
+
 @pytest.mark.parametrize("b_first", [False, True])
 def test_handshake_succeeds_both_ways(b_first: bool) -> None:
     a, b = dialer(), acceptor()
@@ -150,11 +159,7 @@ def test_wrong_key_fails_authentication(wrong: str) -> None:
     hello_a, hello_b = a.data_to_send(), b.data_to_send()
     b.receive_data(hello_a)
     a.receive_data(hello_b)
-    auth_a, auth_b = a.data_to_send(), b.data_to_send()
-    with pytest.raises(AuthenticationError, match="accepted key"):
-        b.receive_data(auth_a)
-    with pytest.raises(AuthenticationError, match="accepted key"):
-        a.receive_data(auth_b)
+    both_proofs_fail(a, b, "accepted key")
     assert a.state is State.CLOSED and b.state is State.CLOSED
     assert a.peer is None and b.peer is None
     # A closed connection ignores whatever else arrives.
@@ -764,11 +769,7 @@ def test_a_frame_mac_flag_changed_on_the_way_fails_the_proofs() -> None:
     hello_a[7], hello_b[7] = False, True  # what each side expects of the other
     b.receive_data(frame(hello_a))
     a.receive_data(frame(hello_b))
-    auth_a, auth_b = a.data_to_send(), b.data_to_send()
-    with pytest.raises(AuthenticationError, match="altered on the way"):
-        b.receive_data(auth_a)
-    with pytest.raises(AuthenticationError, match="altered on the way"):
-        a.receive_data(auth_b)
+    both_proofs_fail(a, b, "altered on the way")
 
 
 def test_frame_mac_mismatch_is_refused_naming_both_settings() -> None:
@@ -800,11 +801,7 @@ def test_different_channel_bindings_fail_the_handshake_and_say_why() -> None:
     hello_a, hello_b = a.data_to_send(), b.data_to_send()
     b.receive_data(hello_a)
     a.receive_data(hello_b)
-    auth_a, auth_b = a.data_to_send(), b.data_to_send()
-    with pytest.raises(AuthenticationError, match="TLS channel binding differs"):
-        b.receive_data(auth_a)
-    with pytest.raises(AuthenticationError, match="TLS channel binding differs"):
-        a.receive_data(auth_b)
+    both_proofs_fail(a, b, "TLS channel binding differs")
 
 
 def test_rotation_keys_derive_the_same_session_keys_on_both_sides() -> None:
