@@ -11,6 +11,7 @@ from patio.transport.link import (
     RateLimitedLog,
     check_limits,
     dial,
+    is_loopback,
     listen,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "RateLimitedLog",
     "check_limits",
     "dial",
+    "is_loopback",
     "listen",
 ]

@@ -80,10 +80,12 @@ _AUTH_FAILURES_LOGGED: dict[tuple[str, str, str], None] = {}
 MAX_AUTH_FAILURES_REMEMBERED = 1024
 
 
-def is_loopback_address(host: str) -> bool:
-    """True for a loopback IP address (an address a socket reports, not a name)."""
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or name, as configured or as a socket reports it."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
     try:
-        return ipaddress.ip_address(host.split("%", maxsplit=1)[0]).is_loopback
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
     except ValueError:
         return False
 
@@ -357,9 +359,7 @@ class Link(asyncio.Protocol):
                 self.abort(reason)
                 return
             self._gate_source = source
-        if not self.settings.frame_mac and not (
-            self.peername and is_loopback_address(self.peername[0])
-        ):
+        if not self.settings.frame_mac and not (self.peername and is_loopback(self.peername[0])):
             reason = (
                 f"frame authentication is off, and {self._describe()} is not a loopback "
                 "address: frame_mac=False is for benchmarks on loopback only"

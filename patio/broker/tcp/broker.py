@@ -32,7 +32,6 @@ the broker executes and forwards calls itself. Failure semantics:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -65,6 +64,7 @@ from patio.transport import (
     PreAuthGate,
     binding,
     check_limits,
+    is_loopback,
     listen,
 )
 
@@ -75,15 +75,6 @@ DEFAULT_PORT: Final = 15383
 # connecting or announcing. Bounded by the call's own timeout.
 DEFAULT_ROUTE_WAIT: Final = 5.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _as_key(key: bytes | str) -> bytes:
