@@ -194,6 +194,14 @@ def test_2_cluster_of_3_forms_its_mesh_and_answers_through_its_service(world: Re
     w.key_file.write_text(w.secret()["key"])
     svc = w.plane.kubectl_json("get", "service", CLUSTER, "-n", w.ns)
     cluster_ip = svc["spec"]["clusterIP"]
+
+    def service_programmed() -> bool:
+        # kube-proxy writes the ClusterIP's rules after the endpoints turn
+        # ready, asynchronously: until then the address refuses connections.
+        res = patio_call(f"{cluster_ip}:{MESH_PORT}", w.key_file, "mul", "6", "7")
+        return "ConnectionRefusedError" not in res.stderr
+
+    wait_until(service_programmed, 60, "kube-proxy to program the Service's ClusterIP")
     for _ in range(5):  # several connections: kube-proxy spreads them
         res = patio_call(f"{cluster_ip}:{MESH_PORT}", w.key_file, "mul", "6", "7")
         assert (res.returncode, res.stdout.strip()) == (0, "42"), res.stderr
